@@ -1,0 +1,43 @@
+// The one place where eman_fused's operator schemas are declared. Kernels register per
+// dispatch key in cpu/ and cuda/; fake (meta) kernels are registered from Python (ops.py).
+#include <Python.h>
+#include <torch/library.h>
+
+#include "plan.h"
+
+extern "C" {
+// `import eman_fused._C` loads this library, whose static initializers register the ops.
+PyObject* PyInit__C(void) {
+  static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module);
+}
+}
+
+namespace eman_fused {
+namespace {
+
+at::Tensor ema_plan(at::TensorList teacher, at::TensorList student) {
+  return get_ema_plan(teacher, student)->table;
+}
+
+int64_t ema_plan_builds_op() { return ema_plan_builds(); }
+
+void clear_ema_plan_cache_op() { clear_ema_plan_cache(); }
+
+}  // namespace
+
+TORCH_LIBRARY(eman_fused, m) {
+  // teacher <- m * teacher + (1 - m) * student for floating pairs, teacher <- student for
+  // integer pairs, in one pass over the whole list.
+  m.def("ema_update_(Tensor(a!)[] teacher, Tensor[] student, float momentum) -> ()");
+  // The same with a 0-dim momentum tensor on the teachers' device (CUDA-graph friendly).
+  m.def("ema_update_.tensor(Tensor(a!)[] teacher, Tensor[] student, Tensor momentum) -> ()");
+  // Validates the lists and returns their cached plan table (int64, teachers' device).
+  m.def("ema_plan(Tensor[] teacher, Tensor[] student) -> Tensor");
+  m.impl("ema_plan", c10::DispatchKey::CompositeExplicitAutograd, &ema_plan);
+  // Test hooks for the plan cache.
+  m.def("_ema_plan_builds() -> int", &ema_plan_builds_op);
+  m.def("_clear_ema_plan_cache() -> ()", &clear_ema_plan_cache_op);
+}
+
+}  // namespace eman_fused

@@ -1,0 +1,46 @@
+// Validation and the cached multi-tensor plan, shared by every backend (CPU, CUDA, Triton).
+#pragma once
+#include <ATen/core/Tensor.h>
+#include <c10/core/Stream.h>
+
+#include <memory>
+
+#include "ema_plan_types.h"
+
+namespace eman_fused {
+
+struct EmaPlan {
+  at::Tensor table;  // int64, on the teacher's device; see ema_plan_types.h
+  int64_t num_tensors = 0;
+  int64_t num_chunks = 0;
+  c10::Stream alloc_stream{c10::Stream::DEFAULT, c10::Device(c10::kCPU)};
+
+  const EmaTensorEntry* entries() const {
+    return reinterpret_cast<const EmaTensorEntry*>(table.const_data_ptr<int64_t>());
+  }
+  const EmaChunk* chunks() const {
+    return reinterpret_cast<const EmaChunk*>(table.const_data_ptr<int64_t>() +
+                                             num_tensors * kEntryWords);
+  }
+};
+
+// Checks that do not depend on the lists' storage and so run on every call.
+void check_momentum_value(double momentum);
+void check_momentum_tensor(const at::Tensor& momentum, const at::Device& device);
+void check_teacher_grad_mode(at::TensorList teacher);
+// Marks the teachers as modified in place (autograd's version counters), before the write:
+// a graph that saved a teacher then fails loudly instead of using changed values.
+void bump_teacher_versions(at::TensorList teacher);
+
+// Validates the lists and returns their plan, from the cache when the lists' pointers,
+// sizes, strides and dtypes match a cached one (no allocation, no copy), else built anew.
+// `build_refused` non-null: a miss raises with that message instead of building
+// (used while a CUDA graph is being captured).
+std::shared_ptr<const EmaPlan> get_ema_plan(at::TensorList teacher, at::TensorList student,
+                                            const char* build_refused = nullptr);
+
+// Number of plans built since start (a test hook for cache hits and invalidation).
+int64_t ema_plan_builds();
+void clear_ema_plan_cache();
+
+}  // namespace eman_fused

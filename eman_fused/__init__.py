@@ -1,0 +1,11 @@
+"""eman_fused: fused EMA teacher updates and EMAN normalization for PyTorch.
+
+Public names: ema_update_, FusedEMA, backends, reference.
+"""
+from . import reference
+from ._backends import Backend, backends
+from .ema import FusedEMA
+from .ops import ema_update_
+
+__all__ = ["Backend", "FusedEMA", "backends", "ema_update_", "reference"]
+__version__ = "0.1.0"

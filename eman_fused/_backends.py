@@ -1,0 +1,74 @@
+"""Which backends exist here, and for each missing one, why. No silent fallbacks."""
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import torch
+
+try:
+    from . import _C  # noqa: F401  (loading it registers the C++/CUDA ops)
+    _C_ERROR: str | None = None
+except ImportError as exc:  # not built, or built against another torch
+    _C_ERROR = f"eman_fused._C failed to import ({exc}); build it with `python setup.py build_ext --inplace`"
+
+try:
+    from . import _build_info
+except ImportError:
+    _build_info = None
+
+
+@dataclass(frozen=True)
+class Backend:
+    name: str
+    available: bool
+    detail: str  # what it runs on when available, why not otherwise
+
+    def __str__(self) -> str:
+        return f"{self.name:<10} {'yes' if self.available else 'no ':<4} {self.detail}"
+
+
+def _cuda_backend() -> Backend:
+    if _C_ERROR:
+        return Backend("cuda", False, _C_ERROR)
+    if not torch._C._dispatch_has_kernel_for_dispatch_key("eman_fused::ema_update_", "CUDA"):
+        why = getattr(_build_info, "CUDA_NOT_BUILT_REASON", "") or "unknown build"
+        return Backend("cuda", False, f"extension built without CUDA kernels: {why}")
+    if not torch.cuda.is_available():
+        return Backend("cuda", False, "CUDA kernels are built "
+                       f"({getattr(_build_info, 'CUDA_ARCH_LIST', '?')}) but no GPU is visible")
+    return Backend("cuda", True, f"CUDA C++ kernels on {torch.cuda.get_device_name()}")
+
+
+def backends() -> dict[str, Backend]:
+    """Report every backend: available or not, and why not."""
+    return dict(_report())
+
+
+@functools.cache  # availability is fixed for the process; the update path must stay cheap
+def _report() -> dict[str, Backend]:
+    cpu = Backend("cpu", _C_ERROR is None, _C_ERROR or
+                  f"C++ kernels, {torch.get_num_threads()} threads")
+    ref = Backend("reference", True, "eager per-tensor PyTorch (eman_fused.reference)")
+    return {b.name: b for b in (cpu, _cuda_backend(), ref)}
+
+
+def require(name: str) -> None:
+    """Raise RuntimeError naming the reason when backend `name` is not available."""
+    report = _report()
+    if name not in report:
+        raise ValueError(f"unknown backend {name!r}; known: {', '.join(report)} or 'auto'")
+    if not report[name].available:
+        raise RuntimeError(f"backend {name!r} is not available: {report[name].detail}")
+
+
+def resolve(name: str, device: torch.device) -> str:
+    """The backend that runs tensors on `device`: 'auto' picks the C++ kernels of that device."""
+    if name == "auto":
+        name = {"cpu": "cpu", "cuda": "cuda"}.get(device.type)
+        if name is None:
+            raise RuntimeError(f"no eman_fused backend for device {device}")
+    require(name)
+    if name in ("cpu", "cuda") and device.type != name:
+        raise ValueError(f"backend {name!r} cannot update tensors on {device}")
+    return name

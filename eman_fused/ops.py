@@ -1,0 +1,61 @@
+"""Thin Python faces of torch.ops.eman_fused.*: argument handling, backend choice, fake kernels."""
+from __future__ import annotations
+
+import numbers
+from typing import Sequence
+
+import torch
+
+from . import _backends, reference
+
+_ops = torch.ops.eman_fused if _backends._C_ERROR is None else None
+
+
+def ema_update_(teacher: Sequence[torch.Tensor], student: Sequence[torch.Tensor],
+                momentum: float | torch.Tensor, *, backend: str = "auto") -> None:
+    """In place, in one pass: teacher <- m*teacher + (1-m)*student for every floating pair,
+    teacher <- student for every integer pair (e.g. BatchNorm's num_batches_tracked).
+
+    `momentum` is a float in [0, 1] or a 0-dim float32/float64 tensor on the teachers' device
+    (read by the kernel, so a CUDA graph can replay the update while a schedule changes it;
+    on CUDA its value is not range-checked, since that would synchronize).
+    Teacher and student dtypes may differ (float32/bfloat16/float16/float64 on either side);
+    math is float32 (float64 with a float64 side). Everything is validated before the first
+    write. backend: 'auto' (the C++ kernels of the tensors' device), 'cpu', 'cuda' or
+    'reference' (eager, for comparison).
+    """
+    teacher, student = list(teacher), list(student)
+    if not teacher and not student:
+        return
+    device = (teacher or student)[0].device
+    name = _backends.resolve(backend, device)
+    if name == "reference":
+        reference.ema_update_(teacher, student, momentum)
+    elif isinstance(momentum, torch.Tensor):
+        _ops.ema_update_.tensor(teacher, student, momentum)
+    elif isinstance(momentum, numbers.Real) and not isinstance(momentum, bool):
+        _ops.ema_update_.default(teacher, student, float(momentum))
+    else:
+        raise TypeError(f"momentum must be a float or a 0-dim tensor, got {type(momentum).__name__}")
+
+
+def ema_plan(teacher: Sequence[torch.Tensor], student: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Validate the lists and return their (cached) plan table, an int64 tensor on their device."""
+    _backends.require("cpu")  # the planner lives in the C++ extension
+    return _ops.ema_plan(list(teacher), list(student))
+
+
+if _ops is not None:
+    # Fake kernels: the ops mutate in place and return nothing, so tracing needs no data.
+    @torch.library.register_fake("eman_fused::ema_update_")
+    def _ema_update_fake(teacher, student, momentum):
+        return None
+
+    @torch.library.register_fake("eman_fused::ema_update_.tensor")
+    def _ema_update_tensor_fake(teacher, student, momentum):
+        return None
+
+    @torch.library.register_fake("eman_fused::ema_plan")
+    def _ema_plan_fake(teacher, student):
+        ctx = torch.library.get_ctx()
+        return teacher[0].new_empty((ctx.new_dynamic_size(),), dtype=torch.int64)
