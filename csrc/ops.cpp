@@ -20,6 +20,25 @@ at::Tensor ema_plan(at::TensorList teacher, at::TensorList student) {
   return get_ema_plan(teacher, student)->table;
 }
 
+// Backends without an eman_fused kernel (sparse layouts, MPS, XPU, ...) land here: the same
+// validation names what is wrong with the input, else we say that the device has no kernel.
+[[noreturn]] void no_kernel_for(at::TensorList teacher, at::TensorList student) {
+  validate_ema_lists(teacher, student);
+  TORCH_CHECK_NOT_IMPLEMENTED(false, "ema_update_: eman_fused has no kernel for tensors on ",
+                              teacher.empty() ? std::string("this device")
+                                              : teacher[0].device().str(),
+                              "; see eman_fused.backends()");
+}
+
+void ema_update_no_kernel(at::TensorList teacher, at::TensorList student, double) {
+  no_kernel_for(teacher, student);
+}
+
+void ema_update_tensor_no_kernel(at::TensorList teacher, at::TensorList student,
+                                 const at::Tensor&) {
+  no_kernel_for(teacher, student);
+}
+
 int64_t ema_plan_builds_op() { return ema_plan_builds(); }
 
 void clear_ema_plan_cache_op() { clear_ema_plan_cache(); }
@@ -35,6 +54,9 @@ TORCH_LIBRARY(eman_fused, m) {
   // Validates the lists and returns their cached plan table (int64, teachers' device).
   m.def("ema_plan(Tensor[] teacher, Tensor[] student) -> Tensor");
   m.impl("ema_plan", c10::DispatchKey::CompositeExplicitAutograd, &ema_plan);
+  m.impl("ema_update_", c10::DispatchKey::CompositeExplicitAutograd, &ema_update_no_kernel);
+  m.impl("ema_update_.tensor", c10::DispatchKey::CompositeExplicitAutograd,
+         &ema_update_tensor_no_kernel);
   // Test hooks for the plan cache.
   m.def("_ema_plan_builds() -> int", &ema_plan_builds_op);
   m.def("_clear_ema_plan_cache() -> ()", &clear_ema_plan_cache_op);

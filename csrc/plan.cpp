@@ -188,6 +188,11 @@ int64_t builds = 0;
 
 }  // namespace
 
+void check_lengths(at::TensorList teacher, at::TensorList student) {
+  TORCH_CHECK_VALUE(teacher.size() == student.size(), "ema_update_: got ", teacher.size(),
+                    " teacher tensors but ", student.size(), " student tensors");
+}
+
 void check_momentum_value(double momentum) {
   TORCH_CHECK_VALUE(std::isfinite(momentum) && momentum >= 0.0 && momentum <= 1.0,
                     "ema_update_: momentum must be a finite number in [0, 1], got ", momentum);
@@ -216,10 +221,16 @@ void bump_teacher_versions(at::TensorList teacher) {
   for (const at::Tensor& t : teacher) t.unsafeGetTensorImpl()->bump_version();
 }
 
+void validate_ema_lists(at::TensorList teacher, at::TensorList student) {
+  check_lengths(teacher, student);
+  std::vector<int64_t> key;
+  append_key(teacher, student, key);
+  if (!teacher.empty()) validate_pairs(teacher, student);
+}
+
 std::shared_ptr<const EmaPlan> get_ema_plan(at::TensorList teacher, at::TensorList student,
                                             const char* build_refused) {
-  TORCH_CHECK_VALUE(teacher.size() == student.size(), "ema_update_: got ", teacher.size(),
-                    " teacher tensors but ", student.size(), " student tensors");
+  check_lengths(teacher, student);
   thread_local std::vector<int64_t> key;
   append_key(teacher, student, key);
   const uint64_t h = hash_key(key);

@@ -25,6 +25,7 @@ struct EmaPlan {
 };
 
 // Checks that do not depend on the lists' storage and so run on every call.
+void check_lengths(at::TensorList teacher, at::TensorList student);
 void check_momentum_value(double momentum);
 void check_momentum_tensor(const at::Tensor& momentum, const at::Device& device);
 void check_teacher_grad_mode(at::TensorList teacher);
@@ -38,6 +39,9 @@ void bump_teacher_versions(at::TensorList teacher);
 // (used while a CUDA graph is being captured).
 std::shared_ptr<const EmaPlan> get_ema_plan(at::TensorList teacher, at::TensorList student,
                                             const char* build_refused = nullptr);
+
+// The same validation as get_ema_plan, without building or caching a plan.
+void validate_ema_lists(at::TensorList teacher, at::TensorList student);
 
 // Number of plans built since start (a test hook for cache hits and invalidation).
 int64_t ema_plan_builds();

@@ -1,7 +1,6 @@
 """Which backends exist here, and for each missing one, why. No silent fallbacks."""
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 
 import torch
@@ -37,37 +36,39 @@ def _cuda_backend() -> Backend:
     if not torch.cuda.is_available():
         return Backend("cuda", False, "CUDA kernels are built "
                        f"({getattr(_build_info, 'CUDA_ARCH_LIST', '?')}) but no GPU is visible")
-    return Backend("cuda", True, f"CUDA C++ kernels on {torch.cuda.get_device_name()}")
+    return Backend("cuda", True, f"CUDA C++ kernels ({torch.cuda.device_count()} GPU visible)")
 
 
 def backends() -> dict[str, Backend]:
     """Report every backend: available or not, and why not."""
-    return dict(_report())
-
-
-@functools.cache  # availability is fixed for the process; the update path must stay cheap
-def _report() -> dict[str, Backend]:
     cpu = Backend("cpu", _C_ERROR is None, _C_ERROR or
                   f"C++ kernels, {torch.get_num_threads()} threads")
     ref = Backend("reference", True, "eager per-tensor PyTorch (eman_fused.reference)")
     return {b.name: b for b in (cpu, _cuda_backend(), ref)}
 
 
+# Availability as plain constants, fixed for the process: the update path reads only these,
+# so it costs nothing per step and torch.compile folds it away.
+_AVAILABLE = {name: b.available for name, b in backends().items()}
+
+
 def require(name: str) -> None:
     """Raise RuntimeError naming the reason when backend `name` is not available."""
-    report = _report()
-    if name not in report:
-        raise ValueError(f"unknown backend {name!r}; known: {', '.join(report)} or 'auto'")
-    if not report[name].available:
-        raise RuntimeError(f"backend {name!r} is not available: {report[name].detail}")
+    if name not in _AVAILABLE:
+        raise ValueError(f"unknown backend {name!r}; known: {', '.join(_AVAILABLE)} or 'auto'")
+    if not _AVAILABLE[name]:
+        raise RuntimeError(f"backend {name!r} is not available: {backends()[name].detail}")
+
+
+_AUTO = {"cpu": "cpu", "cuda": "cuda"}
 
 
 def resolve(name: str, device: torch.device) -> str:
     """The backend that runs tensors on `device`: 'auto' picks the C++ kernels of that device."""
     if name == "auto":
-        name = {"cpu": "cpu", "cuda": "cuda"}.get(device.type)
-        if name is None:
+        if device.type not in _AUTO:
             raise RuntimeError(f"no eman_fused backend for device {device}")
+        name = _AUTO[device.type]
     require(name)
     if name in ("cpu", "cuda") and device.type != name:
         raise ValueError(f"backend {name!r} cannot update tensors on {device}")

@@ -45,17 +45,30 @@ def ema_plan(teacher: Sequence[torch.Tensor], student: Sequence[torch.Tensor]) -
     return _ops.ema_plan(list(teacher), list(student))
 
 
+def _check_devices(teacher, student) -> None:
+    # The fake kernels also serve the Meta key: a call mixing meta and real tensors lands
+    # there and must fail as the real kernels do, not do nothing.
+    if len(teacher) != len(student):
+        raise ValueError(f"ema_update_: got {len(teacher)} teacher tensors but {len(student)} "
+                         "student tensors")
+    for i, (t, s) in enumerate(zip(teacher, student)):
+        if t.device != teacher[0].device or s.device != t.device:
+            raise ValueError(f"ema_update_: devices differ at index {i}: teacher {t.device}, "
+                             f"student {s.device} (teacher[0] on {teacher[0].device})")
+
+
 if _ops is not None:
     # Fake kernels: the ops mutate in place and return nothing, so tracing needs no data.
     @torch.library.register_fake("eman_fused::ema_update_")
     def _ema_update_fake(teacher, student, momentum):
-        return None
+        _check_devices(teacher, student)
 
     @torch.library.register_fake("eman_fused::ema_update_.tensor")
     def _ema_update_tensor_fake(teacher, student, momentum):
-        return None
+        _check_devices(teacher, student)
 
     @torch.library.register_fake("eman_fused::ema_plan")
     def _ema_plan_fake(teacher, student):
+        _check_devices(teacher, student)
         ctx = torch.library.get_ctx()
         return teacher[0].new_empty((ctx.new_dynamic_size(),), dtype=torch.int64)

@@ -37,8 +37,7 @@ void launch(at::TensorList teacher, at::TensorList student, double momentum,
 
 void ema_update_cuda(at::TensorList teacher, at::TensorList student, double momentum) {
   check_momentum_value(momentum);
-  TORCH_CHECK_VALUE(teacher.size() == student.size(), "ema_update_: got ", teacher.size(),
-                    " teacher tensors but ", student.size(), " student tensors");
+  check_lengths(teacher, student);
   if (teacher.empty()) return;
   launch(teacher, student, momentum, nullptr);
 }
@@ -47,8 +46,7 @@ void ema_update_cuda(at::TensorList teacher, at::TensorList student, double mome
 // synchronize); the kernel reads it when it runs.
 void ema_update_tensor_cuda(at::TensorList teacher, at::TensorList student,
                             const at::Tensor& momentum) {
-  TORCH_CHECK_VALUE(teacher.size() == student.size(), "ema_update_: got ", teacher.size(),
-                    " teacher tensors but ", student.size(), " student tensors");
+  check_lengths(teacher, student);
   if (teacher.empty()) return;
   check_momentum_tensor(momentum, teacher[0].device());
   launch(teacher, student, 0.0, &momentum);
