@@ -132,6 +132,12 @@ std::shared_ptr<EmaPlan> build_plan(at::TensorList teacher, at::TensorList stude
   const at::Device device = teacher[0].device();
   if (device.is_cpu()) {
     plan->table = host;
+    constexpr int64_t kChunkOverhead = 256;  // per-chunk dispatch cost, in element units
+    plan->work_prefix.resize(chunks.size() + 1, 0);
+    for (size_t c = 0; c < chunks.size(); ++c) {
+      const int64_t n = std::min(kChunkElems, entries[chunks[c].tensor].numel - chunks[c].start);
+      plan->work_prefix[c + 1] = plan->work_prefix[c] + n + kChunkOverhead;
+    }
   } else {
     // One blocking copy per miss; hits reuse the device table with no host-to-device traffic.
     plan->table = host.to(device);

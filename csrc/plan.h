@@ -4,6 +4,7 @@
 #include <c10/core/Stream.h>
 
 #include <memory>
+#include <vector>
 
 #include "ema_plan_types.h"
 
@@ -14,6 +15,9 @@ struct EmaPlan {
   int64_t num_tensors = 0;
   int64_t num_chunks = 0;
   c10::Stream alloc_stream{c10::Stream::DEFAULT, c10::Device(c10::kCPU)};
+  // CPU plans: work_prefix[c] = work of chunks [0, c). Threads split the work evenly, not the
+  // chunk count: a model's many tiny tensors (BatchNorm vectors) cluster in a few layers.
+  std::vector<int64_t> work_prefix;
 
   const EmaTensorEntry* entries() const {
     return reinterpret_cast<const EmaTensorEntry*>(table.const_data_ptr<int64_t>());

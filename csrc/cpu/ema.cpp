@@ -5,6 +5,7 @@
 #include <c10/util/Half.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cstring>
 
 #include "../dtype_dispatch.h"
@@ -52,11 +53,25 @@ void run_chunk(const EmaTensorEntry& e, int64_t start, double m) {
   });
 }
 
+// First chunk of the part-th of `parts` equal shares of the plan's work.
+int64_t share_start(const EmaPlan& plan, int64_t part, int64_t parts) {
+  const auto& prefix = plan.work_prefix;
+  const int64_t target = prefix.back() / parts * part;
+  return std::lower_bound(prefix.begin(), prefix.end(), target) - prefix.begin();
+}
+
 void run_plan(const EmaPlan& plan, double m) {
+  if (plan.num_chunks == 0) return;
   const EmaTensorEntry* entries = plan.entries();
   const EmaChunk* chunks = plan.chunks();
-  at::parallel_for(0, plan.num_chunks, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t c = begin; c < end; ++c) run_chunk(entries[chunks[c].tensor], chunks[c].start, m);
+  const int64_t parts = std::min<int64_t>(at::get_num_threads(), plan.num_chunks);
+  at::parallel_for(0, parts, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t part = begin; part < end; ++part) {
+      const int64_t last = part + 1 == parts ? plan.num_chunks : share_start(plan, part + 1, parts);
+      for (int64_t c = share_start(plan, part, parts); c < last; ++c) {
+        run_chunk(entries[chunks[c].tensor], chunks[c].start, m);
+      }
+    }
   });
 }
 

@@ -1,0 +1,61 @@
+"""Parameter and buffer shapes of reference models, embedded so no model zoo is needed.
+
+Each table is a list of (name, shape, kind) in torchvision's state_dict order, kind being
+'param', 'buffer' (floating BatchNorm statistics) or 'counter' (int64 num_batches_tracked).
+"""
+from __future__ import annotations
+
+Shape = tuple[int, ...]
+Table = list[tuple[str, Shape, str]]
+
+
+def _bn(prefix: str, c: int) -> Table:
+    return [(f"{prefix}.weight", (c,), "param"), (f"{prefix}.bias", (c,), "param"),
+            (f"{prefix}.running_mean", (c,), "buffer"), (f"{prefix}.running_var", (c,), "buffer"),
+            (f"{prefix}.num_batches_tracked", (), "counter")]
+
+
+def resnet50() -> Table:
+    """torchvision resnet50: 161 parameters (25,557,032 elements) + 159 BN buffers."""
+    rows: Table = [("conv1.weight", (64, 3, 7, 7), "param"), *_bn("bn1", 64)]
+    in_ch = 64
+    for stage, (blocks, width) in enumerate(zip((3, 4, 6, 3), (64, 128, 256, 512)), start=1):
+        for b in range(blocks):
+            p = f"layer{stage}.{b}"
+            rows += [(f"{p}.conv1.weight", (width, in_ch, 1, 1), "param"), *_bn(f"{p}.bn1", width),
+                     (f"{p}.conv2.weight", (width, width, 3, 3), "param"), *_bn(f"{p}.bn2", width),
+                     (f"{p}.conv3.weight", (4 * width, width, 1, 1), "param"),
+                     *_bn(f"{p}.bn3", 4 * width)]
+            if b == 0:
+                rows += [(f"{p}.downsample.0.weight", (4 * width, in_ch, 1, 1), "param"),
+                         *_bn(f"{p}.downsample.1", 4 * width)]
+            in_ch = 4 * width
+    return rows + [("fc.weight", (1000, 2048), "param"), ("fc.bias", (1000,), "param")]
+
+
+def vit_b16() -> Table:
+    """torchvision vit_b_16: 152 parameters, 86,567,656 elements, no buffers."""
+    d, mlp = 768, 3072
+    rows: Table = [("class_token", (1, 1, d), "param"), ("conv_proj.weight", (d, 3, 16, 16), "param"),
+                   ("conv_proj.bias", (d,), "param"), ("encoder.pos_embedding", (1, 197, d), "param")]
+    for i in range(12):
+        p = f"encoder.layers.encoder_layer_{i}"
+        rows += [(f"{p}.ln_1.weight", (d,), "param"), (f"{p}.ln_1.bias", (d,), "param"),
+                 (f"{p}.self_attention.in_proj_weight", (3 * d, d), "param"),
+                 (f"{p}.self_attention.in_proj_bias", (3 * d,), "param"),
+                 (f"{p}.self_attention.out_proj.weight", (d, d), "param"),
+                 (f"{p}.self_attention.out_proj.bias", (d,), "param"),
+                 (f"{p}.ln_2.weight", (d,), "param"), (f"{p}.ln_2.bias", (d,), "param"),
+                 (f"{p}.mlp.0.weight", (mlp, d), "param"), (f"{p}.mlp.0.bias", (mlp,), "param"),
+                 (f"{p}.mlp.3.weight", (d, mlp), "param"), (f"{p}.mlp.3.bias", (d,), "param")]
+    return rows + [("encoder.ln.weight", (d,), "param"), ("encoder.ln.bias", (d,), "param"),
+                   ("heads.head.weight", (1000, d), "param"), ("heads.head.bias", (1000,), "param")]
+
+
+def many_small(count: int = 5000) -> Table:
+    """Many small tensors (norm scales, biases, adapters): where per-tensor launches dominate."""
+    sizes = (64, 128, 256, 512, 768, 1024, 2048)
+    return [(f"t{i}", (sizes[i % len(sizes)],), "param") for i in range(count)]
+
+
+TABLES = {"resnet50": resnet50, "vit_b16": vit_b16, "many_small": many_small}
