@@ -1,17 +1,10 @@
 // The one place where eman_fused's operator schemas are declared. Kernels register per
 // dispatch key in cpu/ and cuda/; fake (meta) kernels are registered from Python (ops.py).
-#include <Python.h>
+#include <ATen/core/LegacyTypeDispatch.h>
+#include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
 
 #include "plan.h"
-
-extern "C" {
-// `import eman_fused._C` loads this library, whose static initializers register the ops.
-PyObject* PyInit__C(void) {
-  static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
-  return PyModule_Create(&module);
-}
-}
 
 namespace eman_fused {
 namespace {
@@ -39,6 +32,25 @@ void ema_update_tensor_no_kernel(at::TensorList teacher, at::TensorList student,
   no_kernel_for(teacher, student);
 }
 
+// The update has no differentiable output; this kernel only steps below autograd. Registered
+// explicitly so an unboxed call stays unboxed (the autograd fallback would box both lists).
+void ema_update_autograd(at::TensorList teacher, at::TensorList student, double momentum) {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("eman_fused::ema_update_", "")
+                             .typed<void(at::TensorList, at::TensorList, double)>();
+  at::AutoDispatchBelowADInplaceOrView guard;
+  op.call(teacher, student, momentum);
+}
+
+void ema_update_tensor_autograd(at::TensorList teacher, at::TensorList student,
+                                const at::Tensor& momentum) {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("eman_fused::ema_update_", "tensor")
+                             .typed<void(at::TensorList, at::TensorList, const at::Tensor&)>();
+  at::AutoDispatchBelowADInplaceOrView guard;
+  op.call(teacher, student, momentum);
+}
+
 int64_t ema_plan_builds_op() { return ema_plan_builds(); }
 
 void clear_ema_plan_cache_op() { clear_ema_plan_cache(); }
@@ -57,6 +69,8 @@ TORCH_LIBRARY(eman_fused, m) {
   m.impl("ema_update_", c10::DispatchKey::CompositeExplicitAutograd, &ema_update_no_kernel);
   m.impl("ema_update_.tensor", c10::DispatchKey::CompositeExplicitAutograd,
          &ema_update_tensor_no_kernel);
+  m.impl("ema_update_", c10::DispatchKey::Autograd, &ema_update_autograd);
+  m.impl("ema_update_.tensor", c10::DispatchKey::Autograd, &ema_update_tensor_autograd);
   // Test hooks for the plan cache.
   m.def("_ema_plan_builds() -> int", &ema_plan_builds_op);
   m.def("_clear_ema_plan_cache() -> ()", &clear_ema_plan_cache_op);

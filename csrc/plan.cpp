@@ -158,15 +158,15 @@ void append_key(at::TensorList teacher, at::TensorList student, std::vector<int6
       TORCH_CHECK_VALUE(x.layout() == at::kStrided, "ema_update_: ",
                         side == 0 ? "teacher[" : "student[", i, "] has layout ", x.layout(),
                         "; only dense strided tensors are supported");
-      key.push_back(reinterpret_cast<int64_t>(x.const_data_ptr()));
-      key.push_back((static_cast<int64_t>(x.device().type()) << 32) ^
-                    (static_cast<int64_t>(x.device().index()) << 8) ^
+      const c10::TensorImpl* impl = x.unsafeGetTensorImpl();
+      const c10::IntArrayRef sizes = impl->sizes(), strides = impl->strides();
+      key.push_back(reinterpret_cast<int64_t>(impl->data()));
+      key.push_back((static_cast<int64_t>(impl->device_type()) << 32) ^
+                    (static_cast<int64_t>(impl->device().index()) << 8) ^
                     static_cast<int64_t>(x.scalar_type()));
-      key.push_back(x.dim());
-      for (int64_t d = 0; d < x.dim(); ++d) {
-        key.push_back(x.size(d));
-        key.push_back(x.stride(d));
-      }
+      key.push_back(static_cast<int64_t>(sizes.size()));
+      key.insert(key.end(), sizes.begin(), sizes.end());
+      key.insert(key.end(), strides.begin(), strides.end());
     }
   }
 }

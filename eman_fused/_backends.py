@@ -6,9 +6,10 @@ from dataclasses import dataclass
 import torch
 
 try:
-    from . import _C  # noqa: F401  (loading it registers the C++/CUDA ops)
+    from . import _C  # loading it registers the C++/CUDA ops
     _C_ERROR: str | None = None
 except ImportError as exc:  # not built, or built against another torch
+    _C = None
     _C_ERROR = f"eman_fused._C failed to import ({exc}); build it with `python setup.py build_ext --inplace`"
 
 try:

@@ -31,12 +31,18 @@ def ema_update_(teacher: Sequence[torch.Tensor], student: Sequence[torch.Tensor]
     name = _backends.resolve(backend, device)
     if name == "reference":
         reference.ema_update_(teacher, student, momentum)
-    elif isinstance(momentum, torch.Tensor):
-        _ops.ema_update_.tensor(teacher, student, momentum)
-    elif isinstance(momentum, numbers.Real) and not isinstance(momentum, bool):
-        _ops.ema_update_.default(teacher, student, float(momentum))
-    else:
-        raise TypeError(f"momentum must be a float or a 0-dim tensor, got {type(momentum).__name__}")
+        return
+    if not isinstance(momentum, torch.Tensor):
+        if not isinstance(momentum, numbers.Real) or isinstance(momentum, bool):
+            raise TypeError(f"momentum must be a float or a 0-dim tensor, got {type(momentum).__name__}")
+        momentum = float(momentum)
+    if torch.compiler.is_compiling():  # the traced graph must see the op itself
+        if isinstance(momentum, torch.Tensor):
+            _ops.ema_update_.tensor(teacher, student, momentum)
+        else:
+            _ops.ema_update_.default(teacher, student, momentum)
+    else:  # the same op through the dispatcher, without boxing every tensor
+        _backends._C.ema_update_lists(teacher, student, momentum)
 
 
 def ema_plan(teacher: Sequence[torch.Tensor], student: Sequence[torch.Tensor]) -> torch.Tensor:
