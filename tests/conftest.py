@@ -24,9 +24,6 @@ needs_cuda_backend = pytest.mark.skipif(
     not eman_fused.backends()["cuda"].available, reason=eman_fused.backends()["cuda"].detail)
 
 
-def pytest_configure(config):
-    config.addinivalue_line("markers", "gpu: needs a CUDA GPU")
-    config.addinivalue_line("markers", "large: allocates > 8 GB")
 
 
 def assert_close_to(actual: torch.Tensor, expected: torch.Tensor) -> None:

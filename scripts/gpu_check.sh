@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# One call on a machine with a GPU and this repository: build with CUDA, run every test
+# (the GPU ones included), run the benchmark on the GPU, and write files that can be
+# committed as they are:
+#   $RESULTS/gpu_tests.log, $RESULTS/ema_<gpu>_<date>.json and .md
+# Uses the Python it is given ($PYTHON, default python3) with its own torch: GPU machines
+# may have no network, so nothing is installed here.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON="${PYTHON:-python3}"
+RESULTS="${1:-benchmarks/results}"
+mkdir -p "$RESULTS"
+if [ -z "${CUDA_HOME:-}" ] && [ -x /usr/local/cuda/bin/nvcc ]; then export CUDA_HOME=/usr/local/cuda; fi
+export EMAN_FUSED_BUILD_CUDA=1 PYTHONUNBUFFERED=1
+"$PYTHON" -c "import torch; assert torch.cuda.is_available(), 'no GPU visible'; print(torch.__version__, torch.cuda.get_device_name())"
+MAX_JOBS="${MAX_JOBS:-$(nproc)}" "$PYTHON" setup.py -q build_ext --inplace
+"$PYTHON" -m pytest tests -q -rs 2>&1 | tee "$RESULTS/gpu_tests.log"
+name=$("$PYTHON" -c "import torch; print(torch.cuda.get_device_name().replace(' ', '_'))")
+stamp="ema_${name}_$(date +%Y-%m-%d)"
+"$PYTHON" benchmarks/bench_ema.py --device cuda --dtypes fp32:fp32,fp32:bf16,bf16:bf16 --compile \
+  --json "$RESULTS/$stamp.json" --markdown "$RESULTS/$stamp.md"
