@@ -22,6 +22,11 @@ const char* build_refused_while_capturing() {
 
 void launch(at::TensorList teacher, at::TensorList student, double momentum,
             const at::Tensor* momentum_tensor) {
+  if (!teacher[0].is_cuda()) {  // reached CUDA through another argument: name what is wrong
+    validate_ema_lists(teacher, student);
+    TORCH_CHECK_VALUE(false, "ema_update_: the teachers are on ", teacher[0].device(),
+                      " but another argument is on a CUDA device");
+  }
   check_teacher_grad_mode(teacher);
   const c10::cuda::CUDAGuard guard(teacher[0].device());
   auto plan = get_ema_plan(teacher, student, build_refused_while_capturing());
