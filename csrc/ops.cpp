@@ -51,6 +51,17 @@ void ema_update_tensor_autograd(at::TensorList teacher, at::TensorList student,
   op.call(teacher, student, momentum);
 }
 
+// The per-call checks of every backend's update, for backends written outside C++ (Triton).
+void ema_check_call(at::TensorList teacher, double momentum) {
+  check_momentum_value(momentum);
+  check_teacher_grad_mode(teacher);
+}
+
+void ema_check_call_tensor(at::TensorList teacher, const at::Tensor& momentum) {
+  if (!teacher.empty()) check_momentum_tensor(momentum, teacher[0].device());
+  check_teacher_grad_mode(teacher);
+}
+
 int64_t ema_plan_builds_op() { return ema_plan_builds(); }
 
 void clear_ema_plan_cache_op() { clear_ema_plan_cache(); }
@@ -71,6 +82,12 @@ TORCH_LIBRARY(eman_fused, m) {
          &ema_update_tensor_no_kernel);
   m.impl("ema_update_", c10::DispatchKey::Autograd, &ema_update_autograd);
   m.impl("ema_update_.tensor", c10::DispatchKey::Autograd, &ema_update_tensor_autograd);
+  // The checks the update runs on every call (momentum, grad mode), for Python backends.
+  m.def("_ema_check_call(Tensor[] teacher, float momentum) -> ()");
+  m.def("_ema_check_call.tensor(Tensor[] teacher, Tensor momentum) -> ()");
+  m.impl("_ema_check_call", c10::DispatchKey::CompositeExplicitAutograd, &ema_check_call);
+  m.impl("_ema_check_call.tensor", c10::DispatchKey::CompositeExplicitAutograd,
+         &ema_check_call_tensor);
   // Test hooks for the plan cache.
   m.def("_ema_plan_builds() -> int", &ema_plan_builds_op);
   m.def("_clear_ema_plan_cache() -> ()", &clear_ema_plan_cache_op);

@@ -1,6 +1,8 @@
 """Which backends exist here, and for each missing one, why. No silent fallbacks."""
 from __future__ import annotations
 
+import importlib.util
+import os
 from dataclasses import dataclass
 
 import torch
@@ -16,6 +18,25 @@ try:
     from . import _build_info
 except ImportError:
     _build_info = None
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def _triton_backend() -> Backend:
+    if importlib.util.find_spec("triton") is None:
+        return Backend("triton", False, "the triton package is not installed")
+    if _C_ERROR:
+        return Backend("triton", False, f"it reads the C++ planner's tables: {_C_ERROR}")
+    import triton
+    if torch.cuda.is_available() and not _interpreting():
+        return Backend("triton", True, f"Triton {triton.__version__} kernels on the GPU")
+    if _interpreting():
+        return Backend("triton", True, f"Triton {triton.__version__} interpreter on the CPU "
+                       "(TRITON_INTERPRET=1: for tests, slow)")
+    return Backend("triton", False, "no GPU visible (TRITON_INTERPRET=1 runs the Triton "
+                   "kernels in the interpreter on the CPU, for tests)")
 
 
 @dataclass(frozen=True)
@@ -45,7 +66,7 @@ def backends() -> dict[str, Backend]:
     cpu = Backend("cpu", _C_ERROR is None, _C_ERROR or
                   f"C++ kernels, {torch.get_num_threads()} threads")
     ref = Backend("reference", True, "eager per-tensor PyTorch (eman_fused.reference)")
-    return {b.name: b for b in (cpu, _cuda_backend(), ref)}
+    return {b.name: b for b in (cpu, _cuda_backend(), _triton_backend(), ref)}
 
 
 # Availability as plain constants, fixed for the process: the update path reads only these,
@@ -61,16 +82,24 @@ def require(name: str) -> None:
         raise RuntimeError(f"backend {name!r} is not available: {backends()[name].detail}")
 
 
-_AUTO = {"cpu": "cpu", "cuda": "cuda"}
+# 'auto', per device: the first available of these. The Triton interpreter is never chosen
+# for CPU tensors (it is for tests); the C++ CPU kernels are.
+_AUTO_ORDER = {"cpu": ("cpu",), "cuda": ("cuda", "triton")}
 
 
 def resolve(name: str, device: torch.device) -> str:
-    """The backend that runs tensors on `device`: 'auto' picks the C++ kernels of that device."""
+    """The backend that runs tensors on `device`: 'auto' takes the first available of
+    _AUTO_ORDER[device.type]; a named backend must be available and serve that device."""
     if name == "auto":
-        if device.type not in _AUTO:
-            raise RuntimeError(f"no eman_fused backend for device {device}")
-        name = _AUTO[device.type]
+        order = _AUTO_ORDER.get(device.type, ())
+        for candidate in order:
+            if _AVAILABLE[candidate]:
+                return candidate
+        detail = "; ".join(f"{c}: {backends()[c].detail}" for c in order) or "none exists"
+        raise RuntimeError(f"no eman_fused backend can update tensors on {device} ({detail})")
     require(name)
     if name in ("cpu", "cuda") and device.type != name:
         raise ValueError(f"backend {name!r} cannot update tensors on {device}")
+    if name == "triton" and device.type == "cpu" and not _interpreting():
+        raise ValueError("backend 'triton' runs CPU tensors only in the interpreter (TRITON_INTERPRET=1)")
     return name

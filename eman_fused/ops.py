@@ -21,8 +21,8 @@ def ema_update_(teacher: Sequence[torch.Tensor], student: Sequence[torch.Tensor]
     on CUDA its value is not range-checked, since that would synchronize).
     Teacher and student dtypes may differ (float32/bfloat16/float16/float64 on either side);
     math is float32 (float64 with a float64 side). Everything is validated before the first
-    write. backend: 'auto' (the C++ kernels of the tensors' device), 'cpu', 'cuda' or
-    'reference' (eager, for comparison).
+    write. backend: 'auto' (CUDA tensors: the CUDA C++ kernels, else Triton; CPU tensors:
+    the C++ CPU kernels), 'cpu', 'cuda', 'triton' or 'reference' (eager, for comparison).
     """
     teacher, student = list(teacher), list(student)
     if not teacher and not student:
@@ -36,13 +36,27 @@ def ema_update_(teacher: Sequence[torch.Tensor], student: Sequence[torch.Tensor]
         if not isinstance(momentum, numbers.Real) or isinstance(momentum, bool):
             raise TypeError(f"momentum must be a float or a 0-dim tensor, got {type(momentum).__name__}")
         momentum = float(momentum)
-    if torch.compiler.is_compiling():  # the traced graph must see the op itself
+    if name == "triton":
+        _triton_update_(teacher, student, momentum)
+    elif torch.compiler.is_compiling():  # the traced graph must see the op itself
         if isinstance(momentum, torch.Tensor):
             _ops.ema_update_.tensor(teacher, student, momentum)
         else:
             _ops.ema_update_.default(teacher, student, momentum)
     else:  # the same op through the dispatcher, without boxing every tensor
         _backends._C.ema_update_lists(teacher, student, momentum)
+
+
+def _triton_update_(teacher, student, momentum) -> None:
+    # The per-call checks run here, outside the op: a triton_op's body runs below autograd
+    # with grad mode off, where the leaf-requires-grad check could not fire.
+    from .triton import ema as _  # noqa: F401  (registers the Triton ops)
+    if isinstance(momentum, torch.Tensor):
+        _ops._ema_check_call.tensor(teacher, momentum)
+        torch.ops.eman_fused.ema_update_triton_tensor_(teacher, student, momentum)
+    else:
+        _ops._ema_check_call(teacher, momentum)
+        torch.ops.eman_fused.ema_update_triton_(teacher, student, momentum)
 
 
 def ema_plan(teacher: Sequence[torch.Tensor], student: Sequence[torch.Tensor]) -> torch.Tensor:

@@ -1,0 +1,148 @@
+"""Triton backend of ema_update_: one launch over the whole list, driven by the same
+device-resident plan table (and the same C++ validation) as the CUDA kernel.
+
+Program p handles chunk p of the plan: it reads (tensor, start) from the chunk table, the
+tensor's entry (teacher and student addresses, numel, kind), casts the int64 addresses to
+typed pointers and walks the chunk in BLOCK-element steps. Math in fp32 (fp64 with a double
+side), like the CUDA kernel; integer pairs are copied as bytes.
+
+Tuning: BLOCK=2048 elements, 4 warps. Not measured on a GPU yet (no GPU was available to the
+session that wrote this); benchmarks/bench_ema.py has the Triton column for that.
+"""
+from __future__ import annotations
+
+import struct
+
+import torch
+import triton
+import triton.language as tl
+from torch.library import triton_op, wrap_triton
+
+from .._plan import CHUNK_ELEMS, CHUNK_WORDS, ENTRY_WORDS, KIND_COPY_BYTES, plan_counts
+
+BLOCK = 2048
+NUM_WARPS = 4
+
+
+@triton.jit
+def _typed_ptr(addr, TAG: tl.constexpr):
+    if TAG == 0:
+        return addr.to(tl.pointer_type(tl.float32))
+    elif TAG == 1:
+        return addr.to(tl.pointer_type(tl.bfloat16))
+    elif TAG == 2:
+        return addr.to(tl.pointer_type(tl.float16))
+    else:
+        return addr.to(tl.pointer_type(tl.float64))
+
+
+@triton.jit
+def _fp32_to_bf16_rne(x):
+    # Round to nearest even on the bits, NaN kept quiet: exact on every target. (Triton's
+    # interpreter converts fp32 -> bf16 approximately, whatever rounding mode is asked for.)
+    bits = x.to(tl.uint32, bitcast=True)
+    rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+    rounded = tl.where(x != x, 0x7FC0, rounded)
+    return rounded.to(tl.uint16).to(tl.bfloat16, bitcast=True)
+
+
+@triton.jit
+def _round_to_teacher(x, TT: tl.constexpr):
+    # Through fp32, to nearest even, as torch's casts round.
+    if x.dtype == tl.float64 and TT != 3:
+        x = x.to(tl.float32, fp_downcast_rounding="rtne")
+    if TT == 1:
+        x = _fp32_to_bf16_rne(x)
+    elif TT == 2:
+        x = x.to(tl.float16, fp_downcast_rounding="rtne")
+    return x
+
+
+@triton.jit
+def _lerp_chunk(t_addr, s_addr, start, numel, m, w, copy, TT: tl.constexpr, ST: tl.constexpr,
+                BLOCK: tl.constexpr, CHUNK: tl.constexpr):
+    t_ptr = _typed_ptr(t_addr, TT)
+    s_ptr = _typed_ptr(s_addr, ST)
+    if TT == 3 or ST == 3:
+        mm = m.to(tl.float64)
+        ww = w.to(tl.float64)
+    else:
+        mm = m.to(tl.float32)
+        ww = w.to(tl.float32)
+    for off in range(0, CHUNK, BLOCK):
+        idx = start + off + tl.arange(0, BLOCK)
+        mask = idx < numel
+        t = tl.load(t_ptr + idx, mask=mask).to(mm.dtype)
+        s = tl.load(s_ptr + idx, mask=mask).to(mm.dtype)
+        out = tl.where(copy, s, mm * t + ww * s)  # where, not arithmetic: a NaN teacher is replaced at m = 0
+        tl.store(t_ptr + idx, _round_to_teacher(out, TT), mask=mask)
+
+
+@triton.jit
+def _ema_update_kernel(table, num_entries, m0, m1, m2, w0, w1, w2, m_ptr, MOMENTUM_FROM_PTR: tl.constexpr,
+                       BLOCK: tl.constexpr, CHUNK: tl.constexpr, ENTRY_WORDS: tl.constexpr,
+                       CHUNK_WORDS: tl.constexpr, KIND_COPY: tl.constexpr):
+    chunk = table + num_entries * ENTRY_WORDS + tl.program_id(0).to(tl.int64) * CHUNK_WORDS
+    entry = table + tl.load(chunk) * ENTRY_WORDS
+    start = tl.load(chunk + 1)
+    t_addr = tl.load(entry)
+    s_addr = tl.load(entry + 1)
+    numel = tl.load(entry + 2)
+    kind = tl.load(entry + 3)
+    if kind == KIND_COPY:
+        t_bytes = t_addr.to(tl.pointer_type(tl.uint8))
+        s_bytes = s_addr.to(tl.pointer_type(tl.uint8))
+        for off in range(0, CHUNK, BLOCK):
+            idx = start + off + tl.arange(0, BLOCK)
+            mask = idx < numel
+            tl.store(t_bytes + idx, tl.load(s_bytes + idx, mask=mask), mask=mask)
+    else:
+        # Momentum in fp64 here; each pair rounds it to its math type, as the C++ kernels do.
+        if MOMENTUM_FROM_PTR:
+            m = tl.load(m_ptr).to(tl.float64)
+            w = 1.0 - m
+        else:  # float kernel arguments are fp32: a double arrives as three fp32 terms
+            m = tl.cast(m0, tl.float64) + tl.cast(m1, tl.float64) + tl.cast(m2, tl.float64)
+            w = tl.cast(w0, tl.float64) + tl.cast(w1, tl.float64) + tl.cast(w2, tl.float64)
+        if m != 1.0:  # momentum 1: teacher bit-identical, nothing touched
+            copy = m == 0.0
+            for TT in tl.static_range(4):
+                for ST in tl.static_range(4):
+                    if kind == TT * 4 + ST:
+                        _lerp_chunk(t_addr, s_addr, start, numel, m, w, copy, TT, ST, BLOCK, CHUNK)
+
+
+def _split(x: float) -> tuple[float, float, float]:
+    """x as the exact sum of three fp32 values (3 x 24 bits cover a double's 53)."""
+    terms = []
+    for _ in range(3):
+        terms.append(float(struct.unpack("f", struct.pack("f", x))[0]))
+        x -= terms[-1]
+    return tuple(terms)
+
+
+def _launch(teacher, student, momentum: float, m_tensor):
+    table = torch.ops.eman_fused.ema_plan(teacher, student)  # validation + cached plan
+    entries, chunks = plan_counts(teacher)
+    if chunks == 0:
+        return
+    wrap_triton(_ema_update_kernel)[(chunks,)](
+        table, entries, *_split(momentum), *_split(1.0 - momentum),
+        table if m_tensor is None else m_tensor,
+        MOMENTUM_FROM_PTR=m_tensor is not None, BLOCK=BLOCK, CHUNK=CHUNK_ELEMS,
+        ENTRY_WORDS=ENTRY_WORDS, CHUNK_WORDS=CHUNK_WORDS, KIND_COPY=KIND_COPY_BYTES,
+        num_warps=NUM_WARPS)
+
+
+@triton_op("eman_fused::ema_update_triton_", mutates_args={"teacher"})
+def ema_update_triton_(teacher: list[torch.Tensor], student: list[torch.Tensor],
+                       momentum: float) -> None:
+    torch.ops.eman_fused._ema_check_call(teacher, momentum)
+    _launch(teacher, student, momentum, None)
+
+
+@triton_op("eman_fused::ema_update_triton_tensor_", mutates_args={"teacher"})
+def ema_update_triton_tensor_(teacher: list[torch.Tensor], student: list[torch.Tensor],
+                              momentum: torch.Tensor) -> None:
+    torch.ops.eman_fused._ema_check_call.tensor(teacher, momentum)
+    _launch(teacher, student, 0.0, momentum)
