@@ -212,6 +212,8 @@ void check_momentum_tensor(const at::Tensor& momentum, const at::Device& device)
                    momentum.scalar_type());
   TORCH_CHECK_VALUE(momentum.device() == device, "ema_update_: the momentum tensor is on ",
                     momentum.device(), " but the teachers are on ", device);
+  // On the CPU the value costs no synchronization to read, so it is range-checked too.
+  if (momentum.device().is_cpu()) check_momentum_value(momentum.item<double>());
 }
 
 void check_teacher_grad_mode(at::TensorList teacher) {

@@ -31,6 +31,7 @@ struct EmaPlan {
 // Checks that do not depend on the lists' storage and so run on every call.
 void check_lengths(at::TensorList teacher, at::TensorList student);
 void check_momentum_value(double momentum);
+// A 0-dim float32/float64 tensor on `device`; its value is range-checked when on the CPU.
 void check_momentum_tensor(const at::Tensor& momentum, const at::Device& device);
 void check_teacher_grad_mode(at::TensorList teacher);
 // Marks the teachers as modified in place (autograd's version counters), before the write:

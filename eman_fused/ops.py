@@ -6,7 +6,7 @@ from typing import Sequence
 
 import torch
 
-from . import _backends, reference
+from . import _backends, _plan, reference
 
 _ops = torch.ops.eman_fused if _backends._C_ERROR is None else None
 
@@ -87,8 +87,18 @@ if _ops is not None:
     def _ema_update_tensor_fake(teacher, student, momentum):
         _check_devices(teacher, student)
 
+    # The per-call checks read a CPU momentum's value; at trace time there is none to read.
+    @torch.library.register_fake("eman_fused::_ema_check_call")
+    def _ema_check_call_fake(teacher, momentum):
+        return None
+
+    @torch.library.register_fake("eman_fused::_ema_check_call.tensor")
+    def _ema_check_call_tensor_fake(teacher, momentum):
+        return None
+
     @torch.library.register_fake("eman_fused::ema_plan")
     def _ema_plan_fake(teacher, student):
         _check_devices(teacher, student)
-        ctx = torch.library.get_ctx()
-        return teacher[0].new_empty((ctx.new_dynamic_size(),), dtype=torch.int64)
+        entries, chunks = _plan.plan_counts(teacher)  # the table's size follows from shapes
+        return teacher[0].new_empty((entries * _plan.ENTRY_WORDS + chunks * _plan.CHUNK_WORDS,),
+                                    dtype=torch.int64)

@@ -1,8 +1,15 @@
-"""Shared test matrix: dtypes, tolerances, GPU marks."""
+"""Shared test matrix: backends, dtypes, tolerances, GPU marks."""
+import os
+
 import pytest
 import torch
 
-import eman_fused
+# Without a GPU the Triton kernels run in Triton's interpreter on the CPU; this must be set
+# before triton compiles (decorates) any kernel, i.e. before eman_fused is imported.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import eman_fused  # noqa: E402
 
 FLOAT_DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
 FLOAT_PAIRS = [(t, s) for t in FLOAT_DTYPES for s in FLOAT_DTYPES]
@@ -19,6 +26,14 @@ TOLERANCES = {
 }
 
 HAS_GPU = torch.cuda.is_available()
+AVAILABLE = {name for name, b in eman_fused.backends().items() if b.available}
+# (backend, device) pairs that run here: every kernel meets the same tests.
+BACKEND_CASES = [("cpu", "cpu")]
+if "triton" in AVAILABLE:
+    BACKEND_CASES.append(("triton", "cuda" if HAS_GPU else "cpu"))
+if "cuda" in AVAILABLE:
+    BACKEND_CASES.append(("cuda", "cuda"))
+BACKENDS = pytest.mark.parametrize("backend,device", BACKEND_CASES, ids=[b for b, _ in BACKEND_CASES])
 needs_gpu = pytest.mark.skipif(not HAS_GPU, reason="no GPU visible")
 needs_cuda_backend = pytest.mark.skipif(
     not eman_fused.backends()["cuda"].available, reason=eman_fused.backends()["cuda"].detail)
@@ -32,4 +47,4 @@ def assert_close_to(actual: torch.Tensor, expected: torch.Tensor) -> None:
 
 def bits(t: torch.Tensor) -> torch.Tensor:
     """The raw bytes of a tensor, for bit-identity checks (NaN == NaN, -0 != +0)."""
-    return t.detach().contiguous().view(torch.uint8).clone()
+    return t.detach().reshape(-1).contiguous().view(torch.uint8).clone()

@@ -9,10 +9,9 @@ from hypothesis import strategies as st
 
 import eman_fused
 from eman_fused import reference
-from conftest import (FLOAT_DTYPES, FLOAT_PAIRS, HAS_GPU, INT_DTYPES, assert_close_to, bits,
-                      needs_cuda_backend)
+from conftest import (AVAILABLE, BACKENDS, FLOAT_DTYPES, FLOAT_PAIRS, HAS_GPU, INT_DTYPES,
+                      assert_close_to, bits, needs_cuda_backend)
 
-DEVICES = ["cpu"] + (["cuda"] if HAS_GPU else [])
 # Around the 32768-element chunk and the vector widths: 0, 1, odd, tails, several chunks.
 SIZES = [0, 1, 3, 4095, 4097, 32767, 32768, 32769, 100_003]
 ops = torch.ops.eman_fused
@@ -55,44 +54,44 @@ def test_reference_formula():
     assert t[0].tolist() == [1.5, 3.0] and t[1].tolist() == [9]
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@BACKENDS
 @pytest.mark.parametrize("momentum", [0.999, 0.5, 0.123])
 @pytest.mark.parametrize("t_dtype,s_dtype", FLOAT_PAIRS, ids=lambda d: str(d)[6:])
-def test_every_dtype_pair_and_size(device, momentum, t_dtype, s_dtype):
+def test_every_dtype_pair_and_size(backend, device, momentum, t_dtype, s_dtype):
     teacher, student = make_lists([(n,) for n in SIZES], [t_dtype] * len(SIZES),
                                   [s_dtype] * len(SIZES), device)
-    check_against_reference(teacher, student, momentum)
+    check_against_reference(teacher, student, momentum, backend=backend)
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@BACKENDS
 @pytest.mark.parametrize("t_dtype,s_dtype", FLOAT_PAIRS, ids=lambda d: str(d)[6:])
-def test_momentum_one_is_bit_identical_and_zero_copies(device, t_dtype, s_dtype):
+def test_momentum_one_is_bit_identical_and_zero_copies(backend, device, t_dtype, s_dtype):
     teacher, student = make_lists([(n,) for n in SIZES], [t_dtype] * len(SIZES),
                                   [s_dtype] * len(SIZES), device)
     teacher[3][5] = float("nan")
     student[4][7] = float("inf")  # 0 * inf would poison a naive m*t + (1-m)*s at m = 1
     before = [bits(t) for t in teacher]
-    eman_fused.ema_update_(teacher, student, 1.0)
+    eman_fused.ema_update_(teacher, student, 1.0, backend=backend)
     assert all(torch.equal(bits(t), b) for t, b in zip(teacher, before))
     eman_fused.ema_update_(teacher, student, 0.0)  # the NaN teacher element must not survive
     for t, s in zip(teacher, student):
         assert torch.equal(bits(t), bits(s.to(t.dtype)))
 
 
-@pytest.mark.parametrize("device", DEVICES)
-def test_one_million_elements(device):
+@BACKENDS
+def test_one_million_elements(backend, device):
     teacher, student = make_lists([(1_000_000,), (1000, 1000)], [torch.float32, torch.bfloat16],
                                   [torch.bfloat16, torch.float32], device)
-    check_against_reference(teacher, student, 0.999)
+    check_against_reference(teacher, student, 0.999, backend=backend)
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@BACKENDS
 @pytest.mark.parametrize("dtype", INT_DTYPES, ids=str)
-def test_integer_tensors_are_copied_in_the_same_call(device, dtype):
+def test_integer_tensors_are_copied_in_the_same_call(backend, device, dtype):
     shapes = [(), (5,), (4097,), (3, 33)]
     teacher, student = make_lists(shapes + [(77,)], [dtype] * 4 + [torch.float32],
                                   [dtype] * 4 + [torch.float16], device)
-    check_against_reference(teacher, student, 0.9)
+    check_against_reference(teacher, student, 0.9, backend=backend)
     for t, s in zip(teacher[:4], student[:4]):
         assert torch.equal(t, s)
 
@@ -104,30 +103,30 @@ def test_num_batches_tracked_copied_exactly_beyond_float_precision():
     assert t.item() == 2**53 + 1
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@BACKENDS
 @pytest.mark.parametrize("momentum_dtype", [torch.float32, torch.float64])
-def test_momentum_as_tensor(device, momentum_dtype):
+def test_momentum_as_tensor(backend, device, momentum_dtype):
     teacher, student = make_lists([(4097,), (10,)], [torch.float32, torch.bfloat16],
                                   [torch.float16, torch.float32], device)
-    check_against_reference(teacher, student, torch.tensor(0.75, dtype=momentum_dtype, device=device))
+    check_against_reference(teacher, student, torch.tensor(0.75, dtype=momentum_dtype, device=device), backend=backend)
     before = [bits(t) for t in teacher]
-    eman_fused.ema_update_(teacher, student, torch.tensor(1.0, dtype=momentum_dtype, device=device))
+    eman_fused.ema_update_(teacher, student, torch.tensor(1.0, dtype=momentum_dtype, device=device), backend=backend)
     assert all(torch.equal(bits(t), b) for t, b in zip(teacher, before))
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@BACKENDS
 @pytest.mark.parametrize("count", [1, 2, 1000, 10_000])
-def test_many_tensors_in_one_call(device, count):
+def test_many_tensors_in_one_call(backend, device, count):
     gen = torch.Generator().manual_seed(count)
     sizes = torch.randint(0, 300, (count,), generator=gen).tolist()
     dtypes = [FLOAT_DTYPES[i % 3] for i in range(count)]
     teacher, student = make_lists([(n,) for n in sizes], dtypes, dtypes[::-1], device)
-    check_against_reference(teacher, student, 0.99)
+    check_against_reference(teacher, student, 0.99, backend=backend)
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@BACKENDS
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_channels_last_pairs(device, dtype):
+def test_channels_last_pairs(backend, device, dtype):
     shapes = [(8, 3, 7, 7), (2, 64, 1, 1), (4, 5, 3, 3, 3)]
     teacher, student = make_lists(shapes, [dtype] * 3, [torch.float32] * 3, device)
     teacher[0] = teacher[0].to(memory_format=torch.channels_last)
@@ -136,7 +135,7 @@ def test_channels_last_pairs(device, dtype):
     teacher[1] = teacher[1].to(memory_format=torch.channels_last)
     teacher[2] = teacher[2].to(memory_format=torch.channels_last_3d)
     student[2] = student[2].to(memory_format=torch.channels_last_3d)
-    check_against_reference(teacher, student, 0.9)
+    check_against_reference(teacher, student, 0.9, backend=backend)
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -153,12 +152,12 @@ def test_random_lists_match_reference(shapes, pair_ids, momentum, seed):
     check_against_reference(teacher, student, momentum)
 
 
-@pytest.mark.parametrize("device", DEVICES)
-def test_fused_ema_steps_match_reference(device):
+@BACKENDS
+def test_fused_ema_steps_match_reference(backend, device):
     teacher, student = make_lists([(300, 7), (64,), ()], [torch.float32, torch.float32, torch.int64],
                                   [torch.float32, torch.bfloat16, torch.int64], device)
     expected = [t.clone() for t in teacher]
-    ema = eman_fused.FusedEMA(teacher, student)
+    ema = eman_fused.FusedEMA(teacher, student, backend=backend)
     for step in range(5):
         for s in student:
             s.add_(1) if s.dtype != torch.int64 else s.add_(3)
@@ -210,15 +209,15 @@ def test_fused_ema_follows_reallocation():
     torch.testing.assert_close(teacher[0], 0.5 + 0.75 * student[0])
 
 
-@pytest.mark.parametrize("device", DEVICES)
-def test_memory_around_the_tensors_is_untouched(device):
+@BACKENDS
+def test_memory_around_the_tensors_is_untouched(backend, device):
     # Teachers are views into one buffer at odd (unaligned) offsets, with guards between them.
     buf = torch.full((20_000,), 123.0, device=device)
     sbuf = torch.full((20_000,), 7.0, device=device)
     spans = [(1, 4097), (4105, 4106), (4200, 4200 + 9999), (14_210, 14_213)]
     teacher = [buf[a:b] for a, b in spans]
     student = [sbuf[a:b] for a, b in spans]
-    eman_fused.ema_update_(teacher, student, 0.5)
+    eman_fused.ema_update_(teacher, student, 0.5, backend=backend)
     inside = torch.zeros(20_000, dtype=torch.bool, device=device)
     for a, b in spans:
         inside[a:b] = True
@@ -304,8 +303,10 @@ BAD_INPUTS = ["lengths", "shape", "device", "int_float_mix", "int_dtypes", "comp
 
 
 @pytest.mark.parametrize("name", BAD_INPUTS)
-@pytest.mark.parametrize("api", ["functional", "fused_ema", "op"])
+@pytest.mark.parametrize("api", ["functional", "fused_ema", "op", "triton"])
 def test_bad_input_raises_before_any_write(name, api):
+    if api == "triton" and "triton" not in AVAILABLE:
+        pytest.skip("triton backend not available here")
     teacher, student, momentum, exc, fragment = bad_case(name)
     snapshot = [bits(t) if t.layout == torch.strided and t.device.type == "cpu" else None
                 for t in teacher]
@@ -315,6 +316,8 @@ def test_bad_input_raises_before_any_write(name, api):
             eman_fused.ema_update_(teacher, student, momentum)
         elif api == "fused_ema":
             eman_fused.FusedEMA(teacher, student).step(momentum)
+        elif api == "triton":
+            eman_fused.ema_update_(teacher, student, momentum, backend="triton")
         elif isinstance(momentum, torch.Tensor):
             ops.ema_update_.tensor(teacher, student, momentum)
         elif isinstance(momentum, float):
@@ -383,6 +386,8 @@ def test_backends_report_and_no_silent_fallback():
     report = eman_fused.backends()
     assert report["cpu"].available and report["reference"].available
     assert report["cuda"].available == HAS_GPU and report["cuda"].detail
+    assert set(report) == {"cpu", "cuda", "triton", "reference"}
+    assert all(b.detail for b in report.values())  # available: what it runs on; else why not
     if not HAS_GPU:
         with pytest.raises(RuntimeError, match="backend 'cuda' is not available"):
             eman_fused.ema_update_([torch.zeros(2)], [torch.ones(2)], 0.5, backend="cuda")
@@ -394,8 +399,10 @@ def test_backends_report_and_no_silent_fallback():
 
 
 @pytest.mark.large
-@pytest.mark.parametrize("device", DEVICES)
-def test_tensor_larger_than_2_pow_31_elements(device):
+@BACKENDS
+def test_tensor_larger_than_2_pow_31_elements(backend, device):
+    if backend == "triton" and device == "cpu":
+        pytest.skip("the Triton interpreter would take hours over 2^31 elements")
     n = 2**31 + 4099  # past the int32 range, with a tail that is not a multiple of the vector
     try:
         t = torch.zeros(n, dtype=torch.float16, device=device)
@@ -403,7 +410,7 @@ def test_tensor_larger_than_2_pow_31_elements(device):
     except (RuntimeError, torch.OutOfMemoryError) as exc:
         pytest.skip(f"cannot allocate 2 x {2 * n / 2**30:.1f} GiB here: {exc}")
     t[-1] = 4.0
-    eman_fused.ema_update_([t], [s], 0.5)
+    eman_fused.ema_update_([t], [s], 0.5, backend=backend)
     assert t[-1].item() == 3.0
     t[-1] = 1.0
     assert bool((t == 1.0).all())  # every element, before and after 2^31

@@ -87,8 +87,6 @@ void ema_update_cpu(at::TensorList teacher, at::TensorList student, double momen
   update(teacher, student, momentum);
 }
 
-// On the CPU, reading the momentum tensor costs no synchronization, so its value is
-// range-checked like a float's.
 void ema_update_tensor_cpu(at::TensorList teacher, at::TensorList student,
                            const at::Tensor& momentum) {
   if (!teacher.empty()) check_momentum_tensor(momentum, teacher[0].device());

@@ -69,7 +69,7 @@ def _lerp_chunk(t_addr, s_addr, start, numel, m, w, copy, TT: tl.constexpr, ST: 
     else:
         mm = m.to(tl.float32)
         ww = w.to(tl.float32)
-    for off in range(0, CHUNK, BLOCK):
+    for off in range(0, tl.minimum(numel - start, CHUNK), BLOCK):  # a small tensor: one step
         idx = start + off + tl.arange(0, BLOCK)
         mask = idx < numel
         t = tl.load(t_ptr + idx, mask=mask).to(mm.dtype)
@@ -92,7 +92,7 @@ def _ema_update_kernel(table, num_entries, m0, m1, m2, w0, w1, w2, m_ptr, MOMENT
     if kind == KIND_COPY:
         t_bytes = t_addr.to(tl.pointer_type(tl.uint8))
         s_bytes = s_addr.to(tl.pointer_type(tl.uint8))
-        for off in range(0, CHUNK, BLOCK):
+        for off in range(0, tl.minimum(numel - start, CHUNK), BLOCK):
             idx = start + off + tl.arange(0, BLOCK)
             mask = idx < numel
             tl.store(t_bytes + idx, tl.load(s_bytes + idx, mask=mask), mask=mask)
@@ -113,7 +113,8 @@ def _ema_update_kernel(table, num_entries, m0, m1, m2, w0, w1, w2, m_ptr, MOMENT
 
 
 def _split(x: float) -> tuple[float, float, float]:
-    """x as the exact sum of three fp32 values (3 x 24 bits cover a double's 53)."""
+    """x as the sum of three fp32 values: exact for 0 and |x| >= 2**-40, where 3 x 24 bits
+    cover a double's 53 (smaller momenta lose low bits; only float64 pairs could notice)."""
     terms = []
     for _ in range(3):
         terms.append(float(struct.unpack("f", struct.pack("f", x))[0]))

@@ -1,0 +1,144 @@
+"""Triton backend: plan mirror, cross-backend agreement, registration. (The full EMA matrix
+of test_ema.py runs against Triton too, through conftest's BACKENDS.)"""
+import math
+import struct
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import eman_fused
+from eman_fused import _plan, reference
+from conftest import AVAILABLE, FLOAT_PAIRS, HAS_GPU, assert_close_to, bits, needs_cuda_backend
+from test_ema import make_lists
+
+pytestmark = pytest.mark.skipif("triton" not in AVAILABLE,
+                                reason=eman_fused.backends()["triton"].detail)
+DEVICE = "cuda" if HAS_GPU else "cpu"
+
+
+def test_python_plan_mirror_matches_the_cpp_planner():
+    shapes = [(5,), (0,), (70_000,), (3, 4), (32768,), (2,)]
+    dtypes = [torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.float32, torch.int64]
+    sdtypes = [torch.bfloat16, torch.float16, torch.float32, torch.float64, torch.float16, torch.int64]
+    teacher, student = make_lists(shapes, dtypes, sdtypes, "cpu")
+    table = eman_fused.ops.ema_plan(teacher, student).tolist()
+    entries, chunks = _plan.plan_counts(teacher)
+    assert (entries, chunks) == (5, 1 + 3 + 1 + 1 + 1)
+    assert len(table) == entries * _plan.ENTRY_WORDS + chunks * _plan.CHUNK_WORDS
+    nonempty = [(t, s) for t, s in zip(teacher, student) if t.numel()]
+    for i, (t, s) in enumerate(nonempty):
+        t_ptr, s_ptr, numel, kind = table[i * 4:(i + 1) * 4]
+        assert (t_ptr, s_ptr) == (t.data_ptr(), s.data_ptr())
+        if t.is_floating_point():
+            assert numel == t.numel()
+            assert kind == _plan.FLOAT_TAGS[t.dtype] * 4 + _plan.FLOAT_TAGS[s.dtype]
+        else:
+            assert (numel, kind) == (t.numel() * t.element_size(), _plan.KIND_COPY_BYTES)
+    chunk_rows = [table[entries * 4 + 2 * c: entries * 4 + 2 * c + 2] for c in range(chunks)]
+    assert chunk_rows == [[0, 0], [1, 0], [1, 32768], [1, 65536], [2, 0], [3, 0], [4, 0]]
+
+
+@settings(max_examples=30, deadline=None)
+@given(x=st.one_of(st.just(0.0), st.floats(2**-40, 1.0)))
+def test_momentum_split_is_exact(x):
+    from eman_fused.triton.ema import _split
+    terms = _split(x)
+    assert all(struct.unpack("f", struct.pack("f", t))[0] == t for t in terms)
+    assert math.fsum(terms) == x
+
+
+@settings(max_examples=15, deadline=None)
+@given(
+    shapes=st.lists(st.lists(st.integers(0, 70), min_size=0, max_size=3), min_size=1, max_size=8),
+    pair_ids=st.lists(st.integers(0, len(FLOAT_PAIRS) - 1), min_size=8, max_size=8),
+    momentum=st.floats(0.0, 1.0),
+    seed=st.integers(0, 2**16),
+)
+def test_cpu_extension_triton_and_reference_agree(shapes, pair_ids, momentum, seed):
+    pairs = [FLOAT_PAIRS[i] for i in pair_ids[: len(shapes)]]
+    teacher, student = make_lists([tuple(s) for s in shapes], [p[0] for p in pairs],
+                                  [p[1] for p in pairs], "cpu", seed)
+    by_cpu = [t.clone() for t in teacher]
+    by_ref = [t.clone() for t in teacher]
+    by_triton = [t.to(DEVICE) for t in teacher]
+    eman_fused.ema_update_(by_cpu, student, momentum, backend="cpu")
+    reference.ema_update_(by_ref, student, momentum)
+    eman_fused.ema_update_(by_triton, [s.to(DEVICE) for s in student], momentum, backend="triton")
+    for c, r, tr in zip(by_cpu, by_ref, by_triton):
+        assert_close_to(c, r)
+        assert_close_to(tr.cpu(), r)
+        if not HAS_GPU:  # same fp32 operations in the same order: bit-identical
+            assert torch.equal(bits(c), bits(tr))
+
+
+# torch.library.wrap_triton hands an interpreted kernel back untraced (torch/_library/triton.py),
+# so fake-tensor tracing of a Triton op needs a real GPU; the interpreter covers the rest.
+INTERPRETED = not HAS_GPU
+TRACING_NEEDS_GPU = pytest.mark.skipif(
+    INTERPRETED, reason="wrap_triton does not trace interpreted kernels (TRITON_INTERPRET=1)")
+
+
+def test_opcheck_triton_ops():
+    teacher, student = make_lists([(33,), (4, 5), (3,)], [torch.float32, torch.bfloat16, torch.int64],
+                                  [torch.float16, torch.float32, torch.int64], DEVICE)
+    checks = ("test_schema", "test_autograd_registration") if INTERPRETED else None
+    kw = {"test_utils": checks} if checks else {}
+    torch.library.opcheck(torch.ops.eman_fused.ema_update_triton_, (teacher, student, 0.9), **kw)
+    torch.library.opcheck(torch.ops.eman_fused.ema_update_triton_tensor_,
+                          (teacher, student, torch.tensor(0.9, device=DEVICE)), **kw)
+
+
+@TRACING_NEEDS_GPU
+def test_triton_compiles_fullgraph():
+    teacher, student = make_lists([(33,), (4, 5), (2,)], [torch.float32, torch.float32, torch.int64],
+                                  [torch.float32, torch.bfloat16, torch.int64], DEVICE)
+    expected = [t.clone() for t in teacher]
+
+    @torch.compile(fullgraph=True, backend="aot_eager")
+    def step(m):
+        eman_fused.ema_update_(teacher, student, m, backend="triton")
+
+    step(torch.tensor(0.5, device=DEVICE))
+    reference.ema_update_(expected, student, 0.5)
+    for t, e in zip(teacher, expected):
+        torch.testing.assert_close(t, e)
+
+
+def test_fused_ema_on_triton_bumps_versions():
+    t, s = torch.zeros(10, device=DEVICE), torch.ones(10, device=DEVICE)
+    ema = eman_fused.FusedEMA([t], [s], backend="triton")
+    v = t._version
+    ema.step(0.5)
+    assert t._version > v and torch.equal(t, torch.full_like(t, 0.5))
+
+
+def test_auto_never_picks_the_interpreter_for_cpu_tensors():
+    from eman_fused._backends import resolve
+    assert resolve("auto", torch.device("cpu")) == "cpu"
+
+
+@needs_cuda_backend
+def test_triton_matches_the_cuda_backend():
+    teacher, student = make_lists([(n,) for n in (1, 4097, 100_003, 32768)],
+                                  [torch.float32, torch.bfloat16, torch.float16, torch.float32],
+                                  [torch.bfloat16, torch.float32, torch.float32, torch.float16], "cuda")
+    by_cuda = [t.clone() for t in teacher]
+    eman_fused.ema_update_(by_cuda, student, 0.999, backend="cuda")
+    eman_fused.ema_update_(teacher, student, 0.999, backend="triton")
+    for a, b in zip(teacher, by_cuda):
+        assert_close_to(a, b)
+
+
+@pytest.mark.skipif(not HAS_GPU, reason="no GPU visible")
+def test_triton_update_is_one_kernel_launch():
+    teacher, student = make_lists([(n,) for n in range(1, 1001)], [torch.float32] * 1000,
+                                  [torch.bfloat16] * 1000, "cuda")
+    eman_fused.ema_update_(teacher, student, 0.9, backend="triton")
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        eman_fused.ema_update_(teacher, student, 0.9, backend="triton")
+        torch.cuda.synchronize()
+    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    assert len(kernels) == 1, [e.name for e in kernels]
