@@ -8,6 +8,7 @@ For each model's parameter + buffer shapes (floating tensors EMA'd, integer coun
   flat_lerp       one torch.lerp_ over flat buffers of the same size: the bandwidth ceiling of an
                   update that cannot be fused (not a drop-in: a model's tensors are not one buffer)
   eman_fused      FusedEMA.step: one pass (one launch on CUDA) over the whole list
+  eman_fused_triton  the same through the Triton backend (GPU only; on the CPU: skipped, why)
 GB/s counts teacher read + teacher write + student read. The copy bandwidth is measured in the
 same run (flat tensor copy: read + write). CPU numbers are CPU numbers.
 
@@ -113,7 +114,18 @@ def alternatives(teacher, student, device, use_compile):
     }
     if use_compile:
         methods["foreach_compile"] = torch.compile(foreach_lerp)
+    triton_ok = eman_fused.backends()["triton"].available and device.type == "cuda"
+    if triton_ok:
+        fused_triton = eman_fused.FusedEMA(teacher, student, backend="triton")
+        methods["eman_fused_triton"] = lambda: fused_triton.step(m)
     return methods, fused.bytes_per_step
+
+
+def triton_skip_reason(device):
+    if device.type != "cuda":
+        return "Triton kernels need a GPU (on the CPU only the interpreter runs them, for tests)"
+    backend = eman_fused.backends()["triton"]
+    return None if backend.available else backend.detail
 
 
 def copy_bandwidth(device, nbytes):
@@ -134,6 +146,9 @@ def run_case(name, table, t_dtype, s_dtype, device, use_compile):
             rows[method] = {"ms": seconds * 1e3, "GB/s": nbytes / seconds / 1e9}
         except Exception as exc:  # an alternative that cannot do this case says why
             rows[method] = {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:120]}"}
+    skip = triton_skip_reason(device)
+    if skip:
+        rows["eman_fused_triton"] = {"skipped": skip}
     fused_ms = rows["eman_fused"]["ms"]
     for method, row in rows.items():
         if "ms" in row:
@@ -167,7 +182,8 @@ def markdown(result):
     lines = [f"EMA update, {env['device_name']} ({env['device']}, {env['threads']} threads), "
              f"torch {env['torch']}, {env['date']}, commit {env.get('commit', '?')}. "
              f"Copy bandwidth measured in the same run: {result['copy_GBps']:.1f} GB/s.", ""]
-    methods = ["eman_fused", "foreach_lerp", "foreach_compile", "official_eman", "flat_lerp"]
+    methods = ["eman_fused", "eman_fused_triton", "foreach_lerp", "foreach_compile", "official_eman",
+               "flat_lerp"]
     lines.append("| case | tensors | MB/step | " + " | ".join(methods) + " |")
     lines.append("|---|---:|---:|" + "---:|" * len(methods))
     for case in result["cases"]:
@@ -178,6 +194,8 @@ def markdown(result):
                 cells.append("not run")
             elif "error" in row:
                 cells.append("fails")
+            elif "skipped" in row:
+                cells.append("skipped")
             elif m == "eman_fused":
                 cells.append(f"**{row['ms']:.3f} ms** ({row['GB/s']:.1f} GB/s, "
                              f"{100 * row['GB/s'] / result['copy_GBps']:.0f}% of copy)")
@@ -193,6 +211,8 @@ def markdown(result):
               if "error" in r}
     for (case, m), err in errors.items():
         lines.append(f"- {m} on {case}: {err}")
+    skips = {r["skipped"] for c in result["cases"] for r in c["methods"].values() if "skipped" in r}
+    lines += [f"- skipped: {why}" for why in sorted(skips)]
     return "\n".join(lines) + "\n"
 
 
@@ -216,8 +236,8 @@ def main(argv=None):
             case = run_case(model, shapes.TABLES[model](), t_dtype, s_dtype, device, args.compile)
             result["cases"].append(case)
             print(f"{case['case']}: " + ", ".join(
-                f"{m} {r['ms']:.3f} ms" if "ms" in r else f"{m} fails" for m, r in case["methods"].items()),
-                flush=True)
+                f"{m} {r['ms']:.3f} ms" if "ms" in r else f"{m} {'skipped' if 'skipped' in r else 'fails'}"
+                for m, r in case["methods"].items()), flush=True)
     text = markdown(result)
     print("\n" + text)
     if args.json:

@@ -19,3 +19,4 @@ name=$("$PYTHON" -c "import torch; print(torch.cuda.get_device_name().replace(' 
 stamp="ema_${name}_$(date +%Y-%m-%d)"
 "$PYTHON" benchmarks/bench_ema.py --device cuda --dtypes fp32:fp32,fp32:bf16,bf16:bf16 --compile \
   --json "$RESULTS/$stamp.json" --markdown "$RESULTS/$stamp.md"
+"$PYTHON" benchmarks/tune_triton_ema.py --json "$RESULTS/tune_triton_ema_${name}_$(date +%Y-%m-%d).json"
