@@ -14,9 +14,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 import eman_fused  # noqa: E402
-from bench_ema import make_model_tensors, measure  # noqa: E402
+from eman_fused.bench import make_model_tensors, measure  # noqa: E402
 from eman_fused import shapes  # noqa: E402
 
 

@@ -8,6 +8,17 @@ from typing import Sequence
 
 import torch
 
+# How far a kernel may stand from this reference, by the teacher's dtype. Kernels and
+# reference both compute in fp32 (fp64 with a double side) and round once to the teacher's
+# dtype; they may differ only in the order of fp32 operations (FMA contraction): a few fp32
+# ulps, which can flip the final rounding by one ulp of the teacher's dtype.
+TOLERANCES = {
+    torch.float64: dict(rtol=1e-6, atol=1e-7),  # a float32 student limits the precision
+    torch.float32: dict(rtol=2e-6, atol=1e-6),
+    torch.bfloat16: dict(rtol=2**-7, atol=1e-6),
+    torch.float16: dict(rtol=2**-10, atol=1e-6),
+}
+
 
 def ema_update_(teacher: Sequence[torch.Tensor], student: Sequence[torch.Tensor],
                 momentum: float | torch.Tensor) -> None:

@@ -5,6 +5,10 @@ Each table is a list of (name, shape, kind) in torchvision's state_dict order, k
 """
 from __future__ import annotations
 
+import importlib
+import json
+from pathlib import Path
+
 Shape = tuple[int, ...]
 Table = list[tuple[str, Shape, str]]
 
@@ -59,3 +63,32 @@ def many_small(count: int = 5000) -> Table:
 
 
 TABLES = {"resnet50": resnet50, "vit_b16": vit_b16, "many_small": many_small}
+
+
+def table_from_module(module) -> Table:
+    """(name, shape, kind) of a module's state: parameters, floating buffers, integer counters."""
+    rows: Table = []
+    for name, tensor in module.state_dict(keep_vars=True).items():
+        kind = "param" if name in dict(module.named_parameters()) else (
+            "buffer" if tensor.is_floating_point() else "counter")
+        rows.append((name, tuple(tensor.shape), kind))
+    return rows
+
+
+def load_table(spec: str) -> tuple[str, Table]:
+    """A model's table from `spec`: an embedded name (resnet50, vit_b16, many_small), a JSON
+    file ([{"name", "shape", "kind"}] or {name: shape}; kind defaults to 'param'), or
+    `package.module:callable` returning an nn.Module (its parameters and buffers are used)."""
+    if spec in TABLES:
+        return spec, TABLES[spec]()
+    if spec.endswith(".json"):
+        data = json.loads(Path(spec).read_text())
+        if isinstance(data, dict):
+            data = [{"name": k, "shape": v} for k, v in data.items()]
+        return Path(spec).stem, [(d["name"], tuple(d["shape"]), d.get("kind", "param")) for d in data]
+    if ":" in spec:
+        module_name, attr = spec.split(":", 1)
+        factory = getattr(importlib.import_module(module_name), attr)
+        return attr, table_from_module(factory())
+    raise ValueError(f"unknown model {spec!r}: use one of {', '.join(TABLES)}, a .json shape "
+                     "file, or package.module:callable")

@@ -15,15 +15,7 @@ FLOAT_DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
 FLOAT_PAIRS = [(t, s) for t in FLOAT_DTYPES for s in FLOAT_DTYPES]
 INT_DTYPES = [torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8, torch.bool]
 
-# Kernels and reference both compute in fp32 (fp64 with a double side) and round once to the
-# teacher's dtype; they may differ only by the order of fp32 operations (FMA contraction),
-# i.e. a few fp32 ulps, which can flip the final rounding by one ulp of the teacher dtype.
-TOLERANCES = {
-    torch.float64: dict(rtol=1e-6, atol=1e-7),  # a float32 student limits the precision
-    torch.float32: dict(rtol=2e-6, atol=1e-6),
-    torch.bfloat16: dict(rtol=2**-7, atol=1e-6),
-    torch.float16: dict(rtol=2**-10, atol=1e-6),
-}
+TOLERANCES = eman_fused.reference.TOLERANCES  # shared with `python -m eman_fused check`
 
 HAS_GPU = torch.cuda.is_available()
 AVAILABLE = {name for name, b in eman_fused.backends().items() if b.available}

@@ -1,0 +1,122 @@
+"""`python -m eman_fused check`: every available backend of every op against
+eman_fused.reference, on a model's real tensor shapes; a pass/fail table, exit status 1 on
+any failure.
+
+For the EMA update, per backend, model and dtype pair: momentum 0.999 (within the tests'
+tolerances, eman_fused.reference.TOLERANCES, per teacher dtype), momentum 1 (teachers
+bit-identical) and momentum 0 (teachers equal to the students, exactly); integer counters
+must equal the student's exactly in every case.
+
+Test hook: EMAN_FUSED_CHECK_FAULT=<backend> perturbs that backend's result after it runs,
+so the tests can prove that the checker fails when a kernel is wrong.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import torch
+
+import eman_fused
+from eman_fused import reference, shapes
+from eman_fused._backends import _interpreting
+from eman_fused.bench import DTYPES, make_model_tensors
+
+DEFAULT_PAIRS = "fp32:fp32,fp32:bf16,bf16:bf16,bf16:fp32,fp16:fp32"
+
+
+def backends_for(device: torch.device) -> list[str]:
+    available = {n for n, b in eman_fused.backends().items() if b.available}
+    wanted = {"cpu": ["cpu"] + (["triton"] if _interpreting() else []),
+              "cuda": ["cuda", "triton"]}[device.type]
+    return [b for b in wanted if b in available]
+
+
+def _errors(actual, expected):
+    """(max abs error, max relative error, all within tolerance) over floating tensors."""
+    max_abs = max_rel = 0.0
+    ok = True
+    for a, e in zip(actual, expected):
+        if not a.is_floating_point():
+            continue
+        diff = (a.double() - e.double()).abs()
+        if diff.numel():
+            max_abs = max(max_abs, diff.max().item())
+            max_rel = max(max_rel, (diff / e.double().abs().clamp_min(1e-30)).max().item())
+        ok &= torch.allclose(a, e, equal_nan=True, **reference.TOLERANCES[a.dtype])
+    return max_abs, max_rel, ok
+
+
+def _bits_equal(xs, ys):
+    return all(torch.equal(x.reshape(-1).view(torch.uint8), y.reshape(-1).view(torch.uint8))
+               for x, y in zip(xs, ys))
+
+
+def check_ema(backend, name, table, t_dtype, s_dtype, device) -> dict:
+    teacher, student = make_model_tensors(table, DTYPES[t_dtype], DTYPES[s_dtype], device)
+    fault = os.environ.get("EMAN_FUSED_CHECK_FAULT") == backend
+
+    def run(m):
+        eman_fused.ema_update_(teacher, student, m, backend=backend)
+        if fault:  # test hook: a deliberately wrong kernel result
+            next(t for t in teacher if t.is_floating_point()).view(-1)[0] += 1.0
+
+    expected = [t.clone() for t in teacher]
+    run(0.999)
+    reference.ema_update_(expected, student, 0.999)
+    max_abs, max_rel, ok = _errors(teacher, expected)
+    before = [t.clone() for t in teacher]
+    run(1.0)
+    identical_at_1 = _bits_equal([t for t in teacher if t.is_floating_point()],
+                                 [b for b in before if b.is_floating_point()])
+    run(0.0)
+    copied_at_0 = all(torch.equal(t, s.to(t.dtype)) for t, s in zip(teacher, student))
+    counters = all(torch.equal(t, s) for t, s in zip(teacher, student) if not t.is_floating_point())
+    return {"op": "ema", "backend": backend, "model": name, "dtypes": f"{t_dtype}:{s_dtype}",
+            "tensors": len(table), "max_abs_err": max_abs, "max_rel_err": max_rel,
+            "within_tolerance": ok, "identical_at_m1": identical_at_1, "copied_at_m0": copied_at_0,
+            "counters_exact": counters,
+            "passed": ok and identical_at_1 and copied_at_0 and counters}
+
+
+def add_arguments(ap: argparse.ArgumentParser) -> None:
+    ap.add_argument("--model", "--models", dest="models", default="resnet50",
+                    help="comma-separated: resnet50, vit_b16, many_small, a .json shape file, "
+                         "or package.module:callable returning an nn.Module")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--dtypes", "--dtype", dest="dtypes", default=DEFAULT_PAIRS,
+                    help="teacher:student pairs")
+
+
+def run(args) -> int:
+    device = torch.device(args.device)
+    names = backends_for(device)
+    if not names:
+        print(f"check: no backend can run on {device}:", file=sys.stderr)
+        for b in eman_fused.backends().values():
+            print(" ", b, file=sys.stderr)
+        return 1
+    rows = []
+    for name, table in (shapes.load_table(spec) for spec in args.models.split(",")):
+        for pair in args.dtypes.split(","):
+            t_dtype, s_dtype = pair.split(":")
+            for backend in names:
+                rows.append(check_ema(backend, name, table, t_dtype, s_dtype, device))
+    print(f"{'op':<4} {'backend':<8} {'model':<12} {'teacher:student':<16} {'max abs err':>12} "
+          f"{'max rel err':>12}  {'m=1 same':<9} {'m=0 copy':<9} {'counters':<9} result")
+    for r in rows:
+        flag = lambda ok: "yes" if ok else "NO"  # noqa: E731
+        print(f"{r['op']:<4} {r['backend']:<8} {r['model']:<12} {r['dtypes']:<16} {r['max_abs_err']:>12.3e} "
+              f"{r['max_rel_err']:>12.3e}  {flag(r['identical_at_m1']):<9} {flag(r['copied_at_m0']):<9} "
+              f"{flag(r['counters_exact']):<9} {'pass' if r['passed'] else 'FAIL'}")
+    failed = [r for r in rows if not r["passed"]]
+    print(f"{len(rows) - len(failed)} passed, {len(failed)} failed")
+    return 1 if failed else 0
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m eman_fused check", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(ap)
+    return run(ap.parse_args(argv))

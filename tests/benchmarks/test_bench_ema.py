@@ -1,0 +1,48 @@
+"""pytest-benchmark cases for the EMA update: eman_fused and the alternatives, on a small
+ResNet-like list (CPU-sized so CI stays fast; `python -m eman_fused bench` for real sizes).
+
+  pytest tests/benchmarks --benchmark-only    (--benchmark-skip leaves them out)
+"""
+import pytest
+import torch
+
+import eman_fused
+from eman_fused.bench import make_model_tensors
+from eman_fused.shapes import resnet50
+
+pytestmark = pytest.mark.benchmark
+# ResNet-50's tensor list at 1/64 of the channels: 320 tensors, the same structure.
+TABLE = [(n, tuple(max(1, d // 8) if i < 2 else d for i, d in enumerate(s)), k) for n, s, k in resnet50()]
+M = 0.999
+
+
+@pytest.fixture(scope="module")
+def lists():
+    return make_model_tensors(TABLE, torch.float32, torch.float32, torch.device("cpu"))
+
+
+def test_eman_fused(benchmark, lists):
+    ema = eman_fused.FusedEMA(*lists)
+    benchmark(ema.step, M)
+
+
+def test_foreach_lerp(benchmark, lists):
+    teacher, student = lists
+    tf = [t for t in teacher if t.is_floating_point()]
+    sf = [s for t, s in zip(teacher, student) if t.is_floating_point()]
+    ti = [t for t in teacher if not t.is_floating_point()]
+    si = [s for t, s in zip(teacher, student) if not t.is_floating_point()]
+
+    def step():
+        torch._foreach_lerp_(tf, sf, 1 - M)
+        torch._foreach_copy_(ti, si)
+    benchmark(step)
+
+
+def test_official_eman_loop(benchmark, lists):
+    teacher, student = lists
+
+    def step():
+        for t, s in zip(teacher, student):
+            t.copy_(t * M + (1 - M) * s) if t.is_floating_point() else t.copy_(s)
+    benchmark(step)

@@ -1,0 +1,88 @@
+"""`python -m eman_fused info | check | bench` end to end on the CPU, on a tiny model."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from eman_fused import shapes
+from eman_fused.check import backends_for
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = [{"name": "w", "shape": [64, 3, 3, 3]}, {"name": "b", "shape": [64]},
+        {"name": "bn.running_mean", "shape": [64], "kind": "buffer"},
+        {"name": "bn.num_batches_tracked", "shape": [], "kind": "counter"}]
+
+
+def cli(*args, env=None):
+    full_env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'tests'}", **(env or {})}
+    return subprocess.run([sys.executable, "-m", "eman_fused", *args], cwd=ROOT, env=full_env,
+                          capture_output=True, text=True, timeout=600)
+
+
+@pytest.fixture
+def tiny_json(tmp_path):
+    path = tmp_path / "tiny.json"
+    path.write_text(json.dumps(TINY))
+    return path
+
+
+def test_info_reports_versions_and_backends():
+    out = cli("info", "--json")
+    assert out.returncode == 0, out.stderr
+    report = json.loads(out.stdout)
+    assert report["versions"]["torch"] and set(report["backends"]) >= {"cpu", "cuda", "triton", "reference"}
+    assert all(b["detail"] for b in report["backends"].values())
+
+
+def test_check_passes_and_covers_every_dtype_pair(tiny_json):
+    out = cli("check", "--model", str(tiny_json), "--device", "cpu")
+    assert out.returncode == 0, out.stdout + out.stderr
+    backends = backends_for(torch.device("cpu"))  # cpu, and triton when interpreting
+    assert f"{5 * len(backends)} passed, 0 failed" in out.stdout
+
+
+def test_check_fails_when_a_backend_is_wrong(tiny_json):
+    out = cli("check", "--model", str(tiny_json), "--device", "cpu", "--dtypes", "fp32:fp32",
+              env={"EMAN_FUSED_CHECK_FAULT": "cpu"})
+    assert out.returncode == 1
+    rows = [line.split() for line in out.stdout.splitlines() if line.startswith("ema ")]
+    assert {r[1]: r[-1] for r in rows} == {b: "FAIL" if b == "cpu" else "pass"
+                                           for b in backends_for(torch.device("cpu"))}
+
+
+def test_bench_writes_json_markdown_and_png(tiny_json, tmp_path):
+    out = cli("bench", "--model", f"{tiny_json},tiny_model:make", "--device", "cpu",
+              "--dtypes", "fp32:fp32,fp32:bf16", "--json", str(tmp_path / "r.json"),
+              "--markdown", str(tmp_path / "r.md"), "--plot", str(tmp_path / "r.png"))
+    assert out.returncode == 0, out.stderr
+    result = json.loads((tmp_path / "r.json").read_text())
+    assert [c["case"] for c in result["cases"]] == [
+        "tiny t=fp32 s=fp32", "tiny t=fp32 s=bf16", "make t=fp32 s=fp32", "make t=fp32 s=bf16"]
+    for case in result["cases"]:
+        fused = case["methods"]["eman_fused"]
+        assert fused["ms"] > 0 and fused["GB/s"] > 0
+        assert case["methods"]["official_eman"]["eman_fused_speedup"] > 0
+        assert "skipped" in case["methods"]["eman_fused_triton"]  # CPU: said, not a number
+    assert "error" in result["cases"][1]["methods"]["foreach_lerp"]  # mixed dtypes: foreach refuses
+    assert (tmp_path / "r.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "| tiny t=fp32 s=fp32 |" in (tmp_path / "r.md").read_text()
+    assert "[4/4]" in out.stderr  # progress
+
+
+def test_bench_refuses_ops_not_built():
+    out = cli("bench", "--ops", "ema,norm", "--device", "cpu")
+    assert out.returncode != 0 and "norm" in out.stderr
+
+
+def test_model_specs():
+    name, table = shapes.load_table("tiny_model:make")
+    assert name == "make"
+    kinds = {n: k for n, _, k in table}
+    assert kinds["1.running_mean"] == "buffer" and kinds["1.num_batches_tracked"] == "counter"
+    assert kinds["0.weight"] == "param"
+    with pytest.raises(ValueError, match="unknown model"):
+        shapes.load_table("alexnet")
