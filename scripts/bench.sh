@@ -7,4 +7,4 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 # shellcheck disable=SC1091
 . .venv/bin/activate
-python benchmarks/bench_ema.py --json bench_out/ema.json --markdown bench_out/ema.md "$@"
+python -m eman_fused bench --json bench_out/ema.json --markdown bench_out/ema.md "$@"

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # One call on a machine with a GPU and this repository: build with CUDA, run every test
-# (the GPU ones included), run the benchmark on the GPU, and write files that can be
-# committed as they are:
-#   $RESULTS/gpu_tests.log, $RESULTS/ema_<gpu>_<date>.json and .md
+# (the GPU ones included), `check` every backend on the GPU, run the benchmark and the Triton
+# tuning sweep, and write files that can be committed as they are, then re-render README.md:
+#   $RESULTS/gpu_tests.log, check_<gpu>_<date>.log, ema_<gpu>_<date>.{json,md,png},
+#   tune_triton_ema_<gpu>_<date>.json
 # Uses the Python it is given ($PYTHON, default python3) with its own torch: GPU machines
 # may have no network, so nothing is installed here.
 set -euo pipefail
@@ -17,6 +18,9 @@ MAX_JOBS="${MAX_JOBS:-$(nproc)}" "$PYTHON" setup.py -q build_ext --inplace
 "$PYTHON" -m pytest tests -q -rs 2>&1 | tee "$RESULTS/gpu_tests.log"
 name=$("$PYTHON" -c "import torch; print(torch.cuda.get_device_name().replace(' ', '_'))")
 stamp="ema_${name}_$(date +%Y-%m-%d)"
-"$PYTHON" benchmarks/bench_ema.py --device cuda --dtypes fp32:fp32,fp32:bf16,bf16:bf16 --compile \
-  --json "$RESULTS/$stamp.json" --markdown "$RESULTS/$stamp.md"
+"$PYTHON" -m eman_fused check --device cuda --model resnet50,vit_b16,many_small 2>&1 \
+  | tee "$RESULTS/check_${name}_$(date +%Y-%m-%d).log"
+"$PYTHON" -m eman_fused bench --device cuda --dtypes fp32:fp32,fp32:bf16,bf16:bf16 --compile \
+  --json "$RESULTS/$stamp.json" --markdown "$RESULTS/$stamp.md" --plot "$RESULTS/$stamp.png"
 "$PYTHON" benchmarks/tune_triton_ema.py --json "$RESULTS/tune_triton_ema_${name}_$(date +%Y-%m-%d).json"
+"$PYTHON" benchmarks/results/render.py

@@ -86,3 +86,9 @@ def test_model_specs():
     assert kinds["0.weight"] == "param"
     with pytest.raises(ValueError, match="unknown model"):
         shapes.load_table("alexnet")
+
+
+def test_readme_performance_tables_are_rendered_from_committed_results():
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "results" / "render.py"), "--check"],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr

@@ -1,0 +1,56 @@
+"""Renders README.md's performance tables from the committed results in benchmarks/results/
+(JSON written by `python -m eman_fused bench --json`): only measured numbers, each table
+with its device, date, versions and commit; GPU results first.
+
+  python benchmarks/results/render.py          # rewrite the block in README.md
+  python benchmarks/results/render.py --check  # exit 1 if README.md is out of date
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+from eman_fused.bench import markdown  # noqa: E402
+
+START = "<!-- perf-tables:start (rendered by benchmarks/results/render.py) -->"
+END = "<!-- perf-tables:end -->"
+
+
+def render(results_dir: Path = ROOT / "benchmarks" / "results") -> str:
+    blocks = {"GPU": [], "CPU": []}
+    for path in sorted(results_dir.rglob("*.json")):
+        data = json.loads(path.read_text())
+        if "cases" not in data or "environment" not in data:
+            continue  # e.g. a tuning sweep
+        kind = "GPU" if data["environment"]["device"].startswith("cuda") else "CPU"
+        blocks[kind].append(f"**{kind}** (`{path.relative_to(ROOT)}`): " + markdown(data))
+    if not blocks["GPU"]:
+        blocks["GPU"].append("**GPU**: no results committed yet; `bash scripts/gpu_check.sh` on a "
+                             "GPU machine writes them here.\n")
+    return "\n".join(blocks["GPU"] + blocks["CPU"])
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--check", action="store_true")
+    args = ap.parse_args(argv)
+    readme = (ROOT / "README.md").read_text()
+    head, rest = readme.split(START, 1)
+    _, tail = rest.split(END, 1)
+    updated = f"{head}{START}\n{render()}{END}{tail}"
+    if args.check:
+        if updated != readme:
+            print("README.md's performance tables are out of date: run "
+                  "python benchmarks/results/render.py", file=sys.stderr)
+            return 1
+        return 0
+    (ROOT / "README.md").write_text(updated)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
