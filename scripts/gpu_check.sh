@@ -15,12 +15,14 @@ if [ -z "${CUDA_HOME:-}" ] && [ -x /usr/local/cuda/bin/nvcc ]; then export CUDA_
 export EMAN_FUSED_BUILD_CUDA=1 PYTHONUNBUFFERED=1
 "$PYTHON" -c "import torch; assert torch.cuda.is_available(), 'no GPU visible'; print(torch.__version__, torch.cuda.get_device_name())"
 MAX_JOBS="${MAX_JOBS:-$(nproc)}" "$PYTHON" setup.py -q build_ext --inplace
-"$PYTHON" -m pytest tests -q -rs 2>&1 | tee "$RESULTS/gpu_tests.log"
+status=0  # a failing test must not cost the lease its numbers: go on, fail at the end
+"$PYTHON" -m pytest tests -q -rs 2>&1 | tee "$RESULTS/gpu_tests.log" || status=1
 name=$("$PYTHON" -c "import torch; print(torch.cuda.get_device_name().replace(' ', '_'))")
 stamp="ema_${name}_$(date +%Y-%m-%d)"
 "$PYTHON" -m eman_fused check --device cuda --model resnet50,vit_b16,many_small 2>&1 \
-  | tee "$RESULTS/check_${name}_$(date +%Y-%m-%d).log"
+  | tee "$RESULTS/check_${name}_$(date +%Y-%m-%d).log" || status=1
 "$PYTHON" -m eman_fused bench --device cuda --dtypes fp32:fp32,fp32:bf16,bf16:bf16 --compile \
   --json "$RESULTS/$stamp.json" --markdown "$RESULTS/$stamp.md" --plot "$RESULTS/$stamp.png"
 "$PYTHON" benchmarks/tune_triton_ema.py --json "$RESULTS/tune_triton_ema_${name}_$(date +%Y-%m-%d).json"
 "$PYTHON" benchmarks/results/render.py
+exit $status
