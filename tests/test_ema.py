@@ -138,17 +138,22 @@ def test_channels_last_pairs(backend, device, dtype):
     check_against_reference(teacher, student, 0.9, backend=backend)
 
 
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(
-    shapes=st.lists(st.lists(st.integers(0, 40), min_size=0, max_size=4), min_size=1, max_size=12),
-    pair_ids=st.lists(st.integers(0, len(FLOAT_PAIRS) - 1), min_size=12, max_size=12),
-    momentum=st.floats(0.0, 1.0),
-    seed=st.integers(0, 2**16),
-)
-def test_random_lists_match_reference(shapes, pair_ids, momentum, seed):
-    pairs = [FLOAT_PAIRS[i] for i in pair_ids[: len(shapes)]]
+@st.composite
+def random_lists(draw, max_tensors=12, max_dim=40, max_rank=4):
+    """(teacher, student, momentum): CPU lists of random shapes (0-size and 0-dim included)
+    and random dtype pairs, filled from a drawn seed."""
+    shapes = draw(st.lists(st.lists(st.integers(0, max_dim), max_size=max_rank), min_size=1,
+                           max_size=max_tensors))
+    pairs = [draw(st.sampled_from(FLOAT_PAIRS)) for _ in shapes]
     teacher, student = make_lists([tuple(s) for s in shapes], [p[0] for p in pairs],
-                                  [p[1] for p in pairs], "cpu", seed)
+                                  [p[1] for p in pairs], "cpu", draw(st.integers(0, 2**16)))
+    return teacher, student, draw(st.floats(0.0, 1.0))
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(case=random_lists())
+def test_random_lists_match_reference(case):
+    teacher, student, momentum = case
     check_against_reference(teacher, student, momentum)
 
 

@@ -10,8 +10,8 @@ from hypothesis import strategies as st
 
 import eman_fused
 from eman_fused import _plan, reference
-from conftest import AVAILABLE, FLOAT_PAIRS, HAS_GPU, assert_close_to, bits, needs_cuda_backend
-from test_ema import make_lists
+from conftest import AVAILABLE, HAS_GPU, assert_close_to, bits, needs_cuda_backend
+from test_ema import make_lists, random_lists
 
 pytestmark = pytest.mark.skipif("triton" not in AVAILABLE,
                                 reason=eman_fused.backends()["triton"].detail)
@@ -50,16 +50,9 @@ def test_momentum_split_is_exact(x):
 
 
 @settings(max_examples=15, deadline=None)
-@given(
-    shapes=st.lists(st.lists(st.integers(0, 70), min_size=0, max_size=3), min_size=1, max_size=8),
-    pair_ids=st.lists(st.integers(0, len(FLOAT_PAIRS) - 1), min_size=8, max_size=8),
-    momentum=st.floats(0.0, 1.0),
-    seed=st.integers(0, 2**16),
-)
-def test_cpu_extension_triton_and_reference_agree(shapes, pair_ids, momentum, seed):
-    pairs = [FLOAT_PAIRS[i] for i in pair_ids[: len(shapes)]]
-    teacher, student = make_lists([tuple(s) for s in shapes], [p[0] for p in pairs],
-                                  [p[1] for p in pairs], "cpu", seed)
+@given(case=random_lists(max_tensors=8, max_dim=70, max_rank=3))
+def test_cpu_extension_triton_and_reference_agree(case):
+    teacher, student, momentum = case
     by_cpu = [t.clone() for t in teacher]
     by_ref = [t.clone() for t in teacher]
     by_triton = [t.to(DEVICE) for t in teacher]
