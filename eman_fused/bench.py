@@ -251,7 +251,7 @@ def plot(result, path: Path) -> None:
 
 
 def add_arguments(ap: argparse.ArgumentParser) -> None:
-    ap.add_argument("--model", "--models", dest="models", default="resnet50,vit_b16,many_small",
+    ap.add_argument("--model", "--models", dest="models", default="resnet50",
                     help="comma-separated: resnet50, vit_b16, many_small, a .json shape file, "
                          "or package.module:callable returning an nn.Module")
     ap.add_argument("--ops", default="ema", help=f"comma-separated, of: {', '.join(OPS)}")

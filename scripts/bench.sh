@@ -7,4 +7,5 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 # shellcheck disable=SC1091
 . .venv/bin/activate
-python -m eman_fused bench --json bench_out/ema.json --markdown bench_out/ema.md "$@"
+python -m eman_fused bench --model resnet50,vit_b16,many_small \
+  --json bench_out/ema.json --markdown bench_out/ema.md --plot bench_out/ema.png "$@"

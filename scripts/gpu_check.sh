@@ -21,7 +21,7 @@ name=$("$PYTHON" -c "import torch; print(torch.cuda.get_device_name().replace(' 
 stamp="ema_${name}_$(date +%Y-%m-%d)"
 "$PYTHON" -m eman_fused check --device cuda --model resnet50,vit_b16,many_small 2>&1 \
   | tee "$RESULTS/check_${name}_$(date +%Y-%m-%d).log" || status=1
-"$PYTHON" -m eman_fused bench --device cuda --dtypes fp32:fp32,fp32:bf16,bf16:bf16 --compile \
+"$PYTHON" -m eman_fused bench --device cuda --model resnet50,vit_b16,many_small --dtypes fp32:fp32,fp32:bf16,bf16:bf16 --compile \
   --json "$RESULTS/$stamp.json" --markdown "$RESULTS/$stamp.md" --plot "$RESULTS/$stamp.png"
 "$PYTHON" benchmarks/tune_triton_ema.py --json "$RESULTS/tune_triton_ema_${name}_$(date +%Y-%m-%d).json"
 "$PYTHON" benchmarks/results/render.py
