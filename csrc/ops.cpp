@@ -82,6 +82,15 @@ TORCH_LIBRARY(eman_fused, m) {
          &ema_update_tensor_no_kernel);
   m.impl("ema_update_", c10::DispatchKey::Autograd, &ema_update_autograd);
   m.impl("ema_update_.tensor", c10::DispatchKey::Autograd, &ema_update_tensor_autograd);
+  // EMAN normalization with running statistics: y = act(x*scale[c] + shift[c] + residual),
+  // scale = weight * rsqrt(running_var + eps), shift = bias - running_mean * scale.
+  m.def("eman_norm(Tensor x, Tensor running_mean, Tensor running_var, Tensor? weight, "
+        "Tensor? bias, float eps, Tensor? residual, bool relu) -> Tensor");
+  // Frozen-statistics gradients in one pass: (grad_x, grad_residual, grad_weight, grad_bias);
+  // `out` (the forward's output) gives the ReLU mask. Masked-out results are undefined.
+  m.def("eman_norm_backward(Tensor grad, Tensor x, Tensor? out, Tensor running_mean, "
+        "Tensor running_var, Tensor? weight, float eps, bool relu, bool[4] output_mask) -> "
+        "(Tensor, Tensor, Tensor, Tensor)");
   // The checks the update runs on every call (momentum, grad mode), for Python backends.
   m.def("_ema_check_call(Tensor[] teacher, float momentum) -> ()");
   m.def("_ema_check_call.tensor(Tensor[] teacher, Tensor momentum) -> ()");

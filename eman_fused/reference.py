@@ -39,3 +39,24 @@ def ema_update_(teacher: Sequence[torch.Tensor], student: Sequence[torch.Tensor]
             else:
                 acc = torch.float64 if torch.float64 in (t.dtype, s.dtype) else torch.float32
                 t.copy_(t.to(acc).mul_(m).add_(s.to(acc), alpha=1.0 - m))
+
+
+def eman_norm(x: torch.Tensor, running_mean: torch.Tensor, running_var: torch.Tensor,
+              weight: torch.Tensor | None = None, bias: torch.Tensor | None = None,
+              eps: float = 1e-5, residual: torch.Tensor | None = None,
+              relu: bool = False) -> torch.Tensor:
+    """act(x * scale + shift + residual) with scale = weight * rsqrt(running_var + eps) and
+    shift = bias - running_mean * scale, per channel (dim 1); math in float32 (float64 for
+    float64 input), result in x's dtype and memory format. Differentiable by eager autograd;
+    the statistics are constants."""
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    shape = (1, -1) + (1,) * (x.dim() - 2)
+    invstd = torch.rsqrt(running_var.to(acc) + eps)
+    scale = invstd if weight is None else weight.to(acc) * invstd
+    shift = -running_mean.to(acc) * scale if bias is None else bias.to(acc) - running_mean.to(acc) * scale
+    y = x.to(acc) * scale.reshape(shape) + shift.reshape(shape)
+    if residual is not None:
+        y = y + residual.to(acc)
+    if relu:
+        y = torch.relu(y)
+    return y.to(x.dtype)

@@ -1,0 +1,72 @@
+"""eman_norm: BatchNorm with running statistics (EMAN's teacher, FrozenBatchNorm), fused with an
+optional residual add and ReLU, forward and backward."""
+from __future__ import annotations
+
+import torch
+
+from . import _backends
+
+_NORM_BACKENDS = {"cpu"}  # CUDA C++ and Triton kernels of eman_norm are not built yet
+
+
+def _memory_format(x: torch.Tensor) -> torch.memory_format:
+    # Mirrors norm_memory_format in csrc/norm.cpp: x's own format if channels_last, else contiguous.
+    if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    if x.dim() == 5 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last_3d):
+        return torch.channels_last_3d
+    return torch.contiguous_format
+
+
+def eman_norm(x: torch.Tensor, running_mean: torch.Tensor, running_var: torch.Tensor,
+              weight: torch.Tensor | None = None, bias: torch.Tensor | None = None,
+              eps: float = 1e-5, residual: torch.Tensor | None = None,
+              relu: bool = False) -> torch.Tensor:
+    """y = act(x * scale[c] + shift[c] + residual) in one pass, where
+    scale = weight * rsqrt(running_var + eps) and shift = bias - running_mean * scale.
+
+    x: N,C / N,C,L / N,C,H,W / N,C,D,H,W, contiguous or channels_last(_3d), float32, bfloat16
+    or float16 (float64 too, for gradcheck); statistics and affine: float32 (float64 with a
+    float64 x), shape [C]. The output keeps x's memory format. Differentiable in x, weight,
+    bias and residual, with the statistics as constants (the frozen-statistics gradient,
+    dx = dy * scale on the ReLU mask, not the batch-statistics formula). Backends: CPU C++;
+    the CUDA and Triton kernels are not built yet and raise.
+    """
+    if x.device.type not in _NORM_BACKENDS:
+        raise NotImplementedError(f"eman_norm has no kernel for {x.device.type} tensors yet "
+                                  f"(built: {', '.join(sorted(_NORM_BACKENDS))}); "
+                                  "eman_fused.reference.eman_norm is the eager equivalent")
+    _backends.require("cpu")
+    return torch.ops.eman_fused.eman_norm(x, running_mean, running_var, weight, bias, float(eps),
+                                          residual, bool(relu))
+
+
+def _setup_context(ctx, inputs, output):
+    x, mean, var, weight, bias, eps, residual, relu = inputs
+    ctx.save_for_backward(x, output if relu else None, mean, var, weight)
+    ctx.eps, ctx.relu = eps, relu
+    ctx.has_weight, ctx.has_bias, ctx.has_residual = weight is not None, bias is not None, residual is not None
+
+
+def _backward(ctx, grad):
+    x, out, mean, var, weight = ctx.saved_tensors
+    need = ctx.needs_input_grad
+    mask = [need[0], ctx.has_residual and need[6], ctx.has_weight and need[3], ctx.has_bias and need[4]]
+    gx, gr, gw, gb = torch.ops.eman_fused.eman_norm_backward(
+        grad, x, out, mean, var, weight, ctx.eps, ctx.relu, mask)
+    return gx, None, None, gw, gb, None, gr, None
+
+
+if _backends._C_ERROR is None:
+    @torch.library.register_fake("eman_fused::eman_norm")
+    def _eman_norm_fake(x, running_mean, running_var, weight, bias, eps, residual, relu):
+        return torch.empty_like(x, memory_format=_memory_format(x))
+
+    @torch.library.register_fake("eman_fused::eman_norm_backward")
+    def _eman_norm_backward_fake(grad, x, out, running_mean, running_var, weight, eps, relu, output_mask):
+        fmt = _memory_format(x)
+        like_x = [torch.empty_like(x, memory_format=fmt) if output_mask[i] else None for i in (0, 1)]
+        per_channel = [running_mean.new_empty(running_mean.shape) if output_mask[i] else None for i in (2, 3)]
+        return (*like_x, *per_channel)
+
+    torch.library.register_autograd("eman_fused::eman_norm", _backward, setup_context=_setup_context)
