@@ -2,7 +2,7 @@
 
 Public names: ema_update_, FusedEMA, eman_norm, backends, reference; nn (EMAN modules).
 """
-from . import _backends, reference
+from . import _backends, nn, reference
 from ._backends import Backend, backends
 from .ema import FusedEMA
 from .norm import eman_norm

@@ -57,13 +57,25 @@ def _backward(ctx, grad):
     return gx, None, None, gw, gb, None, gr, None
 
 
+def _check_devices(x, **tensors) -> None:
+    # The fake kernels also serve the Meta key: a call mixing meta and real tensors lands
+    # there and must fail as the real kernels do.
+    for name, t in tensors.items():
+        if t is not None and t.device != x.device:
+            raise ValueError(f"eman_norm: {name} is on {t.device} but x is on {x.device}")
+
+
 if _backends._C_ERROR is None:
     @torch.library.register_fake("eman_fused::eman_norm")
     def _eman_norm_fake(x, running_mean, running_var, weight, bias, eps, residual, relu):
+        _check_devices(x, running_mean=running_mean, running_var=running_var, weight=weight,
+                       bias=bias, residual=residual)
         return torch.empty_like(x, memory_format=_memory_format(x))
 
     @torch.library.register_fake("eman_fused::eman_norm_backward")
     def _eman_norm_backward_fake(grad, x, out, running_mean, running_var, weight, eps, relu, output_mask):
+        _check_devices(x, grad=grad, out=out, running_mean=running_mean, running_var=running_var,
+                       weight=weight)
         fmt = _memory_format(x)
         like_x = [torch.empty_like(x, memory_format=fmt) if output_mask[i] else None for i in (0, 1)]
         per_channel = [running_mean.new_empty(running_mean.shape) if output_mask[i] else None for i in (2, 3)]
