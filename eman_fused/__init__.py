@@ -11,5 +11,5 @@ from .ops import ema_update_
 if _backends._AVAILABLE["triton"]:  # register the Triton ops now, not inside a traced step
     from .triton import ema as _triton_ema  # noqa: F401
 
-__all__ = ["Backend", "FusedEMA", "backends", "ema_update_", "eman_norm", "reference"]
+__all__ = ["Backend", "FusedEMA", "backends", "ema_update_", "eman_norm", "nn", "reference"]
 __version__ = "0.1.0"
