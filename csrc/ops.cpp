@@ -4,6 +4,7 @@
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
 
+#include "norm.h"
 #include "plan.h"
 
 namespace eman_fused {
@@ -62,6 +63,12 @@ void ema_check_call_tensor(at::TensorList teacher, const at::Tensor& momentum) {
   check_teacher_grad_mode(teacher);
 }
 
+void eman_norm_check(const at::Tensor& x, const at::Tensor& mean, const at::Tensor& var,
+                     const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
+                     double eps, const std::optional<at::Tensor>& residual) {
+  check_eman_norm(x, mean, var, weight, bias, eps, residual);
+}
+
 int64_t ema_plan_builds_op() { return ema_plan_builds(); }
 
 void clear_ema_plan_cache_op() { clear_ema_plan_cache(); }
@@ -91,6 +98,10 @@ TORCH_LIBRARY(eman_fused, m) {
   m.def("eman_norm_backward(Tensor grad, Tensor x, Tensor? out, Tensor running_mean, "
         "Tensor running_var, Tensor? weight, float eps, bool relu, bool[4] output_mask) -> "
         "(Tensor, Tensor, Tensor, Tensor)");
+  // eman_norm's validation, for backends written outside C++ (Triton).
+  m.def("_eman_norm_check(Tensor x, Tensor running_mean, Tensor running_var, Tensor? weight, "
+        "Tensor? bias, float eps, Tensor? residual) -> ()");
+  m.impl("_eman_norm_check", c10::DispatchKey::CompositeExplicitAutograd, &eman_norm_check);
   // The checks the update runs on every call (momentum, grad mode), for Python backends.
   m.def("_ema_check_call(Tensor[] teacher, float momentum) -> ()");
   m.def("_ema_check_call.tensor(Tensor[] teacher, Tensor momentum) -> ()");

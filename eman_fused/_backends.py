@@ -87,16 +87,19 @@ def require(name: str) -> None:
 _AUTO_ORDER = {"cpu": ("cpu",), "cuda": ("cuda", "triton")}
 
 
-def resolve(name: str, device: torch.device) -> str:
+def resolve(name: str, device: torch.device, op_backends=None, op: str = "ema_update_") -> str:
     """The backend that runs tensors on `device`: 'auto' takes the first available of
-    _AUTO_ORDER[device.type]; a named backend must be available and serve that device."""
+    _AUTO_ORDER[device.type] that the op has (op_backends; None: all); a named backend must
+    be available, be one the op has, and serve that device."""
+    if name in _AVAILABLE and op_backends is not None and name not in op_backends:
+        raise NotImplementedError(f"{op} has no {name!r} kernel yet (it has: {', '.join(sorted(op_backends))})")
     if name == "auto":
-        order = _AUTO_ORDER.get(device.type, ())
+        order = [c for c in _AUTO_ORDER.get(device.type, ()) if op_backends is None or c in op_backends]
         for candidate in order:
             if _AVAILABLE[candidate]:
                 return candidate
         detail = "; ".join(f"{c}: {backends()[c].detail}" for c in order) or "none exists"
-        raise RuntimeError(f"no eman_fused backend can update tensors on {device} ({detail})")
+        raise RuntimeError(f"no eman_fused backend of {op} can run tensors on {device} ({detail})")
     require(name)
     if name in ("cpu", "cuda") and device.type != name:
         raise ValueError(f"backend {name!r} cannot update tensors on {device}")

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import torch
 
-from . import _backends
+from . import _backends, reference
 
-_NORM_BACKENDS = {"cpu"}  # CUDA C++ and Triton kernels of eman_norm are not built yet
+# eman_norm's kernels: C++ on the CPU, Triton on the GPU (and in the interpreter). The CUDA C++
+# kernel is not built yet, so 'auto' on CUDA tensors runs Triton.
+NORM_BACKENDS = ("cpu", "triton", "reference")
 
 
 def _memory_format(x: torch.Tensor) -> torch.memory_format:
@@ -21,7 +23,7 @@ def _memory_format(x: torch.Tensor) -> torch.memory_format:
 def eman_norm(x: torch.Tensor, running_mean: torch.Tensor, running_var: torch.Tensor,
               weight: torch.Tensor | None = None, bias: torch.Tensor | None = None,
               eps: float = 1e-5, residual: torch.Tensor | None = None,
-              relu: bool = False) -> torch.Tensor:
+              relu: bool = False, *, backend: str = "auto") -> torch.Tensor:
     """y = act(x * scale[c] + shift[c] + residual) in one pass, where
     scale = weight * rsqrt(running_var + eps) and shift = bias - running_mean * scale.
 
@@ -29,16 +31,19 @@ def eman_norm(x: torch.Tensor, running_mean: torch.Tensor, running_var: torch.Te
     or float16 (float64 too, for gradcheck); statistics and affine: float32 (float64 with a
     float64 x), shape [C]. The output keeps x's memory format. Differentiable in x, weight,
     bias and residual, with the statistics as constants (the frozen-statistics gradient,
-    dx = dy * scale on the ReLU mask, not the batch-statistics formula). Backends: CPU C++;
-    the CUDA and Triton kernels are not built yet and raise.
+    dx = dy * scale on the ReLU mask, not the batch-statistics formula). backend: 'auto'
+    (CPU tensors: C++; CUDA tensors: Triton; the CUDA C++ kernel is not built yet), 'cpu',
+    'triton', 'reference'.
     """
-    if x.device.type not in _NORM_BACKENDS:
-        raise NotImplementedError(f"eman_norm has no kernel for {x.device.type} tensors yet "
-                                  f"(built: {', '.join(sorted(_NORM_BACKENDS))}); "
-                                  "eman_fused.reference.eman_norm is the eager equivalent")
-    _backends.require("cpu")
-    return torch.ops.eman_fused.eman_norm(x, running_mean, running_var, weight, bias, float(eps),
-                                          residual, bool(relu))
+    name = _backends.resolve(backend, x.device, NORM_BACKENDS, op="eman_norm")
+    if name == "reference":
+        return reference.eman_norm(x, running_mean, running_var, weight, bias, eps, residual, relu)
+    if name == "triton":
+        from .triton import norm as _  # noqa: F401  (registers the Triton ops)
+        op = torch.ops.eman_fused.eman_norm_triton
+    else:
+        op = torch.ops.eman_fused.eman_norm
+    return op(x, running_mean, running_var, weight, bias, float(eps), residual, bool(relu))
 
 
 def _setup_context(ctx, inputs, output):

@@ -9,6 +9,11 @@ from torch import nn
 import eman_fused
 from eman_fused import reference
 from eman_fused.nn import EMANBatchNorm1d, EMANBatchNorm2d, EMANBatchNorm3d, convert_to_eman
+from conftest import BACKEND_CASES, HAS_GPU
+
+# eman_norm's kernels that run here: C++ on the CPU; Triton (GPU, or the interpreter).
+NORM_CASES = [(b, d) for b, d in BACKEND_CASES if b in ("cpu", "triton")]
+NORM_BACKENDS = pytest.mark.parametrize("backend,device", NORM_CASES, ids=[b for b, _ in NORM_CASES])
 
 ops = torch.ops.eman_fused
 # Output tolerances by activation dtype: kernel and reference both compute in fp32 and round
@@ -51,13 +56,14 @@ def make_x(rank, layout, dtype, seed=1):
 @pytest.mark.parametrize("affine", [True, False])
 @pytest.mark.parametrize("residual", [True, False])
 @pytest.mark.parametrize("relu", [True, False])
-def test_forward_matches_eval_batchnorm_add_relu(rank, layout, dtype, affine, residual, relu):
-    x = make_x(rank, layout, dtype)
-    mean, var, w, b = stats(x.shape[1])
+@NORM_BACKENDS
+def test_forward_matches_eval_batchnorm_add_relu(rank, layout, dtype, affine, residual, relu, backend, device):
+    x = make_x(rank, layout, dtype).to(device)
+    mean, var, w, b = (t.to(device) for t in stats(x.shape[1]))
     if not affine:
         w = b = None
-    r = make_x(rank, layout, dtype, seed=2) if residual else None
-    y = eman_fused.eman_norm(x, mean, var, w, b, 1e-3, r, relu)
+    r = make_x(rank, layout, dtype, seed=2).to(device) if residual else None
+    y = eman_fused.eman_norm(x, mean, var, w, b, 1e-3, r, relu, backend=backend)
     torch.testing.assert_close(y, eager(x, mean, var, w, b, 1e-3, r, relu), **TOL[dtype])
     torch.testing.assert_close(y, reference.eman_norm(x, mean, var, w, b, 1e-3, r, relu), **TOL[dtype])
     assert y.stride() == x.stride()  # memory format kept
@@ -79,45 +85,54 @@ def test_random_shapes(n, c, spatial, channels_last, relu, seed):
     if channels_last and len(spatial) in (2, 3):
         x = x.to(memory_format=torch.channels_last if len(spatial) == 2 else torch.channels_last_3d)
     mean, var, w, b = stats(c, seed=seed)
-    torch.testing.assert_close(eman_fused.eman_norm(x, mean, var, w, b, 1e-5, None, relu),
-                               eager(x, mean, var, w, b, 1e-5, None, relu), **TOL[torch.float32])
+    expected = eager(x, mean, var, w, b, 1e-5, None, relu)
+    for backend, device in NORM_CASES:
+        dev = [t.to(device) for t in (x, mean, var, w, b)]
+        torch.testing.assert_close(eman_fused.eman_norm(*dev, 1e-5, None, relu, backend=backend).cpu(),
+                                   expected, **TOL[torch.float32])
 
 
 @pytest.mark.parametrize("rank,layout", CASES, ids=[f"{r}d-{l}" for r, l in CASES])
-def test_gradcheck_float64(rank, layout):
-    x = make_x(rank, layout, torch.float64).requires_grad_()
-    r = make_x(rank, layout, torch.float64, seed=2).requires_grad_()
-    mean, var, w, b = (t.requires_grad_(i >= 2) for i, t in enumerate(stats(x.shape[1], torch.float64)))
+@NORM_BACKENDS
+def test_gradcheck_float64(rank, layout, backend, device):
+    x = make_x(rank, layout, torch.float64).to(device).requires_grad_()
+    r = make_x(rank, layout, torch.float64, seed=2).to(device).requires_grad_()
+    mean, var, w, b = (t.to(device).requires_grad_(i >= 2)
+                       for i, t in enumerate(stats(x.shape[1], torch.float64)))
     assert torch.autograd.gradcheck(
-        lambda x, w, b, r: eman_fused.eman_norm(x, mean, var, w, b, 1e-5, r, True), (x, w, b, r))
+        lambda x, w, b, r: eman_fused.eman_norm(x, mean, var, w, b, 1e-5, r, True, backend=backend),
+        (x, w, b, r))
     assert torch.autograd.gradcheck(
-        lambda x: eman_fused.eman_norm(x, mean, var, None, None, 1e-5, None, False), (x,))
+        lambda x: eman_fused.eman_norm(x, mean, var, None, None, 1e-5, None, False, backend=backend), (x,))
 
 
 @pytest.mark.parametrize("rank,layout", CASES, ids=[f"{r}d-{l}" for r, l in CASES])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_gradients_match_eager_autograd(rank, layout, dtype):
+@NORM_BACKENDS
+def test_gradients_match_eager_autograd(rank, layout, dtype, backend, device):
     def grads(fn):
-        x = make_x(rank, layout, dtype).requires_grad_()
-        r = make_x(rank, layout, dtype, seed=2).requires_grad_()
-        mean, var, w, b = stats(x.shape[1])
+        x = make_x(rank, layout, dtype).to(device).requires_grad_()
+        r = make_x(rank, layout, dtype, seed=2).to(device).requires_grad_()
+        mean, var, w, b = (t.to(device) for t in stats(x.shape[1]))
         w.requires_grad_(), b.requires_grad_()
         y = fn(x, mean, var, w, b, 1e-5, r, True)
-        y.backward(make_x(rank, layout, dtype, seed=4))
+        y.backward(make_x(rank, layout, dtype, seed=4).to(device))
         return x.grad, r.grad, w.grad, b.grad
-    ours, theirs = grads(eman_fused.eman_norm), grads(eager)
+    ours = grads(lambda *a: eman_fused.eman_norm(*a, backend=backend))
+    theirs = grads(eager)
     for a, e in zip(ours, theirs):
         tol = TOL[a.dtype] if a.dtype != torch.float32 or a.dim() > 1 else dict(rtol=1e-4, atol=1e-4)
         torch.testing.assert_close(a, e, **tol)
 
 
-def test_gradient_uses_frozen_statistics_not_batch_statistics():
+@NORM_BACKENDS
+def test_gradient_uses_frozen_statistics_not_batch_statistics(backend, device):
     # Some public BN kernels apply the batch-statistics backward even in eval mode. Ours must be
     # dx = dy * weight * rsqrt(var + eps): the statistics are constants.
-    x = torch.randn(8, 4, 5, 5, requires_grad=True)
-    mean, var, w, b = stats(4)
-    dy = torch.randn(8, 4, 5, 5)
-    (gx,) = torch.autograd.grad(eman_fused.eman_norm(x, mean, var, w, b, 1e-5), x, dy)
+    x = torch.randn(8, 4, 5, 5, device=device, requires_grad=True)
+    mean, var, w, b = (t.to(device) for t in stats(4))
+    dy = torch.randn(8, 4, 5, 5, device=device)
+    (gx,) = torch.autograd.grad(eman_fused.eman_norm(x, mean, var, w, b, 1e-5, backend=backend), x, dy)
     frozen = dy * (w * torch.rsqrt(var + 1e-5)).reshape(1, -1, 1, 1)
     torch.testing.assert_close(gx, frozen)
     xb = x.detach().requires_grad_()  # batch-statistics formula: what training-mode BN would give
@@ -161,12 +176,28 @@ BAD = {
 
 
 @pytest.mark.parametrize("name", list(BAD))
-def test_bad_input(name):
+@NORM_BACKENDS
+def test_bad_input(name, backend, device):
     make, exc, fragment = BAD[name]
-    x = make_x(4, "contiguous", torch.float32)
-    args = make(x, *stats(7))
+    x = make_x(4, "contiguous", torch.float32).to(device)
+    args = make(x, *(t.to(device) for t in stats(7)))
     with pytest.raises(exc, match=fragment.replace("[", r"\[").replace("]", r"\]")):
-        eman_fused.eman_norm(*args)
+        eman_fused.eman_norm(*args, backend=backend)
+
+
+def test_opcheck_triton_ops():
+    if "triton" not in [b for b, _ in NORM_CASES]:
+        pytest.skip("triton backend not available here")
+    from eman_fused.triton import norm as _  # noqa: F401
+    device = "cuda" if HAS_GPU else "cpu"
+    x = make_x(4, "channels_last", torch.float32).to(device).requires_grad_()
+    mean, var, w, b = (t.to(device) for t in stats(7))
+    # wrap_triton does not trace interpreted kernels: without a GPU, no fake-tensor checks
+    kw = {} if HAS_GPU else {"test_utils": ("test_schema", "test_autograd_registration")}
+    torch.library.opcheck(ops.eman_norm_triton, (x, mean, var, w.requires_grad_(), b, 1e-5, None, True), **kw)
+    out = eman_fused.eman_norm(x.detach(), mean, var, w.detach(), b, 1e-5, None, True, backend="triton")
+    torch.library.opcheck(ops.eman_norm_backward_triton, (torch.randn_like(out), x.detach(), out, mean, var,
+                                                          w.detach(), 1e-5, True, [True, True, True, True]), **kw)
 
 
 # ------------------------------------------------------------------ modules
@@ -261,11 +292,19 @@ def test_convert_swaps_syncbatchnorm():
     torch.testing.assert_close(model(torch.ones(2, 4, 3, 3)), torch.ones(2, 4, 3, 3) / (1 + 1e-5) ** 0.5)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU visible")
-def test_cuda_tensors_raise_until_the_cuda_kernel_exists():
+def test_backend_choice():
+    x = make_x(4, "contiguous", torch.float32)
+    mean, var, w, b = stats(7)
+    with pytest.raises(NotImplementedError, match="eman_norm has no 'cuda' kernel yet"):
+        eman_fused.eman_norm(x, mean, var, w, b, backend="cuda")
+    torch.testing.assert_close(eman_fused.eman_norm(x, mean, var, w, b, backend="reference"),
+                               reference.eman_norm(x, mean, var, w, b))
+    bn = EMANBatchNorm2d(7, backend="reference")
+    torch.testing.assert_close(bn(x), reference.eman_norm(x, bn.running_mean, bn.running_var, bn.weight, bn.bias))
+
+
+@pytest.mark.skipif(not HAS_GPU, reason="no GPU visible")
+def test_cuda_tensors_run_triton_under_auto():
     x = torch.randn(2, 3, 4, 4, device="cuda")
     mean, var, w, b = (t.cuda() for t in stats(3))
-    with pytest.raises(NotImplementedError, match="no kernel for cuda"):
-        eman_fused.eman_norm(x, mean, var, w, b)
-    bn = EMANBatchNorm2d(3, backend="reference").cuda()
-    torch.testing.assert_close(bn(x), reference.eman_norm(x, bn.running_mean, bn.running_var, bn.weight, bn.bias))
+    torch.testing.assert_close(eman_fused.eman_norm(x, mean, var, w, b), reference.eman_norm(x, mean, var, w, b))

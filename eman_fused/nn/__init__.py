@@ -6,7 +6,6 @@ import torch
 from torch import nn
 
 from ..norm import eman_norm
-from .. import reference
 
 __all__ = ["EMANBatchNorm", "EMANBatchNorm1d", "EMANBatchNorm2d", "EMANBatchNorm3d",
            "convert_to_eman"]
@@ -20,8 +19,8 @@ class EMANBatchNorm(nn.modules.batchnorm._NormBase):
     Same parameters and buffers as nn.BatchNorm*d (weight, bias, running_mean, running_var,
     num_batches_tracked), so state_dicts move both ways. `relu=True` fuses a following ReLU;
     `forward(x, residual)` fuses a residual add before it. Statistics that are not float32
-    (a model cast to bf16) are read as float32. `backend='reference'` runs the eager
-    reference instead of the kernel (for devices the kernel does not cover yet: CUDA).
+    (a model cast to bf16) are read as float32. `backend` is eman_norm's: 'auto' (CPU: C++,
+    CUDA: Triton), 'cpu', 'triton' or 'reference' (eager).
     """
 
     _dims: tuple[int, ...] = (2, 3, 4, 5)
@@ -31,8 +30,8 @@ class EMANBatchNorm(nn.modules.batchnorm._NormBase):
                  *, relu: bool = False, backend: str = "auto"):
         if not track_running_stats:
             raise ValueError("EMAN normalizes with running statistics: track_running_stats must be True")
-        if backend not in ("auto", "reference"):
-            raise ValueError(f"backend must be 'auto' or 'reference', got {backend!r}")
+        if backend not in ("auto", "cpu", "triton", "reference"):
+            raise ValueError(f"backend must be 'auto', 'cpu', 'triton' or 'reference', got {backend!r}")
         super().__init__(num_features, eps, momentum, affine, True, device, dtype)
         self.relu = relu
         self.backend = backend
@@ -47,8 +46,7 @@ class EMANBatchNorm(nn.modules.batchnorm._NormBase):
         stats = torch.float64 if x.dtype == torch.float64 else torch.float32
         args = [t if t is None or t.dtype == stats else t.to(stats)
                 for t in (self.running_mean, self.running_var, self.weight, self.bias)]
-        fn = reference.eman_norm if self.backend == "reference" else eman_norm
-        return fn(x, *args, eps=self.eps, residual=residual, relu=self.relu)
+        return eman_norm(x, *args, eps=self.eps, residual=residual, relu=self.relu, backend=self.backend)
 
     @classmethod
     def from_batchnorm(cls, bn: nn.Module, *, relu: bool = False, backend: str = "auto") -> "EMANBatchNorm":

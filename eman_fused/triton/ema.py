@@ -19,6 +19,7 @@ import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
 from .._plan import CHUNK_ELEMS, CHUNK_WORDS, ENTRY_WORDS, KIND_COPY_BYTES, plan_counts
+from ._common import round_to
 
 BLOCK = 2048
 NUM_WARPS = 4
@@ -34,28 +35,6 @@ def _typed_ptr(addr, TAG: tl.constexpr):
         return addr.to(tl.pointer_type(tl.float16))
     else:
         return addr.to(tl.pointer_type(tl.float64))
-
-
-@triton.jit
-def _fp32_to_bf16_rne(x):
-    # Round to nearest even on the bits, NaN kept quiet: exact on every target. (Triton's
-    # interpreter converts fp32 -> bf16 approximately, whatever rounding mode is asked for.)
-    bits = x.to(tl.uint32, bitcast=True)
-    rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
-    rounded = tl.where(x != x, 0x7FC0, rounded)
-    return rounded.to(tl.uint16).to(tl.bfloat16, bitcast=True)
-
-
-@triton.jit
-def _round_to_teacher(x, TT: tl.constexpr):
-    # Through fp32, to nearest even, as torch's casts round.
-    if x.dtype == tl.float64 and TT != 3:
-        x = x.to(tl.float32, fp_downcast_rounding="rtne")
-    if TT == 1:
-        x = _fp32_to_bf16_rne(x)
-    elif TT == 2:
-        x = x.to(tl.float16, fp_downcast_rounding="rtne")
-    return x
 
 
 @triton.jit
@@ -75,7 +54,7 @@ def _lerp_chunk(t_addr, s_addr, start, numel, m, w, copy, TT: tl.constexpr, ST: 
         t = tl.load(t_ptr + idx, mask=mask).to(mm.dtype)
         s = tl.load(s_ptr + idx, mask=mask).to(mm.dtype)
         out = tl.where(copy, s, mm * t + ww * s)  # where, not arithmetic: a NaN teacher is replaced at m = 0
-        tl.store(t_ptr + idx, _round_to_teacher(out, TT), mask=mask)
+        tl.store(t_ptr + idx, round_to(out, t_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit

@@ -1,0 +1,27 @@
+"""Helpers shared by the Triton kernels."""
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def fp32_to_bf16_rne(x):
+    # Round to nearest even on the bits, NaN kept quiet: exact on every target. (Triton's
+    # interpreter converts fp32 -> bf16 approximately, whatever rounding mode is asked for.)
+    bits = x.to(tl.uint32, bitcast=True)
+    rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+    rounded = tl.where(x != x, 0x7FC0, rounded)
+    return rounded.to(tl.uint16).to(tl.bfloat16, bitcast=True)
+
+
+@triton.jit
+def round_to(x, DTYPE: tl.constexpr):
+    """x (fp32 or fp64) in DTYPE, rounded once through fp32 to nearest even, as torch's casts."""
+    if x.dtype == tl.float64 and DTYPE != tl.float64:
+        x = x.to(tl.float32, fp_downcast_rounding="rtne")
+    if DTYPE == tl.bfloat16:
+        x = fp32_to_bf16_rne(x)
+    elif DTYPE == tl.float16:
+        x = x.to(tl.float16, fp_downcast_rounding="rtne")
+    elif DTYPE != x.dtype:
+        x = x.to(DTYPE)
+    return x
