@@ -36,7 +36,7 @@ import torch
 import eman_fused
 from eman_fused import shapes
 
-OPS = {"ema": "the fused EMA teacher update"}  # later issues add norm, optim
+OPS = {"ema": "the fused EMA teacher update", "norm": "eman_norm (BN with running stats + add + ReLU)"}
 
 MOMENTUM = 0.999
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -264,6 +264,8 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--markdown", type=Path)
     ap.add_argument("--plot", type=Path, help="write a PNG: bars per method, log-scale time")
     ap.add_argument("--quiet", action="store_true", help="no progress lines")
+    ap.add_argument("--batch", type=int, help="norm: batch size of the activations (default 32 on "
+                    "CUDA, 4 on the CPU)")
 
 
 def run(args) -> dict:
@@ -277,17 +279,32 @@ def run(args) -> dict:
             print(*parts, sep=sep, file=sys.stderr, flush=True)
 
     say("backends:", *[str(b) for b in eman_fused.backends().values()], sep="\n  ")
-    models = [shapes.load_table(spec) for spec in args.models.split(",")]
-    pairs = [pair.split(":") for pair in args.dtypes.split(",")]
+    ops = args.ops.split(",")
     result = {"environment": environment(device), "copy_GBps": copy_bandwidth(device, 256 << 20),
               "cases": []}
-    total = len(models) * len(pairs)
-    for name, table in models:
-        for t_dtype, s_dtype in pairs:
-            say(f"[{len(result['cases']) + 1}/{total}] {name} teacher {t_dtype}, student {s_dtype} ...")
-            case = run_case(name, table, t_dtype, s_dtype, device, args.compile)
-            result["cases"].append(case)
-    text = markdown(result)
+    texts = []
+    if "ema" in ops:
+        models = [shapes.load_table(spec) for spec in args.models.split(",")]
+        pairs = [pair.split(":") for pair in args.dtypes.split(",")]
+        total = len(models) * len(pairs)
+        for name, table in models:
+            for t_dtype, s_dtype in pairs:
+                say(f"[ema {len(result['cases']) + 1}/{total}] {name} teacher {t_dtype}, student {s_dtype} ...")
+                result["cases"].append(run_case(name, table, t_dtype, s_dtype, device, args.compile))
+        texts.append(markdown(result))
+    if "norm" in ops:
+        from . import bench_norm
+        batch = args.batch or (32 if device.type == "cuda" else 4)
+        norm = {"environment": result["environment"], "copy_GBps": result["copy_GBps"],
+                "batch": batch, "cases": []}
+        combos = [(site, layout, dtype) for site in bench_norm.RESNET50_SITES
+                  for layout in ("contiguous", "channels_last") for dtype in ("fp32", "bf16")]
+        for i, (site, layout, dtype) in enumerate(combos):
+            say(f"[norm {i + 1}/{len(combos)}] {site[0]} {layout} {dtype} ...")
+            norm["cases"].append(bench_norm.run_case(site, batch, layout, dtype, device, args.compile))
+        result["norm"] = norm
+        texts.append(bench_norm.markdown(norm))
+    text = "\n".join(texts)
     print(text)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
@@ -295,7 +312,7 @@ def run(args) -> dict:
     if args.markdown:
         args.markdown.parent.mkdir(parents=True, exist_ok=True)
         args.markdown.write_text(text)
-    if args.plot:
+    if args.plot and result["cases"]:
         plot(result, args.plot)
     return result
 

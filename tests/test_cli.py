@@ -70,12 +70,25 @@ def test_bench_writes_json_markdown_and_png(tiny_json, tmp_path):
     assert "error" in result["cases"][1]["methods"]["foreach_lerp"]  # mixed dtypes: foreach refuses
     assert (tmp_path / "r.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "| tiny t=fp32 s=fp32 |" in (tmp_path / "r.md").read_text()
-    assert "[4/4]" in out.stderr  # progress
+    assert "[ema 4/4]" in out.stderr  # progress
 
 
 def test_bench_refuses_ops_not_built():
-    out = cli("bench", "--ops", "ema,norm", "--device", "cpu")
-    assert out.returncode != 0 and "norm" in out.stderr
+    out = cli("bench", "--ops", "ema,optim", "--device", "cpu")
+    assert out.returncode != 0 and "optim" in out.stderr
+
+
+def test_bench_norm_forward_and_backward(tmp_path):
+    out = cli("bench", "--ops", "norm", "--device", "cpu", "--batch", "1", "--json", str(tmp_path / "n.json"))
+    assert out.returncode == 0, out.stderr
+    norm = json.loads((tmp_path / "n.json").read_text())["norm"]
+    assert len(norm["cases"]) == 20  # 5 ResNet-50 sites x 2 layouts x 2 dtypes
+    for case in norm["cases"]:
+        for method in ("eman_fused", "eager"):
+            row = case["methods"][method]
+            assert row["fwd_ms"] > 0 and row["bwd_ms"] > 0 and row["fwd_GB/s"] > 0
+        assert case["methods"]["eager"]["fwd_speedup"] > 0
+    assert "| stem bn1+relu channels_last bf16 |" in out.stdout
 
 
 def test_model_specs():

@@ -15,6 +15,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 from eman_fused.bench import markdown  # noqa: E402
+from eman_fused.bench_norm import markdown as norm_markdown  # noqa: E402
 
 START = "<!-- perf-tables:start (rendered by benchmarks/results/render.py) -->"
 END = "<!-- perf-tables:end -->"
@@ -27,7 +28,10 @@ def render(results_dir: Path = ROOT / "benchmarks" / "results") -> str:
         if "cases" not in data or "environment" not in data:
             continue  # e.g. a tuning sweep
         kind = "GPU" if data["environment"]["device"].startswith("cuda") else "CPU"
-        blocks[kind].append(f"**{kind}** (`{path.relative_to(ROOT)}`): " + markdown(data))
+        if data["cases"]:
+            blocks[kind].append(f"**{kind}** (`{path.relative_to(ROOT)}`): " + markdown(data))
+        if "norm" in data:
+            blocks[kind].append(f"**{kind}** (`{path.relative_to(ROOT)}`): " + norm_markdown(data["norm"]))
     if not blocks["GPU"]:
         blocks["GPU"].append("**GPU**: no results committed yet; `bash scripts/gpu_check.sh` on a "
                              "GPU machine writes them here.\n")
