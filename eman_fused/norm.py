@@ -6,9 +6,8 @@ import torch
 
 from . import _backends, reference
 
-# eman_norm's kernels: C++ on the CPU, Triton on the GPU (and in the interpreter). The CUDA C++
-# kernel is not built yet, so 'auto' on CUDA tensors runs Triton.
-NORM_BACKENDS = ("cpu", "triton", "reference")
+# eman_norm's kernels: C++ on the CPU; CUDA C++, then Triton, on the GPU (as for ema_update_).
+NORM_BACKENDS = ("cpu", "cuda", "triton", "reference")
 
 
 def _memory_format(x: torch.Tensor) -> torch.memory_format:
@@ -32,8 +31,8 @@ def eman_norm(x: torch.Tensor, running_mean: torch.Tensor, running_var: torch.Te
     float64 x), shape [C]. The output keeps x's memory format. Differentiable in x, weight,
     bias and residual, with the statistics as constants (the frozen-statistics gradient,
     dx = dy * scale on the ReLU mask, not the batch-statistics formula). backend: 'auto'
-    (CPU tensors: C++; CUDA tensors: Triton; the CUDA C++ kernel is not built yet), 'cpu',
-    'triton', 'reference'.
+    (CPU tensors: C++; CUDA tensors: CUDA C++, else Triton), 'cpu', 'cuda', 'triton',
+    'reference'.
     """
     name = _backends.resolve(backend, x.device, NORM_BACKENDS, op="eman_norm")
     if name == "reference":
@@ -41,7 +40,7 @@ def eman_norm(x: torch.Tensor, running_mean: torch.Tensor, running_var: torch.Te
     if name == "triton":
         from .triton import norm as _  # noqa: F401  (registers the Triton ops)
         op = torch.ops.eman_fused.eman_norm_triton
-    else:
+    else:  # cpu or cuda: one op, dispatched on the device
         op = torch.ops.eman_fused.eman_norm
     return op(x, running_mean, running_var, weight, bias, float(eps), residual, bool(relu))
 

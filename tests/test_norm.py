@@ -12,7 +12,7 @@ from eman_fused.nn import EMANBatchNorm1d, EMANBatchNorm2d, EMANBatchNorm3d, con
 from conftest import BACKEND_CASES, HAS_GPU
 
 # eman_norm's kernels that run here: C++ on the CPU; Triton (GPU, or the interpreter).
-NORM_CASES = [(b, d) for b, d in BACKEND_CASES if b in ("cpu", "triton")]
+NORM_CASES = [(b, d) for b, d in BACKEND_CASES if b in ("cpu", "cuda", "triton")]
 NORM_BACKENDS = pytest.mark.parametrize("backend,device", NORM_CASES, ids=[b for b, _ in NORM_CASES])
 
 ops = torch.ops.eman_fused
@@ -292,10 +292,20 @@ def test_convert_swaps_syncbatchnorm():
     torch.testing.assert_close(model(torch.ones(2, 4, 3, 3)), torch.ones(2, 4, 3, 3) / (1 + 1e-5) ** 0.5)
 
 
+@NORM_BACKENDS
+def test_strided_statistics(backend, device):
+    x = make_x(4, "channels_last", torch.float32).to(device)
+    m, v, w, b = (torch.stack([t, t], 1).reshape(-1)[::2].to(device) for t in stats(7))  # strided views
+    assert not m.is_contiguous() or m.stride() == (1,)
+    ref = reference.eman_norm(x, m, v, w, b)
+    torch.testing.assert_close(eman_fused.eman_norm(x, m, v, w, b, backend=backend), ref)
+
+
 def test_backend_choice():
     x = make_x(4, "contiguous", torch.float32)
     mean, var, w, b = stats(7)
-    with pytest.raises(NotImplementedError, match="eman_norm has no 'cuda' kernel yet"):
+    # without a GPU: not available; with one: cannot run CPU tensors
+    with pytest.raises((RuntimeError, ValueError), match="backend 'cuda' (is not available|cannot update)"):
         eman_fused.eman_norm(x, mean, var, w, b, backend="cuda")
     torch.testing.assert_close(eman_fused.eman_norm(x, mean, var, w, b, backend="reference"),
                                reference.eman_norm(x, mean, var, w, b))
@@ -304,7 +314,13 @@ def test_backend_choice():
 
 
 @pytest.mark.skipif(not HAS_GPU, reason="no GPU visible")
-def test_cuda_tensors_run_triton_under_auto():
+def test_cuda_tensors_under_auto():
     x = torch.randn(2, 3, 4, 4, device="cuda")
     mean, var, w, b = (t.cuda() for t in stats(3))
     torch.testing.assert_close(eman_fused.eman_norm(x, mean, var, w, b), reference.eman_norm(x, mean, var, w, b))
+
+
+def test_cuda_norm_kernels_registered_when_built_with_cuda():
+    from eman_fused import _build_info
+    for op in ("eman_fused::eman_norm", "eman_fused::eman_norm_backward"):
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(op, "CUDA") == _build_info.CUDA_BUILT

@@ -49,10 +49,14 @@ void channel_affine(const at::Tensor& mean, const at::Tensor& var,
                     double eps, std::vector<Acc>& scale, std::vector<Acc>& shift,
                     std::vector<Acc>& invstd) {
   const int64_t c = mean.numel();
-  const S* m = mean.const_data_ptr<S>();
-  const S* v = var.const_data_ptr<S>();
-  const S* w = weight ? weight->const_data_ptr<S>() : nullptr;
-  const S* b = bias ? bias->const_data_ptr<S>() : nullptr;
+  // [C] vectors may be strided views (e.g. stats[::2]): read them contiguous.
+  const at::Tensor mc = mean.contiguous(), vc = var.contiguous();
+  const at::Tensor wc = weight ? weight->contiguous() : at::Tensor();
+  const at::Tensor bc = bias ? bias->contiguous() : at::Tensor();
+  const S* m = mc.const_data_ptr<S>();
+  const S* v = vc.const_data_ptr<S>();
+  const S* w = wc.defined() ? wc.const_data_ptr<S>() : nullptr;
+  const S* b = bc.defined() ? bc.const_data_ptr<S>() : nullptr;
   scale.resize(c), shift.resize(c), invstd.resize(c);
   for (int64_t i = 0; i < c; ++i) {
     invstd[i] = Acc(1) / std::sqrt(static_cast<Acc>(v[i]) + static_cast<Acc>(eps));
@@ -235,10 +239,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> eman_norm_backward_cp
     std::vector<Acc> scale, shift, invstd, mean_acc(g.channels);
     if (x.scalar_type() == at::kDouble) {
       channel_affine<Acc, double>(mean, var, weight, std::nullopt, eps, scale, shift, invstd);
-      for (int64_t c = 0; c < g.channels; ++c) mean_acc[c] = mean.const_data_ptr<double>()[c];
+      for (int64_t c = 0; c < g.channels; ++c) mean_acc[c] = mean.contiguous().const_data_ptr<double>()[c];
     } else {
       channel_affine<Acc, float>(mean, var, weight, std::nullopt, eps, scale, shift, invstd);
-      for (int64_t c = 0; c < g.channels; ++c) mean_acc[c] = mean.const_data_ptr<float>()[c];
+      for (int64_t c = 0; c < g.channels; ++c) mean_acc[c] = mean.contiguous().const_data_ptr<float>()[c];
     }
     backward_dispatch<scalar_t, Acc>(relu, gx.defined(), gr.defined(), need_sums,
                                      gc.const_data_ptr<scalar_t>(), xc.const_data_ptr<scalar_t>(),

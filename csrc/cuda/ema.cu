@@ -7,6 +7,7 @@
 #include <cstdint>
 
 #include "../dtype_dispatch.h"
+#include "convert.cuh"
 #include "ema.h"
 
 namespace eman_fused {
@@ -19,29 +20,6 @@ template <typename T, int N>
 struct alignas(16) Pack {
   T v[N];
 };
-
-template <typename Acc, typename T>
-__device__ __forceinline__ Acc to_acc(T x) {
-  if constexpr (std::is_same_v<T, __nv_bfloat16>) {
-    return static_cast<Acc>(__bfloat162float(x));
-  } else if constexpr (std::is_same_v<T, __half>) {
-    return static_cast<Acc>(__half2float(x));
-  } else {
-    return static_cast<Acc>(x);
-  }
-}
-
-// Round to nearest even, through float for the 16-bit types, as torch's own casts do.
-template <typename T, typename Acc>
-__device__ __forceinline__ T from_acc(Acc x) {
-  if constexpr (std::is_same_v<T, __nv_bfloat16>) {
-    return __float2bfloat16_rn(static_cast<float>(x));
-  } else if constexpr (std::is_same_v<T, __half>) {
-    return __float2half_rn(static_cast<float>(x));
-  } else {
-    return static_cast<T>(x);
-  }
-}
 
 // mode 0: t = m*t + w*s; mode 1: t = s (momentum 0, exact conversion).
 template <typename TT, typename ST, typename Acc>

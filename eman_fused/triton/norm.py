@@ -128,6 +128,9 @@ def eman_norm_triton(x: torch.Tensor, running_mean: torch.Tensor, running_var: t
                      weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float,
                      residual: torch.Tensor | None, relu: bool) -> torch.Tensor:
     torch.ops.eman_fused._eman_norm_check(x, running_mean, running_var, weight, bias, eps, residual)
+    running_mean, running_var = running_mean.contiguous(), running_var.contiguous()
+    weight = weight.contiguous() if weight is not None else None
+    bias = bias.contiguous() if bias is not None else None
     outer, C, inner, fmt = _geometry(x)
     xc = x.contiguous(memory_format=fmt)
     rc = residual.contiguous(memory_format=fmt) if residual is not None else None
@@ -148,6 +151,8 @@ def eman_norm_backward_triton(grad: torch.Tensor, x: torch.Tensor, out: torch.Te
                               weight: torch.Tensor | None, eps: float, relu: bool,
                               output_mask: list[bool]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     torch.ops.eman_fused._eman_norm_check(x, running_mean, running_var, weight, None, eps, None)
+    running_mean, running_var = running_mean.contiguous(), running_var.contiguous()
+    weight = weight.contiguous() if weight is not None else None
     outer, C, inner, fmt = _geometry(x)
     xc, gc = x.contiguous(memory_format=fmt), grad.contiguous(memory_format=fmt)
     oc = out.contiguous(memory_format=fmt) if relu else xc
