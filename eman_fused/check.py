@@ -2,10 +2,13 @@
 eman_fused.reference, on a model's real tensor shapes; a pass/fail table, exit status 1 on
 any failure.
 
-For the EMA update, per backend, model and dtype pair: momentum 0.999 (within the tests'
-tolerances, eman_fused.reference.TOLERANCES, per teacher dtype), momentum 1 (teachers
+For the EMA update ('ema'), per backend, model and dtype pair: momentum 0.999 (within the
+tests' tolerances, eman_fused.reference.TOLERANCES, per teacher dtype), momentum 1 (teachers
 bit-identical) and momentum 0 (teachers equal to the students, exactly); integer counters
 must equal the student's exactly in every case.
+For eman_norm ('norm'), per backend, ResNet-50 activation site (batch 2), layout and dtype:
+the output and the gradients of x, weight, bias and residual against the eager reference's
+autograd (output tolerance per dtype; gradient sums relative 1e-3).
 
 Test hook: EMAN_FUSED_CHECK_FAULT=<backend> perturbs that backend's result after it runs,
 so the tests can prove that the checker fails when a kernel is wrong.
@@ -60,7 +63,8 @@ def check_ema(backend, name, table, t_dtype, s_dtype, device) -> dict:
     def run(m):
         eman_fused.ema_update_(teacher, student, m, backend=backend)
         if fault:  # test hook: a deliberately wrong kernel result
-            next(t for t in teacher if t.is_floating_point()).view(-1)[0] += 1.0
+            t0 = next(t for t in teacher if t.is_floating_point() and t.numel())
+            t0[(0,) * t0.dim()] += 1.0
 
     expected = [t.clone() for t in teacher]
     run(0.999)
@@ -80,13 +84,50 @@ def check_ema(backend, name, table, t_dtype, s_dtype, device) -> dict:
             "passed": ok and identical_at_1 and copied_at_0 and counters}
 
 
+NORM_TOL = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.bfloat16: dict(rtol=2**-7, atol=2**-7),
+            torch.float16: dict(rtol=2**-10, atol=2**-9)}
+
+
+def check_norm(backend, site, layout, dtype, device) -> dict:
+    """One (backend, ResNet-50 site, layout, dtype): forward and all gradients vs the reference."""
+    name, c, hw, has_res = site
+    fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(2, c, hw, hw, generator=gen).to(device, DTYPES[dtype]).to(memory_format=fmt)
+    r = torch.randn(x.shape, generator=gen).to(device, x.dtype).to(memory_format=fmt) if has_res else None
+    m, v = torch.randn(c, generator=gen).to(device), (torch.rand(c, generator=gen) + 0.5).to(device)
+    w, b = torch.randn(c, generator=gen).to(device), torch.randn(c, generator=gen).to(device)
+    dy = torch.randn(x.shape, generator=gen).to(device, x.dtype)
+
+    def run(fn):
+        leaves = [t.detach().requires_grad_() for t in (x, w, b)] + ([r.detach().requires_grad_()] if has_res else [])
+        y = fn(leaves[0], m, v, leaves[1], leaves[2], 1e-5, leaves[3] if has_res else None, True)
+        return [y] + list(torch.autograd.grad(y, leaves, dy))
+
+    ours = run(lambda *a: eman_fused.eman_norm(*a, backend=backend))
+    if os.environ.get("EMAN_FUSED_CHECK_FAULT") == backend:  # test hook
+        ours[0][(0,) * ours[0].dim()] += 1.0
+    ref = run(reference.eman_norm)
+    max_abs = max((a.double() - e.double()).abs().max().item() for a, e in zip(ours, ref))
+    max_rel = max(((a.double() - e.double()).abs() / e.double().abs().clamp_min(1e-30)).max().item()
+                  for a, e in zip(ours, ref))
+    ok = torch.allclose(ours[0], ref[0], **NORM_TOL[x.dtype]) and torch.allclose(ours[1], ref[1], **NORM_TOL[x.dtype])
+    ok &= all(torch.allclose(a, e, rtol=1e-3, atol=1e-3 * e.abs().max().item()) for a, e in zip(ours[2:4], ref[2:4]))
+    if has_res:
+        ok &= torch.allclose(ours[4], ref[4], **NORM_TOL[x.dtype])
+    return {"op": "norm", "backend": backend, "model": f"{name.split()[0]}/{layout[:5]}", "dtypes": dtype,
+            "max_abs_err": max_abs, "max_rel_err": max_rel, "within_tolerance": ok, "identical_at_m1": None,
+            "copied_at_m0": None, "counters_exact": None, "passed": ok}
+
+
 def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--model", "--models", dest="models", default="resnet50",
                     help="comma-separated: resnet50, vit_b16, many_small, a .json shape file, "
                          "or package.module:callable returning an nn.Module")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtypes", "--dtype", dest="dtypes", default=DEFAULT_PAIRS,
-                    help="teacher:student pairs")
+                    help="ema: teacher:student pairs")
+    ap.add_argument("--ops", default="ema,norm", help="comma-separated, of: ema, norm")
 
 
 def run(args) -> int:
@@ -97,17 +138,29 @@ def run(args) -> int:
         for b in eman_fused.backends().values():
             print(" ", b, file=sys.stderr)
         return 1
+    ops = args.ops.split(",")
+    if unknown := [op for op in ops if op not in ("ema", "norm")]:
+        print(f"check: unknown op(s) {', '.join(unknown)}; available: ema, norm", file=sys.stderr)
+        return 2
     rows = []
-    for name, table in (shapes.load_table(spec) for spec in args.models.split(",")):
-        for pair in args.dtypes.split(","):
-            t_dtype, s_dtype = pair.split(":")
-            for backend in names:
-                rows.append(check_ema(backend, name, table, t_dtype, s_dtype, device))
-    print(f"{'op':<4} {'backend':<8} {'model':<12} {'teacher:student':<16} {'max abs err':>12} "
+    if "ema" in ops:
+        for name, table in (shapes.load_table(spec) for spec in args.models.split(",")):
+            for pair in args.dtypes.split(","):
+                t_dtype, s_dtype = pair.split(":")
+                for backend in names:
+                    rows.append(check_ema(backend, name, table, t_dtype, s_dtype, device))
+    if "norm" in ops:
+        from eman_fused.bench_norm import RESNET50_SITES
+        for site in RESNET50_SITES:
+            for layout in ("contiguous", "channels_last"):
+                for dtype in ("fp32", "bf16"):
+                    for backend in names:
+                        rows.append(check_norm(backend, site, layout, dtype, device))
+    print(f"{'op':<4} {'backend':<8} {'model':<14} {'dtypes':<16} {'max abs err':>12} "
           f"{'max rel err':>12}  {'m=1 same':<9} {'m=0 copy':<9} {'counters':<9} result")
     for r in rows:
-        flag = lambda ok: "yes" if ok else "NO"  # noqa: E731
-        print(f"{r['op']:<4} {r['backend']:<8} {r['model']:<12} {r['dtypes']:<16} {r['max_abs_err']:>12.3e} "
+        flag = lambda ok: "-" if r["op"] != "ema" else ("yes" if ok else "NO")  # noqa: E731  (EMA-only columns)
+        print(f"{r['op']:<4} {r['backend']:<8} {r['model']:<14} {r['dtypes']:<16} {r['max_abs_err']:>12.3e} "
               f"{r['max_rel_err']:>12.3e}  {flag(r['identical_at_m1']):<9} {flag(r['copied_at_m0']):<9} "
               f"{flag(r['counters_exact']):<9} {'pass' if r['passed'] else 'FAIL'}")
     failed = [r for r in rows if not r["passed"]]

@@ -19,9 +19,9 @@ status=0  # a failing test must not cost the lease its numbers: go on, fail at t
 "$PYTHON" -m pytest tests -q -rs 2>&1 | tee "$RESULTS/gpu_tests.log" || status=1
 name=$("$PYTHON" -c "import torch; print(torch.cuda.get_device_name().replace(' ', '_'))")
 stamp="ema_${name}_$(date +%Y-%m-%d)"
-"$PYTHON" -m eman_fused check --device cuda --model resnet50,vit_b16,many_small 2>&1 \
+"$PYTHON" -m eman_fused check --device cuda --ops ema,norm --model resnet50,vit_b16,many_small 2>&1 \
   | tee "$RESULTS/check_${name}_$(date +%Y-%m-%d).log" || status=1
-"$PYTHON" -m eman_fused bench --device cuda --model resnet50,vit_b16,many_small --dtypes fp32:fp32,fp32:bf16,bf16:bf16 --compile \
+"$PYTHON" -m eman_fused bench --device cuda --ops ema,norm --model resnet50,vit_b16,many_small --dtypes fp32:fp32,fp32:bf16,bf16:bf16 --compile \
   --json "$RESULTS/$stamp.json" --markdown "$RESULTS/$stamp.md" --plot "$RESULTS/$stamp.png"
 "$PYTHON" benchmarks/tune_triton_ema.py --json "$RESULTS/tune_triton_ema_${name}_$(date +%Y-%m-%d).json"
 "$PYTHON" benchmarks/results/render.py

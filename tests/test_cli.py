@@ -39,7 +39,7 @@ def test_info_reports_versions_and_backends():
 
 
 def test_check_passes_and_covers_every_dtype_pair(tiny_json):
-    out = cli("check", "--model", str(tiny_json), "--device", "cpu")
+    out = cli("check", "--model", str(tiny_json), "--device", "cpu", "--ops", "ema")
     assert out.returncode == 0, out.stdout + out.stderr
     backends = backends_for(torch.device("cpu"))  # cpu, and triton when interpreting
     assert f"{5 * len(backends)} passed, 0 failed" in out.stdout
@@ -47,11 +47,20 @@ def test_check_passes_and_covers_every_dtype_pair(tiny_json):
 
 def test_check_fails_when_a_backend_is_wrong(tiny_json):
     out = cli("check", "--model", str(tiny_json), "--device", "cpu", "--dtypes", "fp32:fp32",
-              env={"EMAN_FUSED_CHECK_FAULT": "cpu"})
+              "--ops", "ema", env={"EMAN_FUSED_CHECK_FAULT": "cpu"})
     assert out.returncode == 1
     rows = [line.split() for line in out.stdout.splitlines() if line.startswith("ema ")]
     assert {r[1]: r[-1] for r in rows} == {b: "FAIL" if b == "cpu" else "pass"
                                            for b in backends_for(torch.device("cpu"))}
+
+
+def test_check_covers_eman_norm_and_fails_when_wrong():
+    ok = cli("check", "--device", "cpu", "--ops", "norm", env={"TRITON_INTERPRET": "0"})
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    assert "20 passed, 0 failed" in ok.stdout  # 5 sites x 2 layouts x 2 dtypes, CPU backend
+    bad = cli("check", "--device", "cpu", "--ops", "norm", env={"TRITON_INTERPRET": "0",
+                                                               "EMAN_FUSED_CHECK_FAULT": "cpu"})
+    assert bad.returncode == 1 and "0 passed, 20 failed" in bad.stdout
 
 
 def test_bench_writes_json_markdown_and_png(tiny_json, tmp_path):
