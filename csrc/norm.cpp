@@ -67,4 +67,21 @@ NormGeometry check_eman_norm(const at::Tensor& x, const at::Tensor& mean, const 
   return g;
 }
 
+NormGeometry check_eman_norm_backward(const at::Tensor& grad, const at::Tensor& x,
+                                      const std::optional<at::Tensor>& out, const at::Tensor& mean,
+                                      const at::Tensor& var,
+                                      const std::optional<at::Tensor>& weight, double eps,
+                                      bool relu) {
+  const NormGeometry g = check_eman_norm(x, mean, var, weight, std::nullopt, eps, std::nullopt);
+  TORCH_CHECK_VALUE(grad.sizes() == x.sizes() && grad.scalar_type() == x.scalar_type() &&
+                        grad.device() == x.device(),
+                    "eman_norm_backward: grad must match x (", x.scalar_type(), x.sizes(), " on ",
+                    x.device(), "), got ", grad.scalar_type(), grad.sizes(), " on ", grad.device());
+  TORCH_CHECK_VALUE(!relu || (out && out->sizes() == x.sizes() && out->device() == x.device() &&
+                              out->scalar_type() == x.scalar_type()),
+                    "eman_norm_backward: relu=True needs the forward output `out` (x's shape, ",
+                    "dtype and device)");
+  return g;
+}
+
 }  // namespace eman_fused

@@ -21,6 +21,14 @@ NormGeometry check_eman_norm(const at::Tensor& x, const at::Tensor& mean, const 
                              const std::optional<at::Tensor>& bias, double eps,
                              const std::optional<at::Tensor>& residual);
 
+// The backward's arguments: those of the forward, grad matching x, and the forward output
+// (for the ReLU mask) when relu is set.
+NormGeometry check_eman_norm_backward(const at::Tensor& grad, const at::Tensor& x,
+                                      const std::optional<at::Tensor>& out, const at::Tensor& mean,
+                                      const at::Tensor& var,
+                                      const std::optional<at::Tensor>& weight, double eps,
+                                      bool relu);
+
 // x (and a tensor that must match it, e.g. residual or grad) in the memory format the
 // kernels walk: x's own when it is contiguous or channels_last(_3d), else contiguous.
 at::MemoryFormat norm_memory_format(const at::Tensor& x);

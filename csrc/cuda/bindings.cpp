@@ -103,13 +103,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> eman_norm_backward_cu
     const at::Tensor& grad, const at::Tensor& x, const std::optional<at::Tensor>& out,
     const at::Tensor& mean, const at::Tensor& var, const std::optional<at::Tensor>& weight,
     double eps, bool relu, std::array<bool, 4> output_mask) {
-  const NormGeometry g = check_eman_norm(x, mean, var, weight, std::nullopt, eps, std::nullopt);
-  TORCH_CHECK_VALUE(grad.sizes() == x.sizes() && grad.scalar_type() == x.scalar_type() &&
-                        grad.device() == x.device(),
-                    "eman_norm_backward: grad must match x (", x.scalar_type(), x.sizes(), " on ",
-                    x.device(), "), got ", grad.scalar_type(), grad.sizes(), " on ", grad.device());
-  TORCH_CHECK_VALUE(!relu || (out && out->sizes() == x.sizes() && out->device() == x.device()),
-                    "eman_norm_backward: relu=True needs the forward output `out` of x's shape");
+  const NormGeometry g = check_eman_norm_backward(grad, x, out, mean, var, weight, eps, relu);
   const c10::cuda::CUDAGuard guard(x.device());
   const at::Tensor xc = x.contiguous(g.format), gc = grad.contiguous(g.format);
   const at::Tensor oc = relu ? out->contiguous(g.format) : at::Tensor();

@@ -38,24 +38,31 @@ def _channel_params(mean, var, w, b, c, cmask, eps, HAS_W: tl.constexpr, HAS_B: 
 
 
 @triton.jit
-def _norm_fwd(x, r, y, mean, var, w, b, eps, outer, C, inner, HAS_W: tl.constexpr,
-              HAS_B: tl.constexpr, HAS_R: tl.constexpr, RELU: tl.constexpr, ROWS: tl.constexpr,
-              COLS: tl.constexpr, INNER_ONE: tl.constexpr, ACC: tl.constexpr):
+def _walk(outer, C, inner, ROWS: tl.constexpr, COLS: tl.constexpr, INNER_ONE: tl.constexpr):
+    """This program's elements (idx, mask) and their channels (c, cmask), shaped to broadcast:
+    a rows x channels tile (inner == 1) or one row segment of a single channel (inner > 1)."""
     if INNER_ONE:
-        o = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
-        c = tl.program_id(1) * COLS + tl.arange(0, COLS)
+        o = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)[:, None]
+        c = tl.program_id(1) * COLS + tl.arange(0, COLS)[None, :]
+        idx = o * C + c
         cmask = c < C
-        scale, shift = _channel_params(mean, var, w, b, c, cmask, eps, HAS_W, HAS_B, ACC)
-        idx = o[:, None] * C + c[None, :]
-        mask = (o[:, None] < outer) & cmask[None, :]
-        scale, shift = scale[None, :], shift[None, :]
+        mask = (o < outer) & cmask
     else:
         row = tl.program_id(0).to(tl.int64)
         k = tl.program_id(1).to(tl.int64) * COLS + tl.arange(0, COLS)
         c = row % C
-        scale, shift = _channel_params(mean, var, w, b, c, True, eps, HAS_W, HAS_B, ACC)
         idx = row * inner + k
+        cmask = c < C
         mask = k < inner
+    return idx, mask, c, cmask
+
+
+@triton.jit
+def _norm_fwd(x, r, y, mean, var, w, b, eps, outer, C, inner, HAS_W: tl.constexpr,
+              HAS_B: tl.constexpr, HAS_R: tl.constexpr, RELU: tl.constexpr, ROWS: tl.constexpr,
+              COLS: tl.constexpr, INNER_ONE: tl.constexpr, ACC: tl.constexpr):
+    idx, mask, c, cmask = _walk(outer, C, inner, ROWS, COLS, INNER_ONE)
+    scale, shift = _channel_params(mean, var, w, b, c, cmask, eps, HAS_W, HAS_B, ACC)
     v = tl.load(x + idx, mask=mask).to(ACC) * scale + shift
     if HAS_R:
         v += tl.load(r + idx, mask=mask).to(ACC)
@@ -69,23 +76,8 @@ def _norm_bwd(g, x, out, gx, gr, sums, mean, var, w, eps, outer, C, inner, HAS_W
               RELU: tl.constexpr, NEED_GX: tl.constexpr, NEED_GR: tl.constexpr,
               NEED_SUMS: tl.constexpr, ROWS: tl.constexpr, COLS: tl.constexpr,
               INNER_ONE: tl.constexpr, ACC: tl.constexpr):
-    if INNER_ONE:
-        o = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
-        c = tl.program_id(1) * COLS + tl.arange(0, COLS)
-        cmask = c < C
-        scale, _ = _channel_params(mean, var, w, w, c, cmask, eps, HAS_W, False, ACC)
-        mu = tl.load(mean + c, mask=cmask, other=0.0).to(ACC)
-        idx = o[:, None] * C + c[None, :]
-        mask = (o[:, None] < outer) & cmask[None, :]
-        scale, mu_b = scale[None, :], mu[None, :]
-    else:
-        row = tl.program_id(0).to(tl.int64)
-        k = tl.program_id(1).to(tl.int64) * COLS + tl.arange(0, COLS)
-        c = row % C
-        scale, _ = _channel_params(mean, var, w, w, c, True, eps, HAS_W, False, ACC)
-        mu_b = tl.load(mean + c).to(ACC)
-        idx = row * inner + k
-        mask = k < inner
+    idx, mask, c, cmask = _walk(outer, C, inner, ROWS, COLS, INNER_ONE)
+    scale, _ = _channel_params(mean, var, w, w, c, cmask, eps, HAS_W, False, ACC)
     gm = tl.load(g + idx, mask=mask, other=0.0).to(ACC)
     if RELU:
         gm = tl.where(tl.load(out + idx, mask=mask, other=0.0).to(ACC) > 0, gm, 0.0)
@@ -94,13 +86,11 @@ def _norm_bwd(g, x, out, gx, gr, sums, mean, var, w, eps, outer, C, inner, HAS_W
     if NEED_GR:
         tl.store(gr + idx, round_to(gm, gr.dtype.element_ty), mask=mask)
     if NEED_SUMS:
-        xc = tl.where(mask, tl.load(x + idx, mask=mask, other=0.0).to(ACC) - mu_b, 0.0)
-        if INNER_ONE:
-            tl.atomic_add(sums + c, tl.sum(gm, axis=0), mask=cmask)
-            tl.atomic_add(sums + C + c, tl.sum(gm * xc, axis=0), mask=cmask)
-        else:
-            tl.atomic_add(sums + c, tl.sum(gm, axis=0))
-            tl.atomic_add(sums + C + c, tl.sum(gm * xc, axis=0))
+        mu = tl.load(mean + c, mask=cmask, other=0.0).to(ACC)
+        xc = tl.where(mask, tl.load(x + idx, mask=mask, other=0.0).to(ACC) - mu, 0.0)
+        # one partial sum per channel of the tile (per row segment: one scalar)
+        tl.atomic_add(sums + c, tl.sum(gm, axis=0, keep_dims=INNER_ONE), mask=cmask)
+        tl.atomic_add(sums + C + c, tl.sum(gm * xc, axis=0, keep_dims=INNER_ONE), mask=cmask)
 
 
 def _geometry(x: torch.Tensor):
