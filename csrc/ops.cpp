@@ -4,6 +4,7 @@
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
 
+#include "cpu/isa.h"
 #include "norm.h"
 #include "plan.h"
 
@@ -69,6 +70,8 @@ void eman_norm_check(const at::Tensor& x, const at::Tensor& mean, const at::Tens
   check_eman_norm(x, mean, var, weight, bias, eps, residual);
 }
 
+std::string cpu_isa_name() { return cpu_isa() == CpuIsa::kAvx2 ? "avx2" : "baseline x86-64"; }
+
 int64_t ema_plan_builds_op() { return ema_plan_builds(); }
 
 void clear_ema_plan_cache_op() { clear_ema_plan_cache(); }
@@ -108,6 +111,8 @@ TORCH_LIBRARY(eman_fused, m) {
   m.impl("_ema_check_call", c10::DispatchKey::CompositeExplicitAutograd, &ema_check_call);
   m.impl("_ema_check_call.tensor", c10::DispatchKey::CompositeExplicitAutograd,
          &ema_check_call_tensor);
+  // The instruction set the CPU kernels chose (runtime dispatch; EMAN_FUSED_CPU_ISA overrides).
+  m.def("_cpu_isa() -> str", &cpu_isa_name);
   // Test hooks for the plan cache.
   m.def("_ema_plan_builds() -> int", &ema_plan_builds_op);
   m.def("_clear_ema_plan_cache() -> ()", &clear_ema_plan_cache_op);

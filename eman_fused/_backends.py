@@ -64,7 +64,7 @@ def _cuda_backend() -> Backend:
 def backends() -> dict[str, Backend]:
     """Report every backend: available or not, and why not."""
     cpu = Backend("cpu", _C_ERROR is None, _C_ERROR or
-                  f"C++ kernels, {torch.get_num_threads()} threads")
+                  f"C++ kernels ({torch.ops.eman_fused._cpu_isa()}), {torch.get_num_threads()} threads")
     ref = Backend("reference", True, "eager per-tensor PyTorch (eman_fused.reference)")
     return {b.name: b for b in (cpu, _cuda_backend(), _triton_backend(), ref)}
 

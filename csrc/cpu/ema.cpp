@@ -10,47 +10,36 @@
 
 #include "../dtype_dispatch.h"
 #include "../plan.h"
+#include "isa.h"
 
 namespace eman_fused {
 namespace {
 
-template <typename TT, typename ST>
-void lerp_span(TT* __restrict__ t, const ST* __restrict__ s, int64_t n, acc_t<TT, ST> m,
-               acc_t<TT, ST> w) {
-  using Acc = acc_t<TT, ST>;
-  for (int64_t i = 0; i < n; ++i) {
-    t[i] = static_cast<TT>(m * static_cast<Acc>(t[i]) + w * static_cast<Acc>(s[i]));
-  }
-}
+// The same loops for two instruction sets, chosen at run time. AVX2 only, not FMA: the same
+// IEEE operations in the same order, so every machine (and the Triton kernel) gets the same bits.
+namespace baseline {
+#include "ema_loops.inc"
+}  // namespace baseline
+#if defined(__x86_64__) && defined(__GNUC__)
+#pragma GCC push_options
+#pragma GCC target("avx2")
+namespace avx2 {
+#include "ema_loops.inc"
+}  // namespace avx2
+#pragma GCC pop_options
+#endif
 
-template <typename TT, typename ST>
-void convert_span(TT* __restrict__ t, const ST* __restrict__ s, int64_t n) {
-  using Acc = acc_t<TT, ST>;
-  for (int64_t i = 0; i < n; ++i) t[i] = static_cast<TT>(static_cast<Acc>(s[i]));
-}
+using ChunkFn = void (*)(const EmaTensorEntry&, int64_t, double);
 
-void run_chunk(const EmaTensorEntry& e, int64_t start, double m) {
-  const int64_t n = std::min(kChunkElems, e.numel - start);
-  if (e.kind == kKindCopyBytes) {
-    std::memcpy(reinterpret_cast<char*>(e.teacher) + start,
-                reinterpret_cast<const char*>(e.student) + start, n);
-    return;
-  }
-  if (m == 1.0) return;  // bit-identical teacher, no memory traffic
-  visit_float_tag<c10::Half, c10::BFloat16>(e.kind / kNumFloatTags, [&](auto tt) {
-    visit_float_tag<c10::Half, c10::BFloat16>(e.kind % kNumFloatTags, [&](auto st) {
-      using TT = typename decltype(tt)::type;
-      using ST = typename decltype(st)::type;
-      using Acc = acc_t<TT, ST>;
-      TT* t = reinterpret_cast<TT*>(e.teacher) + start;
-      const ST* s = reinterpret_cast<const ST*>(e.student) + start;
-      if (m == 0.0) {
-        convert_span(t, s, n);
-      } else {
-        lerp_span(t, s, n, static_cast<Acc>(m), static_cast<Acc>(1.0 - m));
-      }
-    });
-  });
+ChunkFn chunk_kernel() {
+  static const ChunkFn fn = cpu_isa() == CpuIsa::kAvx2 ?
+#if defined(__x86_64__) && defined(__GNUC__)
+                                                       &avx2::run_chunk
+#else
+                                                       &baseline::run_chunk
+#endif
+                                                       : &baseline::run_chunk;
+  return fn;
 }
 
 // First chunk of the part-th of `parts` equal shares of the plan's work.
@@ -65,11 +54,12 @@ void run_plan(const EmaPlan& plan, double m) {
   const EmaTensorEntry* entries = plan.entries();
   const EmaChunk* chunks = plan.chunks();
   const int64_t parts = std::min<int64_t>(at::get_num_threads(), plan.num_chunks);
+  const ChunkFn run = chunk_kernel();
   at::parallel_for(0, parts, 1, [&](int64_t begin, int64_t end) {
     for (int64_t part = begin; part < end; ++part) {
       const int64_t last = part + 1 == parts ? plan.num_chunks : share_start(plan, part + 1, parts);
       for (int64_t c = share_start(plan, part, parts); c < last; ++c) {
-        run_chunk(entries[chunks[c].tensor], chunks[c].start, m);
+        run(entries[chunks[c].tensor], chunks[c].start, m);
       }
     }
   });

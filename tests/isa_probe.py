@@ -1,0 +1,26 @@
+"""Runs both CPU kernels on fixed inputs and saves every result (used by test_isa.py, run
+once per instruction set in a subprocess)."""
+import sys
+
+import torch
+
+import eman_fused
+
+results = {"isa": torch.ops.eman_fused._cpu_isa()}
+gen = torch.Generator().manual_seed(0)
+dtypes = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
+teacher = [torch.randn(40_003, generator=gen).to(t) for t in dtypes for _ in dtypes]
+student = [torch.randn(40_003, generator=gen).to(s) for _ in dtypes for s in dtypes]
+eman_fused.ema_update_(teacher, student, 0.999, backend="cpu")
+results["ema"] = teacher
+for layout in (torch.contiguous_format, torch.channels_last):
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        x = torch.randn(2, 37, 9, 11, generator=gen).to(dtype).to(memory_format=layout).requires_grad_()
+        r = torch.randn(2, 37, 9, 11, generator=gen).to(dtype).to(memory_format=layout).requires_grad_()
+        m, v = torch.randn(37, generator=gen), torch.rand(37, generator=gen) + 0.5
+        w = torch.randn(37, generator=gen).requires_grad_()
+        b = torch.randn(37, generator=gen).requires_grad_()
+        y = eman_fused.eman_norm(x, m, v, w, b, 1e-5, r, True, backend="cpu")
+        grads = torch.autograd.grad(y, (x, w, b, r), torch.randn(y.shape, generator=gen).to(dtype))
+        results[f"norm {layout} {dtype}"] = [y.detach(), *grads]
+torch.save(results, sys.argv[1])
