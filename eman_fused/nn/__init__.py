@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..norm import eman_norm
+from ..norm import NORM_BACKENDS, eman_norm
 
 __all__ = ["EMANBatchNorm", "EMANBatchNorm1d", "EMANBatchNorm2d", "EMANBatchNorm3d",
            "convert_to_eman"]
@@ -20,7 +20,7 @@ class EMANBatchNorm(nn.modules.batchnorm._NormBase):
     num_batches_tracked), so state_dicts move both ways. `relu=True` fuses a following ReLU;
     `forward(x, residual)` fuses a residual add before it. Statistics that are not float32
     (a model cast to bf16) are read as float32. `backend` is eman_norm's: 'auto' (CPU: C++,
-    CUDA: Triton), 'cpu', 'triton' or 'reference' (eager).
+    CUDA: CUDA C++, else Triton), 'cpu', 'cuda', 'triton' or 'reference' (eager).
     """
 
     _dims: tuple[int, ...] = (2, 3, 4, 5)
@@ -30,8 +30,8 @@ class EMANBatchNorm(nn.modules.batchnorm._NormBase):
                  *, relu: bool = False, backend: str = "auto"):
         if not track_running_stats:
             raise ValueError("EMAN normalizes with running statistics: track_running_stats must be True")
-        if backend not in ("auto", "cpu", "triton", "reference"):
-            raise ValueError(f"backend must be 'auto', 'cpu', 'triton' or 'reference', got {backend!r}")
+        if backend not in ("auto", *NORM_BACKENDS):
+            raise ValueError(f"backend must be 'auto' or one of {NORM_BACKENDS}, got {backend!r}")
         super().__init__(num_features, eps, momentum, affine, True, device, dtype)
         self.relu = relu
         self.backend = backend
