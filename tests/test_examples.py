@@ -1,0 +1,43 @@
+"""The examples' --check modes (fused teacher == eager reference teacher at every step), and
+proof that the check can fail."""
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "examples"))
+
+
+@pytest.mark.parametrize("script", ["fixmatch_eman.py", "byol_eman.py", "moco_eman.py"])
+def test_example_check_mode(script):
+    run = subprocess.run([sys.executable, str(ROOT / "examples" / script), "--check"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert "== reference" in run.stdout
+
+
+def test_reference_check_fails_on_a_wrong_teacher():
+    import eman_fused
+    from digits import ReferenceCheck
+    student = nn.Sequential(nn.Linear(3, 3), nn.BatchNorm1d(3))
+    teacher = eman_fused.EMATeacher(student, momentum=0.9)
+    checker = ReferenceCheck(teacher, student, momentum=0.9)
+    teacher.update(), checker.update()
+    checker.compare()
+    with torch.no_grad():
+        teacher.module[1].running_var.add_(1e-3)
+    with pytest.raises(AssertionError, match="1.running_var"):
+        checker.compare()
+
+
+def test_digits_augmentations_keep_shape_and_differ():
+    from digits import load_digits, strong_augment, weak_augment
+    x = load_digits(0)[0][:16]
+    g = torch.Generator().manual_seed(0)
+    for aug in (weak_augment, strong_augment):
+        y = aug(x, g)
+        assert y.shape == x.shape and not torch.equal(y, x)
