@@ -74,6 +74,15 @@ def named_tensors(model: nn.Module) -> dict[str, tuple[torch.Tensor, bool]]:
     return out
 
 
+def _is_dtensor(t: torch.Tensor) -> bool:
+    return type(t).__name__ == "DTensor" and hasattr(t, "to_local")
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    # A DTensor's local shard (same storage: writing it updates the sharded tensor).
+    return t.to_local() if _is_dtensor(t) else t
+
+
 def _matcher(selector: Selector | None) -> Callable[[str], bool] | None:
     if selector is None:
         return None
@@ -117,8 +126,15 @@ class EMATeacher(nn.Module):
     capturable: keep the step count and the momentum on the teacher's device, so an update can
         be captured in a CUDA graph or traced by torch.compile(fullgraph=True) without
         recompiling as the schedule moves.
+    sync_buffers: 'mean': before each update, average the student's floating buffers (BatchNorm
+        running statistics) over `process_group` in one all_reduce, in place, so that every
+        rank's teacher gets the same statistics (DDP gives each rank its own after a forward).
+        None (default): no collective.
     backend: the EMA kernels' backend ('auto', 'cpu', 'cuda', 'triton', 'reference'); the EMAN
         norm layers get the same name where it applies.
+
+    Sharded students and teachers (FSDP2 `fully_shard`, DTensor parameters) are updated on their
+    local shards, without gathering; shard both models the same way and pass `teacher=`.
 
     state_dict() / load_state_dict() have the keys of the plain model (no 'module.' prefix),
     also when the teacher sits inside a larger module.
@@ -129,7 +145,8 @@ class EMATeacher(nn.Module):
                  exclude: Selector | None = None, others: str = "copy", buffers: str = "ema",
                  teacher: nn.Module | None = None, teacher_dtype: torch.dtype | None = None,
                  device: torch.device | str | None = None, train_mode: bool | None = None,
-                 fuse_relu: bool = False, capturable: bool = False, backend: str = "auto"):
+                 fuse_relu: bool = False, capturable: bool = False, sync_buffers: str | None = None,
+                 process_group=None, backend: str = "auto"):
         super().__init__()
         if schedule is not None and not isinstance(momentum, Schedule) and momentum != 0.999:
             raise ValueError("give a momentum or a schedule, not both")
@@ -143,6 +160,8 @@ class EMATeacher(nn.Module):
         if eman and buffers == "own":
             raise ValueError("eman=True normalizes with the running statistics the update EMAs; "
                              "buffers='own' would freeze them (use buffers='ema' or 'copy')")
+        if sync_buffers not in (None, "mean"):
+            raise ValueError(f"sync_buffers must be None or 'mean', got {sync_buffers!r}")
         if teacher_dtype is not None and not teacher_dtype.is_floating_point:
             raise ValueError(f"teacher_dtype must be a floating dtype, got {teacher_dtype}")
         student = unwrap(student)
@@ -164,6 +183,7 @@ class EMATeacher(nn.Module):
         self.schedule, self.eman, self.buffers, self.others = schedule, eman, buffers, others
         self._include, self._exclude = _matcher(include), _matcher(exclude)
         self.backend, self.capturable = backend, capturable
+        self.sync_buffers, self.process_group = sync_buffers, process_group
         self._num_updates = 0
         ref = next(iter(named_tensors(module).values()), (torch.empty(0),))[0]
         self.register_buffer("_step", torch.zeros((), dtype=torch.int64, device=ref.device), persistent=False)
@@ -189,9 +209,13 @@ class EMATeacher(nn.Module):
             problems.append(f"in the teacher only: {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
         if extra:
             problems.append(f"in the student only: {', '.join(extra[:5])}{' ...' if len(extra) > 5 else ''}")
-        for name in t_named.keys() & s_named.keys():
+        for name in sorted(t_named.keys() & s_named.keys()):
             t, s = t_named[name][0], s_named[name][0]
-            if t.shape != s.shape:
+            if _is_dtensor(t) != _is_dtensor(s):
+                problems.append(f"{name}: one side is sharded (DTensor), the other is not")
+            elif _is_dtensor(t) and (t.placements != s.placements or t.device_mesh != s.device_mesh):
+                problems.append(f"{name}: sharded differently (teacher {t.placements}, student {s.placements})")
+            elif t.shape != s.shape:
                 problems.append(f"{name}: teacher shape {tuple(t.shape)} vs student {tuple(s.shape)}")
             elif t.is_floating_point() != s.is_floating_point():
                 problems.append(f"{name}: teacher {t.dtype} vs student {s.dtype} (floating vs integer)")
@@ -210,8 +234,15 @@ class EMATeacher(nn.Module):
                 copy_t.append(t), copy_s.append(s)
             else:
                 ema_t.append(t), ema_s.append(s)
-        self._ema_lists = (ema_t, ema_s)
-        self._copy_lists = (copy_t, copy_s)
+        # Sharded (FSDP2) tensors are updated through their local shards: no all-gather. The
+        # shards are re-read at each update, so a re-allocated shard is never missed.
+        self._sharded_objs = (ema_t, ema_s, copy_t, copy_s) if any(map(_is_dtensor, ema_t + copy_t)) else None
+        self._ema_lists = ([_local(x) for x in ema_t], [_local(x) for x in ema_s])
+        self._copy_lists = ([_local(x) for x in copy_t], [_local(x) for x in copy_s])
+        ema_t, ema_s = self._ema_lists
+        copy_t, copy_s = self._copy_lists
+        self._student_float_buffers = [s_named[n][0] for n, (b, is_buffer) in s_named.items()
+                                       if is_buffer and b.is_floating_point()]
         self.names = list(t_named)
         self._matched_generation = _generation
         devices = {t.device for t in ema_t + copy_t}
@@ -244,6 +275,12 @@ class EMATeacher(nn.Module):
         unselected tensors are copied (others='copy') in a second call at momentum 0."""
         if _generation != self._matched_generation:
             self._match()
+        if self._sharded_objs is not None:
+            ema_t, ema_s, copy_t, copy_s = self._sharded_objs
+            self._ema_lists = ([_local(x) for x in ema_t], [_local(x) for x in ema_s])
+            self._copy_lists = ([_local(x) for x in copy_t], [_local(x) for x in copy_s])
+        if self.sync_buffers == "mean":
+            self._average_student_buffers()
         if self.capturable:
             if step is not None:
                 self._step.fill_(step)
@@ -258,6 +295,22 @@ class EMATeacher(nn.Module):
             self._step.add_(1)
         else:
             self._num_updates = (self._num_updates if step is None else step) + 1
+
+    def _average_student_buffers(self) -> None:
+        # One all_reduce over every floating student buffer, flattened (not one per layer).
+        import torch.distributed as dist
+        if not (dist.is_available() and dist.is_initialized()):
+            raise RuntimeError("sync_buffers='mean' needs an initialized torch.distributed process group")
+        world = dist.get_world_size(self.process_group)
+        buffers = [_local(b) for b in self._student_float_buffers]
+        if world == 1 or not buffers:
+            return
+        acc = torch.float64 if any(b.dtype == torch.float64 for b in buffers) else torch.float32
+        flat = torch.cat([b.reshape(-1).to(acc) for b in buffers])
+        dist.all_reduce(flat, group=self.process_group)
+        flat.div_(world)
+        for b, part in zip(buffers, flat.split([b.numel() for b in buffers])):
+            b.copy_(part.view_as(b))
 
     @property
     def num_updates(self) -> int:

@@ -383,3 +383,9 @@ def test_capturable_update_replays_in_a_cuda_graph():
     torch.cuda.synchronize()
     assert_state_close(teacher.state_dict(), reference.state_dict())
 
+
+
+def test_teacher_on_another_device_needs_a_cuda_student():
+    student = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4))
+    with pytest.raises(ValueError, match="CUDA student only"):
+        EMATeacher(student, device="meta")
