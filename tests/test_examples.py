@@ -41,3 +41,11 @@ def test_digits_augmentations_keep_shape_and_differ():
     for aug in (weak_augment, strong_augment):
         y = aug(x, g)
         assert y.shape == x.shape and not torch.equal(y, x)
+
+
+def test_ddp_example_under_torchrun():
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                          str(ROOT / "examples" / "ddp_teacher.py"), "--steps", "5"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert "teachers identical on every rank: True" in run.stdout
