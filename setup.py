@@ -46,7 +46,7 @@ def _cuda_decision() -> tuple[bool, str]:
 def _extension():
     build_cuda, reason = _cuda_decision()
     sources = ["csrc/python_api.cpp", "csrc/ops.cpp", "csrc/plan.cpp", "csrc/norm.cpp",
-               "csrc/cpu/ema.cpp", "csrc/cpu/norm.cpp"]
+               "csrc/optim.cpp", "csrc/cpu/ema.cpp", "csrc/cpu/norm.cpp", "csrc/cpu/optim.cpp"]
     cxx = ["-O3", "-fopenmp", "-fno-math-errno"]
     if not build_cuda:
         return CppExtension("eman_fused._C", sources, extra_compile_args={"cxx": cxx},

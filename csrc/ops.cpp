@@ -70,6 +70,29 @@ void eman_norm_check(const at::Tensor& x, const at::Tensor& mean, const at::Tens
   check_eman_norm(x, mean, var, weight, bias, eps, residual);
 }
 
+// The fused optimizer steps write params, state and teachers in place and have no
+// differentiable output: this kernel only steps below autograd (callers run under no_grad).
+template <const char* Name, typename Sig>
+struct BelowAutograd;
+template <const char* Name, typename... Args>
+struct BelowAutograd<Name, void(Args...)> {
+  static void call(Args... args) {
+    static const auto op = c10::Dispatcher::singleton()
+                               .findSchemaOrThrow(Name, "")
+                               .typed<void(Args...)>();
+    at::AutoDispatchBelowADInplaceOrView guard;
+    op.call(args...);
+  }
+};
+constexpr char kSgdName[] = "eman_fused::sgd_ema_step_";
+constexpr char kAdamWName[] = "eman_fused::adamw_ema_step_";
+using SgdSig = void(at::TensorList, at::TensorList, at::TensorList, at::TensorList,
+                    c10::ArrayRef<int64_t>, double, double, double, bool, double, bool, double);
+using AdamWSig = void(at::TensorList, at::TensorList, at::TensorList, at::TensorList,
+                      at::TensorList, at::TensorList, c10::ArrayRef<double>,
+                      c10::ArrayRef<double>, double, double, double, double, double, bool, bool,
+                      double);
+
 std::string cpu_isa_name() { return cpu_isa() == CpuIsa::kAvx2 ? "avx2" : "baseline x86-64"; }
 
 int64_t ema_plan_builds_op() { return ema_plan_builds(); }
@@ -111,6 +134,20 @@ TORCH_LIBRARY(eman_fused, m) {
   m.impl("_ema_check_call", c10::DispatchKey::CompositeExplicitAutograd, &ema_check_call);
   m.impl("_ema_check_call.tensor", c10::DispatchKey::CompositeExplicitAutograd,
          &ema_check_call_tensor);
+  // Fused optimizer steps: the student's params and state, and (teacher non-empty) the EMA
+  // teacher of each param from the new value, in one pass. `first[i]` != 0: params[i]'s momentum
+  // buffer is new (set to the gradient, as torch.optim.SGD does on its first step).
+  m.def("sgd_ema_step_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] momentum_buffers, "
+        "Tensor(c!)[] teacher, int[] first, float lr, float momentum, float dampening, "
+        "bool nesterov, float weight_decay, bool maximize, float teacher_momentum) -> ()");
+  // AdamW (decoupled weight decay); the per-param bias corrections come from each param's step:
+  // step_sizes[i] = lr / (1 - beta1^step), bias_correction2_sqrts[i] = sqrt(1 - beta2^step).
+  m.def("adamw_ema_step_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, "
+        "Tensor(c!)[] exp_avg_sqs, Tensor(d!)[] max_exp_avg_sqs, Tensor(e!)[] teacher, "
+        "float[] step_sizes, float[] bias_correction2_sqrts, float lr, float beta1, float beta2, "
+        "float eps, float weight_decay, bool amsgrad, bool maximize, float teacher_momentum) -> ()");
+  m.impl("sgd_ema_step_", c10::DispatchKey::Autograd, &BelowAutograd<kSgdName, SgdSig>::call);
+  m.impl("adamw_ema_step_", c10::DispatchKey::Autograd, &BelowAutograd<kAdamWName, AdamWSig>::call);
   // The instruction set the CPU kernels chose (runtime dispatch; EMAN_FUSED_CPU_ISA overrides).
   m.def("_cpu_isa() -> str", &cpu_isa_name);
   // Test hooks for the plan cache.

@@ -36,6 +36,10 @@ def _bump_generation(*_args):
     _generation += 1
 
 
+def _generation_now() -> int:
+    return _generation
+
+
 def _install_structure_hooks() -> None:
     global _hooks_installed
     with _hooks_lock:
@@ -318,9 +322,10 @@ class EMATeacher(nn.Module):
         reads the device counter (a synchronization)."""
         return int(self._step.item()) if self.capturable else self._num_updates
 
-    def _apply(self, momentum, ema_student, copy_student) -> None:
-        if self._ema_lists[0]:
-            ops.ema_update_(self._ema_lists[0], ema_student, momentum, backend=self.backend)
+    def _apply(self, momentum, ema_student, copy_student, ema_teacher=None) -> None:
+        ema_teacher = self._ema_lists[0] if ema_teacher is None else ema_teacher
+        if ema_teacher:
+            ops.ema_update_(ema_teacher, ema_student, momentum, backend=self.backend)
         if self._copy_lists[0]:
             ops.ema_update_(self._copy_lists[0], copy_student, 0.0, backend=self.backend)
 

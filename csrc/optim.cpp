@@ -1,0 +1,125 @@
+#include "optim.h"
+
+#include <c10/util/Exception.h>
+
+#include <cmath>
+
+namespace eman_fused {
+namespace {
+
+void check_same_length(const char* op, const char* name, at::TensorList list, size_t n,
+                       bool may_be_empty) {
+  TORCH_CHECK_VALUE(list.size() == n || (may_be_empty && list.empty()), op, ": ", name, " has ",
+                    list.size(), " tensors but params has ", n);
+}
+
+// list[i] must match params[i]: defined, float32 (or a teacher float type), device, shape, strides.
+void check_like_param(const char* op, const char* name, at::TensorList list,
+                      at::TensorList params, bool teacher) {
+  for (size_t i = 0; i < list.size(); ++i) {
+    const at::Tensor& x = list[i];
+    const at::Tensor& p = params[i];
+    TORCH_CHECK_VALUE(x.defined(), op, ": ", name, "[", i, "] is undefined");
+    const auto st = x.scalar_type();
+    if (teacher) {
+      TORCH_CHECK_TYPE(st == at::kFloat || st == at::kBFloat16 || st == at::kHalf, op, ": ", name,
+                       "[", i, "] has dtype ", st, "; teachers must be float32, bfloat16 or float16");
+    } else {
+      TORCH_CHECK_TYPE(st == at::kFloat, op, ": ", name, "[", i, "] has dtype ", st,
+                       "; the fused optimizers take float32 params, grads and state (other ",
+                       "dtypes: use the torch optimizer and EMATeacher.update())");
+    }
+    TORCH_CHECK_VALUE(x.device() == p.device(), op, ": ", name, "[", i, "] is on ", x.device(),
+                      " but params[", i, "] is on ", p.device());
+    TORCH_CHECK_VALUE(x.sizes() == p.sizes(), op, ": ", name, "[", i, "] has shape ", x.sizes(),
+                      " but params[", i, "] has ", p.sizes());
+    TORCH_CHECK_VALUE(x.is_non_overlapping_and_dense() && x.strides() == p.strides(), op, ": ",
+                      name, "[", i, "] has strides ", x.strides(), " but params[", i, "] has ",
+                      p.strides(), " (both must be dense, in the same memory order)");
+    TORCH_CHECK_VALUE(!teacher || x.data_ptr() != p.data_ptr(), op, ": teacher[", i,
+                      "] is params[", i, "] itself");
+  }
+}
+
+void check_params(const char* op, at::TensorList params) {
+  for (size_t i = 0; i < params.size(); ++i) {
+    TORCH_CHECK_VALUE(params[i].defined(), op, ": params[", i, "] is undefined");
+    TORCH_CHECK_TYPE(params[i].scalar_type() == at::kFloat, op, ": params[", i, "] has dtype ",
+                     params[i].scalar_type(), "; the fused optimizers take float32 params (other ",
+                     "dtypes: use the torch optimizer and EMATeacher.update())");
+    TORCH_CHECK_VALUE(params[i].device() == params[0].device(), op, ": params[", i, "] is on ",
+                      params[i].device(), " but params[0] is on ", params[0].device());
+    TORCH_CHECK_VALUE(params[i].is_non_overlapping_and_dense(), op, ": params[", i,
+                      "] is not dense (strides ", params[i].strides(), ")");
+  }
+}
+
+void check_number(const char* op, const char* name, double v, double lo, double hi) {
+  TORCH_CHECK_VALUE(std::isfinite(v) && v >= lo && v <= hi, op, ": ", name, " must be in [", lo,
+                    ", ", hi, "], got ", v);
+}
+
+}  // namespace
+
+void check_sgd_ema(at::TensorList params, at::TensorList grads, at::TensorList bufs,
+                   at::TensorList teacher, c10::ArrayRef<int64_t> first, const SgdArgs& a) {
+  const char* op = "sgd_ema_step_";
+  const size_t n = params.size();
+  check_same_length(op, "grads", grads, n, false);
+  check_same_length(op, "momentum_buffers", bufs, n, a.momentum == 0.0);
+  check_same_length(op, "teacher", teacher, n, true);
+  TORCH_CHECK_VALUE(first.size() == n || (first.empty() && bufs.empty()), op, ": first has ",
+                    first.size(), " flags but params has ", n);
+  TORCH_CHECK_VALUE(a.momentum == 0.0 || bufs.size() == n, op,
+                    ": momentum != 0 needs one momentum buffer per param");
+  check_number(op, "lr", a.lr, 0.0, INFINITY);
+  check_number(op, "momentum", a.momentum, 0.0, INFINITY);
+  check_number(op, "dampening", a.dampening, -INFINITY, INFINITY);
+  check_number(op, "weight_decay", a.weight_decay, 0.0, INFINITY);
+  check_number(op, "teacher_momentum", a.teacher_momentum, 0.0, 1.0);
+  TORCH_CHECK_VALUE(!a.nesterov || (a.momentum > 0.0 && a.dampening == 0.0), op,
+                    ": nesterov needs momentum > 0 and dampening 0");
+  check_params(op, params);
+  check_like_param(op, "grads", grads, params, false);
+  check_like_param(op, "momentum_buffers", bufs, params, false);
+  check_like_param(op, "teacher", teacher, params, true);
+}
+
+void check_adamw_ema(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
+                     at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs,
+                     at::TensorList teacher, c10::ArrayRef<double> step_sizes,
+                     c10::ArrayRef<double> bias_correction2_sqrts, const AdamWArgs& a) {
+  const char* op = "adamw_ema_step_";
+  const size_t n = params.size();
+  check_same_length(op, "grads", grads, n, false);
+  check_same_length(op, "exp_avgs", exp_avgs, n, false);
+  check_same_length(op, "exp_avg_sqs", exp_avg_sqs, n, false);
+  check_same_length(op, "max_exp_avg_sqs", max_exp_avg_sqs, n, !a.amsgrad);
+  check_same_length(op, "teacher", teacher, n, true);
+  TORCH_CHECK_VALUE(step_sizes.size() == n && bias_correction2_sqrts.size() == n, op,
+                    ": step_sizes and bias_correction2_sqrts need one value per param");
+  check_number(op, "lr", a.lr, 0.0, INFINITY);
+  check_number(op, "beta1", a.beta1, 0.0, 1.0 - 1e-12);
+  check_number(op, "beta2", a.beta2, 0.0, 1.0 - 1e-12);
+  check_number(op, "eps", a.eps, 0.0, INFINITY);
+  check_number(op, "weight_decay", a.weight_decay, 0.0, INFINITY);
+  check_number(op, "teacher_momentum", a.teacher_momentum, 0.0, 1.0);
+  for (size_t i = 0; i < n; ++i) {
+    TORCH_CHECK_VALUE(std::isfinite(step_sizes[i]) && bias_correction2_sqrts[i] > 0.0, op,
+                      ": step_sizes[", i, "] / bias_correction2_sqrts[", i, "] out of range");
+  }
+  check_params(op, params);
+  check_like_param(op, "grads", grads, params, false);
+  check_like_param(op, "exp_avgs", exp_avgs, params, false);
+  check_like_param(op, "exp_avg_sqs", exp_avg_sqs, params, false);
+  check_like_param(op, "max_exp_avg_sqs", max_exp_avg_sqs, params, false);
+  check_like_param(op, "teacher", teacher, params, true);
+}
+
+void bump_versions(std::initializer_list<at::TensorList> lists) {
+  for (at::TensorList list : lists) {
+    for (const at::Tensor& t : list) t.unsafeGetTensorImpl()->bump_version();
+  }
+}
+
+}  // namespace eman_fused

@@ -1,0 +1,226 @@
+"""Optimizers that update the EMA teacher in the same pass as the student (CPU kernels so far).
+
+`SGD` and `AdamW` are torch.optim.SGD / torch.optim.AdamW (same constructor arguments, math,
+param_groups and state_dict, so checkpoints move both ways) whose `step()` runs one fused kernel
+per param group: new param, optimizer state, and, with `teacher=`, the teacher's copy of each
+param from the value just computed. The teacher's other tensors (BatchNorm buffers, params
+without a grad this step, tensors its include/exclude copies) get the teacher's own fused call
+in the same step, so `teacher.update()` must not be called as well.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ..schedules import Constant, Schedule
+from ..teacher import EMATeacher, _generation_now, named_tensors
+
+__all__ = ["SGD", "AdamW"]
+
+_FUSED_TEACHER_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+class _TeacherLink:
+    """Which teacher tensor each optimizer param feeds, and the teacher's remaining lists."""
+
+    def __init__(self, teacher: EMATeacher, momentum: float | Schedule | None):
+        if not isinstance(teacher, EMATeacher):
+            raise TypeError(f"teacher must be an eman_fused.EMATeacher, got {type(teacher).__name__}")
+        if teacher.capturable or teacher._sharded_objs is not None or teacher._host_mirror is not None:
+            raise NotImplementedError("the fused optimizers do not yet take a capturable, sharded or "
+                                      "other-device teacher; call teacher.update() after a torch optimizer")
+        if momentum is not None and not isinstance(momentum, Schedule):
+            momentum = Constant(momentum)
+        self.teacher, self.schedule = teacher, momentum
+        self._generation = None
+        self._rest_key = None
+
+    def _refresh(self) -> None:
+        t = self.teacher
+        if t._matched_generation != _generation_now():
+            t._match()
+        if self._generation == t._matched_generation:
+            return
+        self.fused = {id(s): tt for tt, s in zip(*t._ema_lists)
+                      if s.is_floating_point() and tt.dtype in _FUSED_TEACHER_DTYPES}
+        self.known = {id(x) for x, _ in named_tensors(t._student).values()}
+        self._generation = t._matched_generation
+        self._rest_key = None
+
+    def check_params(self, groups) -> None:
+        self._refresh()
+        for gi, group in enumerate(groups):
+            for pi, p in enumerate(group["params"]):
+                if id(p) not in self.known:
+                    raise ValueError(f"param {pi} of param group {gi} (shape {tuple(p.shape)}) is not a "
+                                     "parameter of the teacher's student; the teacher does not match "
+                                     "this optimizer")
+
+    def momentum(self) -> float:
+        schedule = self.schedule or self.teacher.schedule
+        return schedule(self.teacher._num_updates)
+
+    def teacher_for(self, params) -> list[torch.Tensor]:
+        self._refresh()
+        return [self.fused[id(p)] for p in params]
+
+    def split(self, params):
+        """(params whose teacher is updated in the kernel, the others)."""
+        self._refresh()
+        inside = [p for p in params if id(p) in self.fused]
+        return inside, [p for p in params if id(p) not in self.fused]
+
+    def finish(self, fused_ids: set[int], m: float) -> None:
+        """The teacher's tensors not updated by the optimizer kernels, then count the update."""
+        t = self.teacher
+        key = frozenset(fused_ids)
+        if key != self._rest_key:
+            ema_t, ema_s = t._ema_lists
+            rest = [(a, b) for a, b in zip(ema_t, ema_s) if id(b) not in fused_ids]
+            self._rest = ([a for a, _ in rest], [b for _, b in rest])
+            self._rest_key = key
+        if t.sync_buffers == "mean":
+            t._average_student_buffers()
+        t._apply(m, self._rest[1], t._copy_lists[1], ema_teacher=self._rest[0])
+        t._num_updates += 1
+
+
+class _FusedStep:
+    def _init_teacher(self, teacher, teacher_momentum):
+        self._link = _TeacherLink(teacher, teacher_momentum) if teacher is not None else None
+        if self._link is not None:
+            self._link.check_params(self.param_groups)
+
+    def add_param_group(self, param_group):
+        super().add_param_group(param_group)
+        if getattr(self, "_link", None) is not None:
+            self._link.check_params(self.param_groups[-1:])
+
+    def _grads(self, group):
+        params, grads = [], []
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            if p.grad.is_sparse:
+                raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
+            if p.device.type != "cpu":
+                raise NotImplementedError(f"eman_fused.optim.{type(self).__name__} has CPU kernels only so "
+                                          f"far; got a param on {p.device}")
+            params.append(p)
+            grads.append(p.grad)
+        return params, grads
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        link = self._link
+        m = link.momentum() if link is not None else 0.0
+        fused_ids: set[int] = set()
+        for group in self.param_groups:
+            params, grads = self._grads(group)
+            if not params:
+                continue
+            # Params whose teacher tensor the kernel can update go in one call with the teacher;
+            # the rest (none without a teacher) in a second call without.
+            if link is None:
+                self._step_group(group, params, grads, [], m)
+                continue
+            inside, outside = link.split(params)
+            by_id = {id(p): g for p, g in zip(params, grads)}
+            if inside:
+                self._step_group(group, inside, [by_id[id(p)] for p in inside], link.teacher_for(inside), m)
+                fused_ids.update(id(p) for p in inside)
+            if outside:
+                self._step_group(group, outside, [by_id[id(p)] for p in outside], [], m)
+        if link is not None:
+            link.finish(fused_ids, m)
+        return loss
+
+
+class SGD(_FusedStep, torch.optim.SGD):
+    """torch.optim.SGD whose step also updates `teacher` (an EMATeacher of the model these params
+    belong to) from the new params, in the same pass. `teacher_momentum`: a float or schedule
+    (default: the teacher's own). foreach/fused/differentiable are not supported."""
+
+    def __init__(self, params, lr: float = 1e-3, momentum: float = 0.0, dampening: float = 0.0,
+                 weight_decay: float = 0.0, nesterov: bool = False, *, maximize: bool = False,
+                 teacher: EMATeacher | None = None, teacher_momentum=None):
+        super().__init__(params, lr=lr, momentum=momentum, dampening=dampening,
+                         weight_decay=weight_decay, nesterov=nesterov, maximize=maximize)
+        self._init_teacher(teacher, teacher_momentum)
+
+    def _step_group(self, group, params, grads, teacher, m):
+        bufs, first = [], []
+        if group["momentum"] != 0:
+            for p in params:
+                state = self.state[p]
+                buf = state.get("momentum_buffer")
+                first.append(int(buf is None))
+                if buf is None:
+                    buf = state["momentum_buffer"] = torch.empty_like(p, memory_format=torch.preserve_format)
+                bufs.append(buf)
+        torch.ops.eman_fused.sgd_ema_step_(
+            params, grads, bufs, teacher, first, float(group["lr"]), float(group["momentum"]),
+            float(group["dampening"]), bool(group["nesterov"]), float(group["weight_decay"]),
+            bool(group["maximize"]), float(m))
+
+
+class AdamW(_FusedStep, torch.optim.AdamW):
+    """torch.optim.AdamW whose step also updates `teacher` from the new params, in the same pass.
+    amsgrad and maximize supported; foreach/fused/capturable/differentiable are not."""
+
+    def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8,
+                 weight_decay: float = 1e-2, amsgrad: bool = False, *, maximize: bool = False,
+                 teacher: EMATeacher | None = None, teacher_momentum=None):
+        super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
+                         amsgrad=amsgrad, maximize=maximize)
+        self._init_teacher(teacher, teacher_momentum)
+
+    def _step_group(self, group, params, grads, teacher, m):
+        beta1, beta2 = group["betas"]
+        exp_avgs, exp_avg_sqs, max_sqs, steps = [], [], [], []
+        for p in params:
+            state = self.state[p]
+            if len(state) == 0:
+                state["step"] = torch.tensor(0.0, dtype=torch.float32)
+                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                if group["amsgrad"]:
+                    state["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            exp_avgs.append(state["exp_avg"])
+            exp_avg_sqs.append(state["exp_avg_sq"])
+            if group["amsgrad"]:
+                max_sqs.append(state["max_exp_avg_sq"])
+            steps.append(state["step"])
+        torch._foreach_add_(steps, 1.0)
+        lr = float(group["lr"])
+        step_sizes, bc2_sqrts = [], []
+        for k in torch.stack(steps).tolist():
+            step_sizes.append(lr / (1 - beta1 ** k))
+            bc2_sqrts.append(math.sqrt(1 - beta2 ** k))
+        torch.ops.eman_fused.adamw_ema_step_(
+            params, grads, exp_avgs, exp_avg_sqs, max_sqs, teacher, step_sizes, bc2_sqrts, lr,
+            float(beta1), float(beta2), float(group["eps"]), float(group["weight_decay"]),
+            bool(group["amsgrad"]), bool(group["maximize"]), float(m))
+
+
+def _register_fake_kernels() -> None:
+    # The steps return nothing and only write their inputs: the fake kernels have nothing to
+    # compute, which lets torch.compile and opcheck trace the ops.
+    @torch.library.register_fake("eman_fused::sgd_ema_step_")
+    def _sgd_fake(params, grads, bufs, teacher, first, lr, momentum, dampening, nesterov,
+                  weight_decay, maximize, teacher_momentum):
+        return None
+
+    @torch.library.register_fake("eman_fused::adamw_ema_step_")
+    def _adamw_fake(params, grads, exp_avgs, exp_avg_sqs, max_sqs, teacher, step_sizes, bc2,
+                    lr, beta1, beta2, eps, weight_decay, amsgrad, maximize, teacher_momentum):
+        return None
+
+
+if hasattr(torch.ops.eman_fused, "sgd_ema_step_"):
+    _register_fake_kernels()
