@@ -30,13 +30,14 @@ def run(steps: int, batch: int, seed: int, queue_size: int = 1024, temperature: 
         check: bool = False) -> dict:
     torch.manual_seed(seed)
     x_train, y_train, x_test, y_test = load_digits(seed)
+    # MoCo v2's head (no BatchNorm); the encoder's BatchNorms are the EMAN ones in the keys.
     query = nn.Sequential(OrderedDict(encoder=SmallCNN().encoder, projector=nn.Sequential(
-        nn.Linear(64, 128), nn.BatchNorm1d(128), nn.ReLU(), nn.Linear(128, 32))))
+        nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 32))))
     random_probe = linear_probe(query.encoder, x_train, y_train, x_test, y_test) if not check else None
     keys = eman_fused.EMATeacher(query, momentum=0.99)
     checker = ReferenceCheck(keys, query, momentum=0.99) if check else None
     queue = F.normalize(torch.randn(queue_size, 32), dim=1)
-    opt = torch.optim.SGD(query.parameters(), lr=0.06, momentum=0.9, weight_decay=5e-4)
+    opt = torch.optim.SGD(query.parameters(), lr=0.03, momentum=0.9, weight_decay=5e-4)
     g = torch.Generator().manual_seed(seed)
     for step in range(steps):
         x = x_train[torch.randint(0, len(x_train), (batch,), generator=g)]
