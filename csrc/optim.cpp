@@ -38,6 +38,8 @@ void check_like_param(const char* op, const char* name, at::TensorList list,
                       p.strides(), " (both must be dense, in the same memory order)");
     TORCH_CHECK_VALUE(!teacher || x.data_ptr() != p.data_ptr(), op, ": teacher[", i,
                       "] is params[", i, "] itself");
+    TORCH_CHECK_TYPE(!teacher || st == list[0].scalar_type(), op, ": teacher[", i, "] is ", st,
+                     " but teacher[0] is ", list[0].scalar_type(), "; one teacher dtype per call");
   }
 }
 

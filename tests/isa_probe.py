@@ -1,4 +1,4 @@
-"""Runs both CPU kernels on fixed inputs and saves every result (used by test_isa.py, run
+"""Runs the CPU kernels (EMA, eman_norm, fused optimizers) on fixed inputs and saves every result (used by test_isa.py, run
 once per instruction set in a subprocess)."""
 import sys
 
@@ -23,4 +23,22 @@ for layout in (torch.contiguous_format, torch.channels_last):
         y = eman_fused.eman_norm(x, m, v, w, b, 1e-5, r, True, backend="cpu")
         grads = torch.autograd.grad(y, (x, w, b, r), torch.randn(y.shape, generator=gen).to(dtype))
         results[f"norm {layout} {dtype}"] = [y.detach(), *grads]
+for tdtype in (torch.float32, torch.bfloat16, torch.float16):
+    for nesterov in (False, True):
+        p = [torch.randn(20_011, generator=gen) for _ in range(3)]
+        g = [torch.randn(20_011, generator=gen) for _ in range(3)]
+        buf = [torch.randn(20_011, generator=gen) for _ in range(3)]
+        t = [torch.randn(20_011, generator=gen).to(tdtype) for _ in range(3)]
+        torch.ops.eman_fused.sgd_ema_step_(p, g, buf, t, [1, 0, 0], 0.1, 0.9, 0.0, nesterov, 1e-4, False, 0.99)
+        results[f"sgd {tdtype} {nesterov}"] = [*p, *buf, *t]
+    for amsgrad in (False, True):
+        p = [torch.randn(20_011, generator=gen) for _ in range(2)]
+        g = [torch.randn(20_011, generator=gen) for _ in range(2)]
+        m = [torch.randn(20_011, generator=gen) for _ in range(2)]
+        v = [torch.rand(20_011, generator=gen) for _ in range(2)]
+        vmax = [x.clone() for x in v] if amsgrad else []
+        t = [torch.randn(20_011, generator=gen).to(tdtype) for _ in range(2)]
+        torch.ops.eman_fused.adamw_ema_step_(p, g, m, v, vmax, t, [0.01, 0.02], [0.5, 0.7], 0.01, 0.9,
+                                             0.999, 1e-8, 0.01, amsgrad, False, 0.99)
+        results[f"adamw {tdtype} {amsgrad}"] = [*p, *m, *v, *vmax, *t]
 torch.save(results, sys.argv[1])

@@ -8,8 +8,10 @@
 
 #include <algorithm>
 #include <cmath>
+#include <type_traits>
 #include <vector>
 
+#include "../dtype_dispatch.h"
 #include "../optim.h"
 #include "isa.h"
 
@@ -41,70 +43,42 @@ void for_spans(const std::vector<Span>& spans, F&& f) {
   });
 }
 
-// Teacher element type from its dtype; math stays float32.
+namespace baseline {
+#include "optim_loops.inc"
+}  // namespace baseline
+#if defined(__x86_64__) && defined(__GNUC__)
+#pragma GCC push_options
+#pragma GCC target("avx2")
+namespace avx2 {
+#include "optim_loops.inc"
+}  // namespace avx2
+#pragma GCC pop_options
+#endif
+
+bool use_avx2() {
+#if defined(__x86_64__) && defined(__GNUC__)
+  return cpu_isa() == CpuIsa::kAvx2;
+#else
+  return false;
+#endif
+}
+
+// Calls f(TypeTag<T>{}) for the teacher's element type (void: no teacher).
 template <typename F>
-void visit_teacher(const at::Tensor* t, F&& f) {
-  if (t == nullptr) return f(static_cast<float*>(nullptr));
-  switch (t->scalar_type()) {
-    case at::kFloat: return f(t->data_ptr<float>());
-    case at::kBFloat16: return f(t->data_ptr<c10::BFloat16>());
-    case at::kHalf: return f(t->data_ptr<c10::Half>());
+void visit_teacher(at::TensorList teacher, F&& f) {
+  if (teacher.empty()) return f(TypeTag<void>{});
+  switch (teacher[0].scalar_type()) {
+    case at::kFloat: return f(TypeTag<float>{});
+    case at::kBFloat16: return f(TypeTag<c10::BFloat16>{});
+    case at::kHalf: return f(TypeTag<c10::Half>{});
     default: TORCH_CHECK(false, "unreachable: teacher dtype checked before");
   }
 }
 
-template <typename TT>
-inline void ema_into(TT* __restrict__ t, int64_t i, float p, float mt, float wt) {
-  t[i] = static_cast<TT>(mt * static_cast<float>(t[i]) + wt * p);
-}
-
-template <typename TT>
-void sgd_span(float* __restrict__ p, const float* __restrict__ g, float* __restrict__ buf,
-              TT* __restrict__ t, int64_t n, const SgdArgs& a, bool first) {
-  const float lr = static_cast<float>(a.lr), mom = static_cast<float>(a.momentum);
-  const float damp = 1.0f - static_cast<float>(a.dampening), wd = static_cast<float>(a.weight_decay);
-  const float mt = static_cast<float>(a.teacher_momentum), wt = 1.0f - mt;
-  for (int64_t i = 0; i < n; ++i) {
-    float d = a.maximize ? -g[i] : g[i];
-    if (wd != 0.0f) d = d + wd * p[i];
-    if (buf != nullptr) {
-      const float b = first ? d : mom * buf[i] + damp * d;
-      buf[i] = b;
-      d = a.nesterov ? d + mom * b : b;
-    }
-    const float np = p[i] - lr * d;
-    p[i] = np;
-    if (t != nullptr) ema_into(t, i, np, mt, wt);
-  }
-}
-
-template <typename TT>
-void adamw_span(float* __restrict__ p, const float* __restrict__ g, float* __restrict__ m,
-                float* __restrict__ v, float* __restrict__ vmax, TT* __restrict__ t, int64_t n,
-                const AdamWArgs& a, float step_size, float bc2_sqrt) {
-  const float decay = 1.0f - static_cast<float>(a.lr * a.weight_decay);
-  const float w1 = 1.0f - static_cast<float>(a.beta1);
-  const bool lerp_small = std::abs(w1) < 0.5f;
-  const float b2 = static_cast<float>(a.beta2), w2 = 1.0f - b2, eps = static_cast<float>(a.eps);
-  const float mt = static_cast<float>(a.teacher_momentum), wt = 1.0f - mt;
-  for (int64_t i = 0; i < n; ++i) {
-    const float gi = a.maximize ? -g[i] : g[i];
-    const float pi = p[i] * decay;
-    // torch's lerp: the form depends on the weight (bit-compatible with exp_avg.lerp_)
-    const float mi = lerp_small ? m[i] + w1 * (gi - m[i]) : gi - (gi - m[i]) * (1.0f - w1);
-    const float vi = v[i] * b2 + w2 * gi * gi;
-    m[i] = mi;
-    v[i] = vi;
-    float s = vi;
-    if (vmax != nullptr) {
-      s = std::max(vmax[i], vi);
-      vmax[i] = s;
-    }
-    const float denom = std::sqrt(s) / bc2_sqrt + eps;
-    const float np = pi - step_size * (mi / denom);
-    p[i] = np;
-    if (t != nullptr) ema_into(t, i, np, mt, wt);
-  }
+// A teacher's data at element `start` (nullptr without a teacher).
+void* teacher_at(at::TensorList teacher, int64_t i, int64_t start) {
+  if (teacher.empty()) return nullptr;
+  return static_cast<char*>(teacher[i].data_ptr()) + start * teacher[i].element_size();
 }
 
 void sgd_ema_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList bufs,
@@ -115,13 +89,21 @@ void sgd_ema_step_cpu(at::TensorList params, at::TensorList grads, at::TensorLis
   check_sgd_ema(params, grads, bufs, teacher, first, a);
   bump_versions({params, bufs, teacher});
   const auto spans = spans_of(params);
-  for_spans(spans, [&](const Span& s) {
-    const at::Tensor* t = teacher.empty() ? nullptr : &teacher[s.tensor];
-    visit_teacher(t, [&](auto* tp) {
-      sgd_span(params[s.tensor].data_ptr<float>() + s.start,
-               grads[s.tensor].const_data_ptr<float>() + s.start,
-               bufs.empty() ? nullptr : bufs[s.tensor].data_ptr<float>() + s.start,
-               tp == nullptr ? tp : tp + s.start, s.n, a, !first.empty() && first[s.tensor] != 0);
+  // One teacher dtype per call (the Python side groups by it); the loops are typed on it.
+  visit_teacher(teacher, [&](auto tag) {
+    using TT = typename decltype(tag)::type;
+    const bool avx = use_avx2();
+    for_spans(spans, [&](const Span& s) {
+      const int64_t i = s.tensor;
+      float* p = params[i].data_ptr<float>() + s.start;
+      const float* g = grads[i].const_data_ptr<float>() + s.start;
+      float* b = bufs.empty() ? nullptr : bufs[i].data_ptr<float>() + s.start;
+      void* t = teacher_at(teacher, i, s.start);
+      const bool f = !first.empty() && first[i] != 0;
+#if defined(__x86_64__) && defined(__GNUC__)
+      if (avx) return avx2::sgd_span<TT>(p, g, b, t, s.n, a, f);
+#endif
+      baseline::sgd_span<TT>(p, g, b, t, s.n, a, f);
     });
   });
 }
@@ -137,15 +119,23 @@ void adamw_ema_step_cpu(at::TensorList params, at::TensorList grads, at::TensorL
                   bias_correction2_sqrts, a);
   bump_versions({params, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, teacher});
   const auto spans = spans_of(params);
-  for_spans(spans, [&](const Span& s) {
-    const int64_t i = s.tensor;
-    const at::Tensor* t = teacher.empty() ? nullptr : &teacher[i];
-    visit_teacher(t, [&](auto* tp) {
-      adamw_span(params[i].data_ptr<float>() + s.start, grads[i].const_data_ptr<float>() + s.start,
-                 exp_avgs[i].data_ptr<float>() + s.start, exp_avg_sqs[i].data_ptr<float>() + s.start,
-                 amsgrad ? max_exp_avg_sqs[i].data_ptr<float>() + s.start : nullptr,
-                 tp == nullptr ? tp : tp + s.start, s.n, a, static_cast<float>(step_sizes[i]),
-                 static_cast<float>(bias_correction2_sqrts[i]));
+  visit_teacher(teacher, [&](auto tag) {
+    using TT = typename decltype(tag)::type;
+    const bool avx = use_avx2();
+    for_spans(spans, [&](const Span& s) {
+      const int64_t i = s.tensor;
+      float* p = params[i].data_ptr<float>() + s.start;
+      const float* g = grads[i].const_data_ptr<float>() + s.start;
+      float* m = exp_avgs[i].data_ptr<float>() + s.start;
+      float* v = exp_avg_sqs[i].data_ptr<float>() + s.start;
+      float* vmax = amsgrad ? max_exp_avg_sqs[i].data_ptr<float>() + s.start : nullptr;
+      void* t = teacher_at(teacher, i, s.start);
+      const auto ss = static_cast<float>(step_sizes[i]);
+      const auto bc = static_cast<float>(bias_correction2_sqrts[i]);
+#if defined(__x86_64__) && defined(__GNUC__)
+      if (avx) return avx2::adamw_span<TT>(p, g, m, v, vmax, t, s.n, a, ss, bc);
+#endif
+      baseline::adamw_span<TT>(p, g, m, v, vmax, t, s.n, a, ss, bc);
     });
   });
 }

@@ -131,9 +131,12 @@ class _FusedStep:
                 continue
             inside, outside = link.split(params)
             by_id = {id(p): g for p, g in zip(params, grads)}
-            if inside:
-                self._step_group(group, inside, [by_id[id(p)] for p in inside], link.teacher_for(inside), m)
-                fused_ids.update(id(p) for p in inside)
+            teachers = link.teacher_for(inside)
+            for dtype in dict.fromkeys(t.dtype for t in teachers):  # one teacher dtype per call
+                part = [(p, t) for p, t in zip(inside, teachers) if t.dtype == dtype]
+                ps = [p for p, _ in part]
+                self._step_group(group, ps, [by_id[id(p)] for p in ps], [t for _, t in part], m)
+                fused_ids.update(id(p) for p in ps)
             if outside:
                 self._step_group(group, outside, [by_id[id(p)] for p in outside], [], m)
         if link is not None:
