@@ -5,6 +5,7 @@ For each model (ResNet-50 and ViT-B/16 parameter + buffer shapes, fp32) and opti
   torch+foreach_lerp   torch.optim.X (its default CPU/GPU implementation), then timm-style
                        torch._foreach_lerp_ over parameters and floating buffers + counter copies
   torch+EMATeacher     torch.optim.X, then eman_fused.EMATeacher.update() (one fused EMA call)
+  torch_foreach+EMATeacher  the same with torch.optim.X(foreach=True)
   eman_fused           eman_fused.optim.X(teacher=...): one fused pass for params, state and
                        teacher, plus the teacher's call for its buffers
 Gradients are fixed random tensors (no forward/backward: this times the update only). GB/s is
@@ -70,7 +71,8 @@ def timm_style_update(teacher: nn.Module, student: nn.Module):
     @torch.no_grad()
     def step():
         torch._foreach_lerp_(t_f, s_f, 1.0 - M)
-        torch._foreach_copy_(t_i, s_i)
+        if t_i:
+            torch._foreach_copy_(t_i, s_i)
     return step
 
 
@@ -89,6 +91,11 @@ def case(model_name, optim_name, device):
     t2 = eman_fused.EMATeacher(s2, momentum=M, eman=False)
     o2 = torch_cls(s2.parameters(), **kwargs)
     methods["torch+EMATeacher"] = lambda: (o2.step(), t2.update())
+    # torch's foreach implementation (its fastest on CPU tensors) + EMATeacher.update
+    s4 = make(table, device)
+    t4 = eman_fused.EMATeacher(s4, momentum=M, eman=False)
+    o4 = torch_cls(s4.parameters(), foreach=True, **kwargs)
+    methods["torch_foreach+EMATeacher"] = lambda: (o4.step(), t4.update())
     # fused
     s3 = make(table, device)
     t3 = eman_fused.EMATeacher(s3, momentum=M, eman=False)
@@ -109,7 +116,7 @@ def case(model_name, optim_name, device):
 
 def markdown(result) -> str:
     env = result["environment"]
-    names = ["eman_fused", "torch+EMATeacher", "torch+foreach_lerp"]
+    names = ["eman_fused", "torch_foreach+EMATeacher", "torch+EMATeacher", "torch+foreach_lerp"]
     lines = [f"Optimizer step + EMA teacher update, {env['device_name']} ({env['device']}, "
              f"{env['threads']} threads), torch {env['torch']}, {env['date']}, commit "
              f"{env.get('commit', '?')}. Copy bandwidth in the same run: {result['copy_GBps']:.1f} GB/s.", "",
