@@ -86,6 +86,10 @@ struct BelowAutograd<Name, void(Args...)> {
 };
 constexpr char kSgdName[] = "eman_fused::sgd_ema_step_";
 constexpr char kAdamWName[] = "eman_fused::adamw_ema_step_";
+constexpr char kLarsName[] = "eman_fused::lars_ema_step_";
+using LarsSig = void(at::TensorList, at::TensorList, at::TensorList, at::TensorList,
+                     c10::ArrayRef<int64_t>, c10::ArrayRef<int64_t>, double, double, double,
+                     double, bool, double);
 using SgdSig = void(at::TensorList, at::TensorList, at::TensorList, at::TensorList,
                     c10::ArrayRef<int64_t>, double, double, double, bool, double, bool, double);
 using AdamWSig = void(at::TensorList, at::TensorList, at::TensorList, at::TensorList,
@@ -146,6 +150,13 @@ TORCH_LIBRARY(eman_fused, m) {
         "Tensor(c!)[] exp_avg_sqs, Tensor(d!)[] max_exp_avg_sqs, Tensor(e!)[] teacher, "
         "float[] step_sizes, float[] bias_correction2_sqrts, float lr, float beta1, float beta2, "
         "float eps, float weight_decay, bool amsgrad, bool maximize, float teacher_momentum) -> ()");
+  // LARS (BYOL/SimCLR): two passes, per-tensor norms then the update. adapt[i] != 0: params[i]
+  // gets weight decay and the trust ratio trust_coefficient * |p| / |g + wd p|; others (biases,
+  // BatchNorm) plain momentum SGD. first[i] != 0: a new momentum buffer.
+  m.def("lars_ema_step_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] momentum_buffers, "
+        "Tensor(c!)[] teacher, int[] adapt, int[] first, float lr, float momentum, "
+        "float weight_decay, float trust_coefficient, bool maximize, float teacher_momentum) -> ()");
+  m.impl("lars_ema_step_", c10::DispatchKey::Autograd, &BelowAutograd<kLarsName, LarsSig>::call);
   m.impl("sgd_ema_step_", c10::DispatchKey::Autograd, &BelowAutograd<kSgdName, SgdSig>::call);
   m.impl("adamw_ema_step_", c10::DispatchKey::Autograd, &BelowAutograd<kAdamWName, AdamWSig>::call);
   // The instruction set the CPU kernels chose (runtime dispatch; EMAN_FUSED_CPU_ISA overrides).

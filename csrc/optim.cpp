@@ -118,6 +118,27 @@ void check_adamw_ema(at::TensorList params, at::TensorList grads, at::TensorList
   check_like_param(op, "teacher", teacher, params, true);
 }
 
+void check_lars_ema(at::TensorList params, at::TensorList grads, at::TensorList bufs,
+                    at::TensorList teacher, c10::ArrayRef<int64_t> adapt,
+                    c10::ArrayRef<int64_t> first, const LarsArgs& a) {
+  const char* op = "lars_ema_step_";
+  const size_t n = params.size();
+  check_same_length(op, "grads", grads, n, false);
+  check_same_length(op, "momentum_buffers", bufs, n, false);
+  check_same_length(op, "teacher", teacher, n, true);
+  TORCH_CHECK_VALUE(adapt.size() == n && first.size() == n, op, ": adapt and first need one ",
+                    "flag per param (got ", adapt.size(), " and ", first.size(), " for ", n, ")");
+  check_number(op, "lr", a.lr, 0.0, INFINITY);
+  check_number(op, "momentum", a.momentum, 0.0, INFINITY);
+  check_number(op, "weight_decay", a.weight_decay, 0.0, INFINITY);
+  check_number(op, "trust_coefficient", a.trust_coefficient, 0.0, INFINITY);
+  check_number(op, "teacher_momentum", a.teacher_momentum, 0.0, 1.0);
+  check_params(op, params);
+  check_like_param(op, "grads", grads, params, false);
+  check_like_param(op, "momentum_buffers", bufs, params, false);
+  check_like_param(op, "teacher", teacher, params, true);
+}
+
 void bump_versions(std::initializer_list<at::TensorList> lists) {
   for (at::TensorList list : lists) {
     for (const at::Tensor& t : list) t.unsafeGetTensorImpl()->bump_version();

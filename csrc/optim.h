@@ -20,6 +20,12 @@ struct AdamWArgs {
   double teacher_momentum;
 };
 
+struct LarsArgs {
+  double lr, momentum, weight_decay, trust_coefficient;
+  bool maximize;
+  double teacher_momentum;
+};
+
 // Every list is checked before anything is written: lengths, dtypes (float32 params, grads and
 // state; float32/bfloat16/float16 teachers), devices, shapes and memory layouts per index,
 // hyper-parameters in range.
@@ -29,6 +35,9 @@ void check_adamw_ema(at::TensorList params, at::TensorList grads, at::TensorList
                      at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs,
                      at::TensorList teacher, c10::ArrayRef<double> step_sizes,
                      c10::ArrayRef<double> bias_correction2_sqrts, const AdamWArgs& a);
+void check_lars_ema(at::TensorList params, at::TensorList grads, at::TensorList bufs,
+                    at::TensorList teacher, c10::ArrayRef<int64_t> adapt,
+                    c10::ArrayRef<int64_t> first, const LarsArgs& a);
 void bump_versions(std::initializer_list<at::TensorList> lists);
 
 }  // namespace eman_fused

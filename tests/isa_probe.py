@@ -41,4 +41,10 @@ for tdtype in (torch.float32, torch.bfloat16, torch.float16):
         torch.ops.eman_fused.adamw_ema_step_(p, g, m, v, vmax, t, [0.01, 0.02], [0.5, 0.7], 0.01, 0.9,
                                              0.999, 1e-8, 0.01, amsgrad, False, 0.99)
         results[f"adamw {tdtype} {amsgrad}"] = [*p, *m, *v, *vmax, *t]
+    p = [torch.randn(20_011, generator=gen) for _ in range(3)]
+    g = [torch.randn(20_011, generator=gen) for _ in range(3)]
+    buf = [torch.randn(20_011, generator=gen) for _ in range(3)]
+    t = [torch.randn(20_011, generator=gen).to(tdtype) for _ in range(3)]
+    torch.ops.eman_fused.lars_ema_step_(p, g, buf, t, [1, 0, 1], [0, 0, 1], 0.1, 0.9, 1e-4, 0.001, False, 0.99)
+    results[f"lars {tdtype}"] = [*p, *buf, *t]
 torch.save(results, sys.argv[1])

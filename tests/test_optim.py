@@ -239,3 +239,54 @@ def test_opcheck_on_both_ops():
     torch.library.opcheck(torch.ops.eman_fused.adamw_ema_step_.default,
                           (p, g, m, v, [x.clone() for x in v], t, [0.1] * 3, [0.5] * 3, 0.1, 0.9,
                            0.999, 1e-8, 0.01, True, False, 0.9))
+    p, g, b, t = op_args_sgd()
+    torch.library.opcheck(torch.ops.eman_fused.lars_ema_step_.default,
+                          (p, g, b, t, [1, 0, 1], [0, 1, 0], 0.1, 0.9, 1e-4, 0.001, False, 0.9))
+
+
+def eager_lars_step(params, state, lr, momentum, weight_decay, eta, exclude=lambda p: p.ndim <= 1):
+    """LARS written out with plain tensor ops: the reference the fused kernel is held to."""
+    with torch.no_grad():
+        for p in params:
+            if p.grad is None:
+                continue
+            d = p.grad.clone()
+            if not exclude(p):
+                d = d + weight_decay * p
+                pn, dn = p.norm(), d.norm()
+                trust = eta * pn / dn if pn > 0 and dn > 0 else torch.tensor(1.0)
+                d = d * trust
+            buf = state.get(p)
+            state[p] = d.clone() if buf is None else buf.mul_(momentum).add_(d)
+            p.sub_(lr * state[p])
+
+
+def test_lars_matches_the_eager_reference_and_feeds_the_teacher():
+    data = batches(30)
+    student, ref = make_model(), make_model()
+    teacher = EMATeacher(student, momentum=0.9)
+    ref_teacher = copy.deepcopy(ref)
+    opt = optim.LARS(student.parameters(), lr=0.5, momentum=0.9, weight_decay=1e-3,
+                     trust_coefficient=0.02, teacher=teacher)
+    train(student, opt, data)
+    state = {}
+    for x, y in data:
+        for p in ref.parameters():
+            p.grad = None
+        nn.functional.mse_loss(ref(x), y).backward()
+        eager_lars_step(list(ref.parameters()), state, 0.5, 0.9, 1e-3, 0.02)
+        official_eman_update(ref_teacher, ref, 0.9)
+    assert_close_states(student.state_dict(), ref.state_dict(), rtol=1e-4, atol=1e-5)
+    assert_close_states(teacher.state_dict(), ref_teacher.state_dict(), rtol=1e-4, atol=1e-5)
+
+
+def test_lars_trust_ratio_of_one_step_by_hand():
+    p = nn.Parameter(torch.tensor([[3.0, 4.0]]))  # |p| = 5
+    p.grad = torch.tensor([[0.0, 1.0]])
+    opt = optim.LARS([p], lr=1.0, momentum=0.9, weight_decay=0.0, trust_coefficient=0.1)
+    opt.step()  # d = g * 0.1 * 5 / 1 = [0, 0.5]; buf = d; p -= buf
+    torch.testing.assert_close(p.detach(), torch.tensor([[3.0, 3.5]]))
+    b = nn.Parameter(torch.tensor([1.0, 2.0]))  # 1-D: excluded, plain momentum SGD
+    b.grad = torch.tensor([1.0, 1.0])
+    optim.LARS([b], lr=0.5, weight_decay=1.0, trust_coefficient=0.1).step()
+    torch.testing.assert_close(b.detach(), torch.tensor([0.5, 1.5]))

@@ -140,11 +140,67 @@ void adamw_ema_step_cpu(at::TensorList params, at::TensorList grads, at::TensorL
   });
 }
 
+// Two passes (documented): per-tensor norms of p and of the decayed gradient, then the update
+// with each tensor's trust ratio. Norms are summed per span, then per tensor in span order:
+// the same bits for any thread count.
+void lars_ema_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList bufs,
+                       at::TensorList teacher, c10::ArrayRef<int64_t> adapt,
+                       c10::ArrayRef<int64_t> first, double lr, double momentum,
+                       double weight_decay, double trust_coefficient, bool maximize,
+                       double teacher_momentum) {
+  const LarsArgs a{lr, momentum, weight_decay, trust_coefficient, maximize, teacher_momentum};
+  check_lars_ema(params, grads, bufs, teacher, adapt, first, a);
+  bump_versions({params, bufs, teacher});
+  const auto spans = spans_of(params);
+  const float wd = static_cast<float>(weight_decay), sign = maximize ? -1.0f : 1.0f;
+  std::vector<double> sums(2 * spans.size(), 0.0);
+  const bool avx = use_avx2();
+  at::parallel_for(0, static_cast<int64_t>(spans.size()), 4, [&](int64_t begin, int64_t end) {
+    for (int64_t k = begin; k < end; ++k) {
+      const Span& s = spans[k];
+      if (adapt[s.tensor] == 0) continue;
+      const float* p = params[s.tensor].const_data_ptr<float>() + s.start;
+      const float* g = grads[s.tensor].const_data_ptr<float>() + s.start;
+#if defined(__x86_64__) && defined(__GNUC__)
+      if (avx) { avx2::lars_sumsq(p, g, s.n, wd, sign, &sums[2 * k]); continue; }
+#endif
+      baseline::lars_sumsq(p, g, s.n, wd, sign, &sums[2 * k]);
+    }
+  });
+  std::vector<double> p2(params.size(), 0.0), d2(params.size(), 0.0);
+  for (size_t k = 0; k < spans.size(); ++k) {
+    p2[spans[k].tensor] += sums[2 * k];
+    d2[spans[k].tensor] += sums[2 * k + 1];
+  }
+  std::vector<float> trust(params.size(), 1.0f);
+  for (size_t i = 0; i < params.size(); ++i) {
+    const double pn = std::sqrt(p2[i]), dn = std::sqrt(d2[i]);
+    if (adapt[i] != 0 && pn > 0.0 && dn > 0.0) {
+      trust[i] = static_cast<float>(trust_coefficient * pn / dn);
+    }
+  }
+  visit_teacher(teacher, [&](auto tag) {
+    using TT = typename decltype(tag)::type;
+    for_spans(spans, [&](const Span& s) {
+      const int64_t i = s.tensor;
+      float* p = params[i].data_ptr<float>() + s.start;
+      const float* g = grads[i].const_data_ptr<float>() + s.start;
+      float* b = bufs[i].data_ptr<float>() + s.start;
+      void* t = teacher_at(teacher, i, s.start);
+#if defined(__x86_64__) && defined(__GNUC__)
+      if (avx) return avx2::lars_span<TT>(p, g, b, t, s.n, a, adapt[i] != 0, first[i] != 0, trust[i]);
+#endif
+      baseline::lars_span<TT>(p, g, b, t, s.n, a, adapt[i] != 0, first[i] != 0, trust[i]);
+    });
+  });
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(eman_fused, CPU, m) {
   m.impl("sgd_ema_step_", &sgd_ema_step_cpu);
   m.impl("adamw_ema_step_", &adamw_ema_step_cpu);
+  m.impl("lars_ema_step_", &lars_ema_step_cpu);
 }
 
 }  // namespace eman_fused

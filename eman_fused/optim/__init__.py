@@ -1,5 +1,7 @@
 """Optimizers that update the EMA teacher in the same pass as the student (CPU kernels so far).
 
+`LARS` is BYOL/SimCLR's layer-wise adaptive SGD, with the same teacher fusion.
+
 `SGD` and `AdamW` are torch.optim.SGD / torch.optim.AdamW (same constructor arguments, math,
 param_groups and state_dict, so checkpoints move both ways) whose `step()` runs one fused kernel
 per param group: new param, optimizer state, and, with `teacher=`, the teacher's copy of each
@@ -16,7 +18,7 @@ import torch
 from ..schedules import Constant, Schedule
 from ..teacher import EMATeacher, _generation_now, named_tensors
 
-__all__ = ["SGD", "AdamW"]
+__all__ = ["SGD", "AdamW", "LARS"]
 
 _FUSED_TEACHER_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -211,12 +213,59 @@ class AdamW(_FusedStep, torch.optim.AdamW):
             bool(group["amsgrad"]), bool(group["maximize"]), float(m))
 
 
+class LARS(_FusedStep, torch.optim.Optimizer):
+    """LARS as BYOL and SimCLR use it: for each param p with gradient g,
+    d = g + weight_decay·p, scaled by the trust ratio trust_coefficient·|p|/|d| (1 if either
+    norm is 0); buf = momentum·buf + d; p -= lr·buf. Params for which `exclude(p)` is true
+    (default: 1-D params, i.e. biases and BatchNorm weights) get neither weight decay nor the
+    trust ratio: plain momentum SGD. A group may set its own `exclude`. With `teacher=`, the
+    teacher's copy of each param is updated in the same pass.
+
+    Two passes per step (documented cost): per-tensor norms of p and d, then the update.
+    """
+
+    def __init__(self, params, lr: float = 0.1, momentum: float = 0.9, weight_decay: float = 0.0,
+                 trust_coefficient: float = 0.001, *, maximize: bool = False, exclude=None,
+                 teacher: EMATeacher | None = None, teacher_momentum=None):
+        if lr < 0 or momentum < 0 or weight_decay < 0 or trust_coefficient < 0:
+            raise ValueError("lr, momentum, weight_decay and trust_coefficient must be >= 0")
+        defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay,
+                        trust_coefficient=trust_coefficient, maximize=maximize,
+                        exclude=exclude if exclude is not None else _one_dim)
+        super().__init__(params, defaults)
+        self._init_teacher(teacher, teacher_momentum)
+
+    def _step_group(self, group, params, grads, teacher, m):
+        bufs, first = [], []
+        for p in params:
+            state = self.state[p]
+            buf = state.get("momentum_buffer")
+            first.append(int(buf is None))
+            if buf is None:
+                buf = state["momentum_buffer"] = torch.empty_like(p, memory_format=torch.preserve_format)
+            bufs.append(buf)
+        adapt = [int(not group["exclude"](p)) for p in params]
+        torch.ops.eman_fused.lars_ema_step_(
+            params, grads, bufs, teacher, adapt, first, float(group["lr"]), float(group["momentum"]),
+            float(group["weight_decay"]), float(group["trust_coefficient"]), bool(group["maximize"]),
+            float(m))
+
+
+def _one_dim(p: torch.Tensor) -> bool:
+    return p.ndim <= 1
+
+
 def _register_fake_kernels() -> None:
     # The steps return nothing and only write their inputs: the fake kernels have nothing to
     # compute, which lets torch.compile and opcheck trace the ops.
     @torch.library.register_fake("eman_fused::sgd_ema_step_")
     def _sgd_fake(params, grads, bufs, teacher, first, lr, momentum, dampening, nesterov,
                   weight_decay, maximize, teacher_momentum):
+        return None
+
+    @torch.library.register_fake("eman_fused::lars_ema_step_")
+    def _lars_fake(params, grads, bufs, teacher, adapt, first, lr, momentum, weight_decay,
+                   trust_coefficient, maximize, teacher_momentum):
         return None
 
     @torch.library.register_fake("eman_fused::adamw_ema_step_")
