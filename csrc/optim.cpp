@@ -1,8 +1,11 @@
 #include "optim.h"
 
+#include <ATen/ops/empty.h>
 #include <c10/util/Exception.h>
 
 #include <cmath>
+#include <cstring>
+#include <vector>
 
 namespace eman_fused {
 namespace {
@@ -142,6 +145,51 @@ void check_lars_ema(at::TensorList params, at::TensorList grads, at::TensorList 
 void bump_versions(std::initializer_list<at::TensorList> lists) {
   for (at::TensorList list : lists) {
     for (const at::Tensor& t : list) t.unsafeGetTensorImpl()->bump_version();
+  }
+}
+
+OptimTable build_optim_table(at::TensorList params, at::TensorList grads,
+                             std::initializer_list<at::TensorList> states, at::TensorList teacher,
+                             c10::ArrayRef<int64_t> flags, c10::ArrayRef<double> scalar0,
+                             c10::ArrayRef<double> scalar1, bool pinned) {
+  std::vector<at::TensorList> st(states.begin(), states.end());
+  st.resize(3);
+  const int64_t n = static_cast<int64_t>(params.size());
+  auto ptr = [](at::TensorList list, int64_t i) -> int64_t {
+    return list.empty() ? 0 : reinterpret_cast<int64_t>(list[i].const_data_ptr());
+  };
+  std::vector<OptimEntry> entries(n);
+  std::vector<OptimChunk> chunks;
+  for (int64_t i = 0; i < n; ++i) {
+    OptimEntry& e = entries[i];
+    e.param = ptr(params, i), e.grad = ptr(grads, i), e.teacher = ptr(teacher, i);
+    e.state0 = ptr(st[0], i), e.state1 = ptr(st[1], i), e.state2 = ptr(st[2], i);
+    e.numel = params[i].numel();
+    e.first_chunk = static_cast<int64_t>(chunks.size());
+    for (int64_t s = 0; s < e.numel; s += kOptimChunkElems) chunks.push_back({i, s});
+    e.num_chunks = static_cast<int64_t>(chunks.size()) - e.first_chunk;
+    e.flags = flags.empty() ? 0 : flags[i];
+    e.scalar0 = scalar0.empty() ? 0.0 : scalar0[i];
+    e.scalar1 = scalar1.empty() ? 0.0 : scalar1[i];
+  }
+  OptimTable table;
+  table.num_tensors = n;
+  table.num_chunks = static_cast<int64_t>(chunks.size());
+  table.host = at::empty({n * kOptimEntryWords + table.num_chunks * kOptimChunkWords},
+                         at::TensorOptions().dtype(at::kLong).pinned_memory(pinned));
+  auto* out = table.host.mutable_data_ptr<int64_t>();
+  std::memcpy(out, entries.data(), entries.size() * sizeof(OptimEntry));
+  std::memcpy(out + n * kOptimEntryWords, chunks.data(), chunks.size() * sizeof(OptimChunk));
+  return table;
+}
+
+int teacher_tag(at::TensorList teacher) {
+  if (teacher.empty()) return 0;
+  switch (teacher[0].scalar_type()) {
+    case at::kFloat: return 1;
+    case at::kBFloat16: return 2;
+    case at::kHalf: return 3;
+    default: TORCH_CHECK(false, "unreachable: teacher dtype checked before");
   }
 }
 

@@ -4,6 +4,8 @@
 
 #include <initializer_list>
 
+#include "optim_plan_types.h"
+
 namespace eman_fused {
 
 struct SgdArgs {
@@ -39,5 +41,26 @@ void check_lars_ema(at::TensorList params, at::TensorList grads, at::TensorList 
                     at::TensorList teacher, c10::ArrayRef<int64_t> adapt,
                     c10::ArrayRef<int64_t> first, const LarsArgs& a);
 void bump_versions(std::initializer_list<at::TensorList> lists);
+
+// The per-call table of a fused optimizer step, in host memory (int64; see
+// optim_plan_types.h). states: up to three per-param state lists (absent lists empty);
+// flags/scalar0/scalar1: per param, or empty for all zeros.
+struct OptimTable {
+  at::Tensor host;
+  int64_t num_tensors = 0, num_chunks = 0;
+  const OptimEntry* entries() const {
+    return reinterpret_cast<const OptimEntry*>(host.const_data_ptr<int64_t>());
+  }
+  const OptimChunk* chunks() const {
+    return reinterpret_cast<const OptimChunk*>(host.const_data_ptr<int64_t>() +
+                                               num_tensors * kOptimEntryWords);
+  }
+};
+OptimTable build_optim_table(at::TensorList params, at::TensorList grads,
+                             std::initializer_list<at::TensorList> states, at::TensorList teacher,
+                             c10::ArrayRef<int64_t> flags, c10::ArrayRef<double> scalar0,
+                             c10::ArrayRef<double> scalar1, bool pinned);
+// 0 (none), 1 float32, 2 bfloat16, 3 float16: the teachers' dtype (one per call).
+int teacher_tag(at::TensorList teacher);
 
 }  // namespace eman_fused

@@ -18,29 +18,23 @@
 namespace eman_fused {
 namespace {
 
-struct Span {
-  int64_t tensor, start, n;
-};
-
-constexpr int64_t kOptimChunk = 16384;
-
-// Work items of at most kOptimChunk elements, so threads get even shares of big tensors.
-std::vector<Span> spans_of(at::TensorList params) {
-  std::vector<Span> spans;
-  for (size_t i = 0; i < params.size(); ++i) {
-    const int64_t n = params[i].numel();
-    for (int64_t s = 0; s < n; s += kOptimChunk) {
-      spans.push_back({static_cast<int64_t>(i), s, std::min(kOptimChunk, n - s)});
+// Runs f(entry, chunk start, n) over the table's chunks, in parallel.
+template <typename F>
+void for_chunks(const OptimTable& table, F&& f) {
+  const OptimEntry* entries = table.entries();
+  const OptimChunk* chunks = table.chunks();
+  at::parallel_for(0, table.num_chunks, 2, [&](int64_t begin, int64_t end) {
+    for (int64_t k = begin; k < end; ++k) {
+      const OptimEntry& e = entries[chunks[k].tensor];
+      const int64_t start = chunks[k].start;
+      f(e, start, std::min(kOptimChunkElems, e.numel - start), k);
     }
-  }
-  return spans;
+  });
 }
 
-template <typename F>
-void for_spans(const std::vector<Span>& spans, F&& f) {
-  at::parallel_for(0, static_cast<int64_t>(spans.size()), 4, [&](int64_t begin, int64_t end) {
-    for (int64_t k = begin; k < end; ++k) f(spans[k]);
-  });
+template <typename T>
+T* at_elem(int64_t ptr, int64_t start) {
+  return ptr == 0 ? nullptr : reinterpret_cast<T*>(ptr) + start;
 }
 
 namespace baseline {
@@ -63,22 +57,25 @@ bool use_avx2() {
 #endif
 }
 
-// Calls f(TypeTag<T>{}) for the teacher's element type (void: no teacher).
+// Calls f(TypeTag<T>{}) for the teachers' element type (void: no teacher).
 template <typename F>
 void visit_teacher(at::TensorList teacher, F&& f) {
-  if (teacher.empty()) return f(TypeTag<void>{});
-  switch (teacher[0].scalar_type()) {
-    case at::kFloat: return f(TypeTag<float>{});
-    case at::kBFloat16: return f(TypeTag<c10::BFloat16>{});
-    case at::kHalf: return f(TypeTag<c10::Half>{});
-    default: TORCH_CHECK(false, "unreachable: teacher dtype checked before");
+  switch (teacher_tag(teacher)) {
+    case 0: return f(TypeTag<void>{});
+    case 1: return f(TypeTag<float>{});
+    case 2: return f(TypeTag<c10::BFloat16>{});
+    default: return f(TypeTag<c10::Half>{});
   }
 }
 
-// A teacher's data at element `start` (nullptr without a teacher).
-void* teacher_at(at::TensorList teacher, int64_t i, int64_t start) {
-  if (teacher.empty()) return nullptr;
-  return static_cast<char*>(teacher[i].data_ptr()) + start * teacher[i].element_size();
+// A teacher pointer at element `start`, typed (void: no teacher).
+template <typename TT>
+void* teacher_elem(const OptimEntry& e, int64_t start) {
+  if constexpr (std::is_void_v<TT>) {
+    return nullptr;
+  } else {
+    return at_elem<TT>(e.teacher, start);
+  }
 }
 
 void sgd_ema_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList bufs,
@@ -88,22 +85,21 @@ void sgd_ema_step_cpu(at::TensorList params, at::TensorList grads, at::TensorLis
   const SgdArgs a{lr, momentum, dampening, nesterov, weight_decay, maximize, teacher_momentum};
   check_sgd_ema(params, grads, bufs, teacher, first, a);
   bump_versions({params, bufs, teacher});
-  const auto spans = spans_of(params);
+  const OptimTable table = build_optim_table(params, grads, {bufs}, teacher, first, {}, {}, false);
   // One teacher dtype per call (the Python side groups by it); the loops are typed on it.
   visit_teacher(teacher, [&](auto tag) {
     using TT = typename decltype(tag)::type;
     const bool avx = use_avx2();
-    for_spans(spans, [&](const Span& s) {
-      const int64_t i = s.tensor;
-      float* p = params[i].data_ptr<float>() + s.start;
-      const float* g = grads[i].const_data_ptr<float>() + s.start;
-      float* b = bufs.empty() ? nullptr : bufs[i].data_ptr<float>() + s.start;
-      void* t = teacher_at(teacher, i, s.start);
-      const bool f = !first.empty() && first[i] != 0;
+    for_chunks(table, [&](const OptimEntry& e, int64_t start, int64_t n, int64_t) {
+      float* p = at_elem<float>(e.param, start);
+      const float* g = at_elem<const float>(e.grad, start);
+      float* b = at_elem<float>(e.state0, start);
+      void* t = teacher_elem<TT>(e, start);
+      const bool f = (e.flags & kOptimFirst) != 0;
 #if defined(__x86_64__) && defined(__GNUC__)
-      if (avx) return avx2::sgd_span<TT>(p, g, b, t, s.n, a, f);
+      if (avx) return avx2::sgd_span<TT>(p, g, b, t, n, a, f);
 #endif
-      baseline::sgd_span<TT>(p, g, b, t, s.n, a, f);
+      baseline::sgd_span<TT>(p, g, b, t, n, a, f);
     });
   });
 }
@@ -118,24 +114,23 @@ void adamw_ema_step_cpu(at::TensorList params, at::TensorList grads, at::TensorL
   check_adamw_ema(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, teacher, step_sizes,
                   bias_correction2_sqrts, a);
   bump_versions({params, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, teacher});
-  const auto spans = spans_of(params);
+  const OptimTable table = build_optim_table(params, grads, {exp_avgs, exp_avg_sqs, max_exp_avg_sqs},
+                                             teacher, {}, step_sizes, bias_correction2_sqrts, false);
   visit_teacher(teacher, [&](auto tag) {
     using TT = typename decltype(tag)::type;
     const bool avx = use_avx2();
-    for_spans(spans, [&](const Span& s) {
-      const int64_t i = s.tensor;
-      float* p = params[i].data_ptr<float>() + s.start;
-      const float* g = grads[i].const_data_ptr<float>() + s.start;
-      float* m = exp_avgs[i].data_ptr<float>() + s.start;
-      float* v = exp_avg_sqs[i].data_ptr<float>() + s.start;
-      float* vmax = amsgrad ? max_exp_avg_sqs[i].data_ptr<float>() + s.start : nullptr;
-      void* t = teacher_at(teacher, i, s.start);
-      const auto ss = static_cast<float>(step_sizes[i]);
-      const auto bc = static_cast<float>(bias_correction2_sqrts[i]);
+    for_chunks(table, [&](const OptimEntry& e, int64_t start, int64_t n, int64_t) {
+      float* p = at_elem<float>(e.param, start);
+      const float* g = at_elem<const float>(e.grad, start);
+      float* m = at_elem<float>(e.state0, start);
+      float* v = at_elem<float>(e.state1, start);
+      float* vmax = at_elem<float>(e.state2, start);
+      void* t = teacher_elem<TT>(e, start);
+      const auto ss = static_cast<float>(e.scalar0), bc = static_cast<float>(e.scalar1);
 #if defined(__x86_64__) && defined(__GNUC__)
-      if (avx) return avx2::adamw_span<TT>(p, g, m, v, vmax, t, s.n, a, ss, bc);
+      if (avx) return avx2::adamw_span<TT>(p, g, m, v, vmax, t, n, a, ss, bc);
 #endif
-      baseline::adamw_span<TT>(p, g, m, v, vmax, t, s.n, a, ss, bc);
+      baseline::adamw_span<TT>(p, g, m, v, vmax, t, n, a, ss, bc);
     });
   });
 }
@@ -151,46 +146,48 @@ void lars_ema_step_cpu(at::TensorList params, at::TensorList grads, at::TensorLi
   const LarsArgs a{lr, momentum, weight_decay, trust_coefficient, maximize, teacher_momentum};
   check_lars_ema(params, grads, bufs, teacher, adapt, first, a);
   bump_versions({params, bufs, teacher});
-  const auto spans = spans_of(params);
-  const float wd = static_cast<float>(weight_decay), sign = maximize ? -1.0f : 1.0f;
-  std::vector<double> sums(2 * spans.size(), 0.0);
-  const bool avx = use_avx2();
-  at::parallel_for(0, static_cast<int64_t>(spans.size()), 4, [&](int64_t begin, int64_t end) {
-    for (int64_t k = begin; k < end; ++k) {
-      const Span& s = spans[k];
-      if (adapt[s.tensor] == 0) continue;
-      const float* p = params[s.tensor].const_data_ptr<float>() + s.start;
-      const float* g = grads[s.tensor].const_data_ptr<float>() + s.start;
-#if defined(__x86_64__) && defined(__GNUC__)
-      if (avx) { avx2::lars_sumsq(p, g, s.n, wd, sign, &sums[2 * k]); continue; }
-#endif
-      baseline::lars_sumsq(p, g, s.n, wd, sign, &sums[2 * k]);
-    }
-  });
-  std::vector<double> p2(params.size(), 0.0), d2(params.size(), 0.0);
-  for (size_t k = 0; k < spans.size(); ++k) {
-    p2[spans[k].tensor] += sums[2 * k];
-    d2[spans[k].tensor] += sums[2 * k + 1];
-  }
-  std::vector<float> trust(params.size(), 1.0f);
+  std::vector<int64_t> flags(params.size());
   for (size_t i = 0; i < params.size(); ++i) {
-    const double pn = std::sqrt(p2[i]), dn = std::sqrt(d2[i]);
-    if (adapt[i] != 0 && pn > 0.0 && dn > 0.0) {
+    flags[i] = (first[i] != 0 ? kOptimFirst : 0) | (adapt[i] != 0 ? kOptimAdapt : 0);
+  }
+  const OptimTable table = build_optim_table(params, grads, {bufs}, teacher, flags, {}, {}, false);
+  const float wd = static_cast<float>(weight_decay), sign = maximize ? -1.0f : 1.0f;
+  const bool avx = use_avx2();
+  std::vector<double> sums(2 * table.num_chunks, 0.0);
+  for_chunks(table, [&](const OptimEntry& e, int64_t start, int64_t n, int64_t k) {
+    if ((e.flags & kOptimAdapt) == 0) return;
+    const float* p = at_elem<const float>(e.param, start);
+    const float* g = at_elem<const float>(e.grad, start);
+#if defined(__x86_64__) && defined(__GNUC__)
+    if (avx) return avx2::lars_sumsq(p, g, n, wd, sign, &sums[2 * k]);
+#endif
+    baseline::lars_sumsq(p, g, n, wd, sign, &sums[2 * k]);
+  });
+  std::vector<float> trust(params.size(), 1.0f);
+  const OptimEntry* entries = table.entries();
+  for (int64_t i = 0; i < table.num_tensors; ++i) {
+    double p2 = 0.0, d2 = 0.0;  // this tensor's chunks, in order
+    for (int64_t k = entries[i].first_chunk; k < entries[i].first_chunk + entries[i].num_chunks; ++k) {
+      p2 += sums[2 * k], d2 += sums[2 * k + 1];
+    }
+    const double pn = std::sqrt(p2), dn = std::sqrt(d2);
+    if ((entries[i].flags & kOptimAdapt) != 0 && pn > 0.0 && dn > 0.0) {
       trust[i] = static_cast<float>(trust_coefficient * pn / dn);
     }
   }
   visit_teacher(teacher, [&](auto tag) {
     using TT = typename decltype(tag)::type;
-    for_spans(spans, [&](const Span& s) {
-      const int64_t i = s.tensor;
-      float* p = params[i].data_ptr<float>() + s.start;
-      const float* g = grads[i].const_data_ptr<float>() + s.start;
-      float* b = bufs[i].data_ptr<float>() + s.start;
-      void* t = teacher_at(teacher, i, s.start);
+    for_chunks(table, [&](const OptimEntry& e, int64_t start, int64_t n, int64_t k) {
+      const int64_t i = table.chunks()[k].tensor;
+      float* p = at_elem<float>(e.param, start);
+      const float* g = at_elem<const float>(e.grad, start);
+      float* b = at_elem<float>(e.state0, start);
+      void* t = teacher_elem<TT>(e, start);
+      const bool ad = (e.flags & kOptimAdapt) != 0, fi = (e.flags & kOptimFirst) != 0;
 #if defined(__x86_64__) && defined(__GNUC__)
-      if (avx) return avx2::lars_span<TT>(p, g, b, t, s.n, a, adapt[i] != 0, first[i] != 0, trust[i]);
+      if (avx) return avx2::lars_span<TT>(p, g, b, t, n, a, ad, fi, trust[i]);
 #endif
-      baseline::lars_span<TT>(p, g, b, t, s.n, a, adapt[i] != 0, first[i] != 0, trust[i]);
+      baseline::lars_span<TT>(p, g, b, t, n, a, ad, fi, trust[i]);
     });
   });
 }
