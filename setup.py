@@ -54,7 +54,8 @@ def _extension():
     if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
         os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0"
     arch = os.environ.get("TORCH_CUDA_ARCH_LIST", "visible GPU")
-    sources += ["csrc/cuda/bindings.cpp", "csrc/cuda/ema.cu", "csrc/cuda/norm.cu"]
+    sources += ["csrc/cuda/bindings.cpp", "csrc/cuda/ema.cu", "csrc/cuda/norm.cu",
+                "csrc/cuda/optim_bindings.cpp", "csrc/cuda/optim.cu"]
     ext = CUDAExtension("eman_fused._C", sources,
                         extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-lineinfo"]},
                         extra_link_args=["-fopenmp"])

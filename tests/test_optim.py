@@ -8,7 +8,7 @@ from torch import nn
 import eman_fused
 from eman_fused import EMATeacher, optim, schedules
 
-from conftest import bits
+from conftest import bits, needs_cuda_backend
 
 STEPS = 50
 
@@ -290,3 +290,23 @@ def test_lars_trust_ratio_of_one_step_by_hand():
     b.grad = torch.tensor([1.0, 1.0])
     optim.LARS([b], lr=0.5, weight_decay=1.0, trust_coefficient=0.1).step()
     torch.testing.assert_close(b.detach(), torch.tensor([0.5, 1.5]))
+
+
+@needs_cuda_backend
+@pytest.mark.parametrize("cls,kwargs", [(optim.SGD, dict(lr=0.05, momentum=0.9, nesterov=True, weight_decay=1e-3)),
+                                        (optim.AdamW, dict(lr=0.01, amsgrad=True)),
+                                        (optim.LARS, dict(lr=0.5, weight_decay=1e-3, trust_coefficient=0.02))])
+@pytest.mark.parametrize("teacher_dtype", [torch.float32, torch.bfloat16])
+def test_cuda_kernels_match_the_cpu_kernels(cls, kwargs, teacher_dtype):
+    data = batches(10)
+    results = []
+    for device in ("cpu", "cuda"):
+        student = make_model().to(device)
+        teacher = EMATeacher(student, momentum=0.9, teacher_dtype=teacher_dtype)
+        opt = cls(student.parameters(), teacher=teacher, **kwargs)
+        train(student, opt, [(x.to(device), y.to(device)) for x, y in data])
+        results.append(({k: v.cpu() for k, v in student.state_dict().items()},
+                        {k: v.cpu() for k, v in teacher.state_dict().items()}))
+    assert_close_states(results[1][0], results[0][0], rtol=1e-4, atol=1e-5)
+    assert_close_states(results[1][1], results[0][1], rtol=2e-2 if teacher_dtype == torch.bfloat16 else 1e-4,
+                        atol=1e-5)

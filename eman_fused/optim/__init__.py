@@ -1,4 +1,4 @@
-"""Optimizers that update the EMA teacher in the same pass as the student (CPU kernels so far).
+"""Optimizers that update the EMA teacher in the same pass as the student (CPU and CUDA kernels).
 
 `LARS` is BYOL/SimCLR's layer-wise adaptive SGD, with the same teacher fusion.
 
@@ -15,6 +15,7 @@ import math
 
 import torch
 
+from .. import _backends
 from ..schedules import Constant, Schedule
 from ..teacher import EMATeacher, _generation_now, named_tensors
 
@@ -106,9 +107,11 @@ class _FusedStep:
                 continue
             if p.grad.is_sparse:
                 raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
-            if p.device.type != "cpu":
-                raise NotImplementedError(f"eman_fused.optim.{type(self).__name__} has CPU kernels only so "
-                                          f"far; got a param on {p.device}")
+            if p.device.type not in ("cpu", "cuda"):
+                raise NotImplementedError(f"eman_fused.optim.{type(self).__name__} has CPU and CUDA kernels; "
+                                          f"got a param on {p.device}")
+            if p.device.type == "cuda":
+                _backends.require("cuda")
             params.append(p)
             grads.append(p.grad)
         return params, grads

@@ -1,0 +1,31 @@
+// Launchers of the fused optimizer kernels: the device copy of the step's table, the
+// hyper-parameters, a stream. No torch types.
+#pragma once
+#include <cuda_runtime_api.h>
+
+#include "../optim_plan_types.h"
+
+namespace eman_fused {
+
+struct SgdHyper {
+  float lr, momentum, dampening, weight_decay, sign, teacher_momentum;
+  bool nesterov;
+};
+struct AdamWHyper {
+  float lr, beta1, beta2, eps, weight_decay, sign, teacher_momentum;
+};
+struct LarsHyper {
+  float lr, momentum, weight_decay, trust_coefficient, sign, teacher_momentum;
+};
+
+// teacher_tag: 0 none, 1 float32, 2 bfloat16, 3 float16.
+cudaError_t launch_sgd_ema(const OptimEntry* entries, const OptimChunk* chunks, int64_t num_chunks,
+                           int teacher_tag, SgdHyper h, cudaStream_t stream);
+cudaError_t launch_adamw_ema(const OptimEntry* entries, const OptimChunk* chunks,
+                             int64_t num_chunks, int teacher_tag, AdamWHyper h, cudaStream_t stream);
+// Two launches: per-chunk sums of squares into `partials` (2 doubles per chunk), then the
+// update, each block summing its tensor's partials in a fixed order (deterministic).
+cudaError_t launch_lars_ema(const OptimEntry* entries, const OptimChunk* chunks, int64_t num_chunks,
+                            int teacher_tag, LarsHyper h, double* partials, cudaStream_t stream);
+
+}  // namespace eman_fused

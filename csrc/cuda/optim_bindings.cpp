@@ -1,0 +1,117 @@
+// CUDA registrations of the fused optimizer steps: validation and the step's table from
+// optim.cpp (the same as the CPU path), the table copied to the device asynchronously from
+// pinned memory, launches from optim.cu.
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGraphsC10Utils.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <ATen/ops/empty.h>
+#include <torch/library.h>
+
+#include <vector>
+
+#include "../optim.h"
+#include "optim.h"
+
+namespace eman_fused {
+namespace {
+
+struct DeviceTable {
+  at::Tensor table;
+  const OptimEntry* entries;
+  const OptimChunk* chunks;
+  int64_t num_chunks;
+};
+
+// The table goes host -> device on the current stream (pinned, non-blocking): a CUDA graph
+// could not replay that copy with the next step's values, so capture is refused.
+DeviceTable to_device(const char* op, const OptimTable& host, const at::Device& device) {
+  TORCH_CHECK(c10::cuda::currentStreamCaptureStatusMayInitCtx() == c10::cuda::CaptureStatus::None,
+              op, ": the fused optimizer steps cannot be captured in a CUDA graph yet ",
+              "(their table is copied from the host at each step)");
+  DeviceTable d;
+  d.table = host.host.to(device, /*non_blocking=*/true);
+  d.entries = reinterpret_cast<const OptimEntry*>(d.table.const_data_ptr<int64_t>());
+  d.chunks = reinterpret_cast<const OptimChunk*>(d.table.const_data_ptr<int64_t>() +
+                                                 host.num_tensors * kOptimEntryWords);
+  d.num_chunks = host.num_chunks;
+  return d;
+}
+
+float sign_of(bool maximize) { return maximize ? -1.0f : 1.0f; }
+
+void sgd_ema_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList bufs,
+                       at::TensorList teacher, c10::ArrayRef<int64_t> first, double lr,
+                       double momentum, double dampening, bool nesterov, double weight_decay,
+                       bool maximize, double teacher_momentum) {
+  const SgdArgs a{lr, momentum, dampening, nesterov, weight_decay, maximize, teacher_momentum};
+  check_sgd_ema(params, grads, bufs, teacher, first, a);
+  if (params.empty()) return;
+  const c10::cuda::CUDAGuard guard(params[0].device());
+  bump_versions({params, bufs, teacher});
+  const OptimTable host = build_optim_table(params, grads, {bufs}, teacher, first, {}, {}, true);
+  const DeviceTable d = to_device("sgd_ema_step_", host, params[0].device());
+  const SgdHyper h{static_cast<float>(lr), static_cast<float>(momentum),
+                   static_cast<float>(dampening), static_cast<float>(weight_decay),
+                   sign_of(maximize), static_cast<float>(teacher_momentum), nesterov};
+  C10_CUDA_CHECK(launch_sgd_ema(d.entries, d.chunks, d.num_chunks, teacher_tag(teacher), h,
+                                c10::cuda::getCurrentCUDAStream().stream()));
+}
+
+void adamw_ema_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
+                         at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs,
+                         at::TensorList teacher, c10::ArrayRef<double> step_sizes,
+                         c10::ArrayRef<double> bias_correction2_sqrts, double lr, double beta1,
+                         double beta2, double eps, double weight_decay, bool amsgrad,
+                         bool maximize, double teacher_momentum) {
+  const AdamWArgs a{lr, beta1, beta2, eps, weight_decay, amsgrad, maximize, teacher_momentum};
+  check_adamw_ema(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, teacher, step_sizes,
+                  bias_correction2_sqrts, a);
+  if (params.empty()) return;
+  const c10::cuda::CUDAGuard guard(params[0].device());
+  bump_versions({params, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, teacher});
+  const OptimTable host = build_optim_table(params, grads, {exp_avgs, exp_avg_sqs, max_exp_avg_sqs},
+                                            teacher, {}, step_sizes, bias_correction2_sqrts, true);
+  const DeviceTable d = to_device("adamw_ema_step_", host, params[0].device());
+  const AdamWHyper h{static_cast<float>(lr), static_cast<float>(beta1), static_cast<float>(beta2),
+                     static_cast<float>(eps), static_cast<float>(weight_decay), sign_of(maximize),
+                     static_cast<float>(teacher_momentum)};
+  C10_CUDA_CHECK(launch_adamw_ema(d.entries, d.chunks, d.num_chunks, teacher_tag(teacher), h,
+                                  c10::cuda::getCurrentCUDAStream().stream()));
+}
+
+void lars_ema_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList bufs,
+                        at::TensorList teacher, c10::ArrayRef<int64_t> adapt,
+                        c10::ArrayRef<int64_t> first, double lr, double momentum,
+                        double weight_decay, double trust_coefficient, bool maximize,
+                        double teacher_momentum) {
+  const LarsArgs a{lr, momentum, weight_decay, trust_coefficient, maximize, teacher_momentum};
+  check_lars_ema(params, grads, bufs, teacher, adapt, first, a);
+  if (params.empty()) return;
+  const c10::cuda::CUDAGuard guard(params[0].device());
+  bump_versions({params, bufs, teacher});
+  std::vector<int64_t> flags(params.size());
+  for (size_t i = 0; i < params.size(); ++i) {
+    flags[i] = (first[i] != 0 ? kOptimFirst : 0) | (adapt[i] != 0 ? kOptimAdapt : 0);
+  }
+  const OptimTable host = build_optim_table(params, grads, {bufs}, teacher, flags, {}, {}, true);
+  const DeviceTable d = to_device("lars_ema_step_", host, params[0].device());
+  at::Tensor partials = at::empty({2 * std::max<int64_t>(1, d.num_chunks)},
+                                  params[0].options().dtype(at::kDouble));
+  const LarsHyper h{static_cast<float>(lr), static_cast<float>(momentum),
+                    static_cast<float>(weight_decay), static_cast<float>(trust_coefficient),
+                    sign_of(maximize), static_cast<float>(teacher_momentum)};
+  C10_CUDA_CHECK(launch_lars_ema(d.entries, d.chunks, d.num_chunks, teacher_tag(teacher), h,
+                                 partials.mutable_data_ptr<double>(),
+                                 c10::cuda::getCurrentCUDAStream().stream()));
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(eman_fused, CUDA, m) {
+  m.impl("sgd_ema_step_", &sgd_ema_step_cuda);
+  m.impl("adamw_ema_step_", &adamw_ema_step_cuda);
+  m.impl("lars_ema_step_", &lars_ema_step_cuda);
+}
+
+}  // namespace eman_fused
