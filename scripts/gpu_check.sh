@@ -3,7 +3,7 @@
 # (the GPU ones included), `check` every backend on the GPU, run the benchmark and the Triton
 # tuning sweep, and write files that can be committed as they are, then re-render README.md:
 #   $RESULTS/gpu_tests.log, check_<gpu>_<date>.log, ema_<gpu>_<date>.{json,md,png},
-#   tune_triton_ema_<gpu>_<date>.json
+#   optim_<gpu>_<date>.{json,md}, teacher_<gpu>_<date>.{json,md}, tune_triton_ema_<gpu>_<date>.json
 # Uses the Python it is given ($PYTHON, default python3) with its own torch: GPU machines
 # may have no network, so nothing is installed here.
 set -euo pipefail
@@ -23,6 +23,10 @@ stamp="ema_${name}_$(date +%Y-%m-%d)"
   | tee "$RESULTS/check_${name}_$(date +%Y-%m-%d).log" || status=1
 "$PYTHON" -m eman_fused bench --device cuda --ops ema,norm --model resnet50,vit_b16,many_small --dtypes fp32:fp32,fp32:bf16,bf16:bf16 --compile \
   --json "$RESULTS/$stamp.json" --markdown "$RESULTS/$stamp.md" --plot "$RESULTS/$stamp.png"
+"$PYTHON" benchmarks/bench_optim.py --device cuda --json "$RESULTS/optim_${name}_$(date +%Y-%m-%d).json" \
+  --markdown "$RESULTS/optim_${name}_$(date +%Y-%m-%d).md" || status=1
+"$PYTHON" benchmarks/bench_teacher.py --device cuda --json "$RESULTS/teacher_${name}_$(date +%Y-%m-%d).json" \
+  --markdown "$RESULTS/teacher_${name}_$(date +%Y-%m-%d).md" || status=1
 "$PYTHON" benchmarks/tune_triton_ema.py --json "$RESULTS/tune_triton_ema_${name}_$(date +%Y-%m-%d).json"
 "$PYTHON" benchmarks/results/render.py
 exit $status
