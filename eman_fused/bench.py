@@ -36,7 +36,8 @@ import torch
 import eman_fused
 from eman_fused import shapes
 
-OPS = {"ema": "the fused EMA teacher update", "norm": "eman_norm (BN with running stats + add + ReLU)"}
+OPS = {"ema": "the fused EMA teacher update", "norm": "eman_norm (BN with running stats + add + ReLU)",
+       "optim": "optimizer step + teacher update (SGD, AdamW, LARS) vs torch's optimizer + a separate EMA"}
 
 MOMENTUM = 0.999
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -304,6 +305,16 @@ def run(args) -> dict:
             norm["cases"].append(bench_norm.run_case(site, batch, layout, dtype, device, args.compile))
         result["norm"] = norm
         texts.append(bench_norm.markdown(norm))
+    if "optim" in ops:
+        from . import bench_optim
+        optim = {"environment": result["environment"], "copy_GBps": result["copy_GBps"], "cases": []}
+        models = [shapes.load_table(spec) for spec in args.models.split(",")]
+        combos = [(name, table, o) for name, table in models for o in bench_optim.CONFIGS]
+        for i, (name, table, o) in enumerate(combos):
+            say(f"[optim {i + 1}/{len(combos)}] {name} {o} ...")
+            optim["cases"].append(bench_optim.run_case(name, table, o, device))
+        result["optim"] = optim
+        texts.append(bench_optim.markdown(optim))
     text = "\n".join(texts)
     print(text)
     if args.json:

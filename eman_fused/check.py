@@ -10,6 +10,11 @@ For eman_norm ('norm'), per backend, ResNet-50 activation site (batch 2), layout
 the output and the gradients of x, weight, bias and residual against the eager reference's
 autograd (output tolerance per dtype; gradient sums relative 1e-3).
 
+For the fused optimizers ('optim'), per backend (device), model and optimizer (SGD with
+momentum + nesterov + weight decay, AdamW with amsgrad, LARS): 3 steps with the teacher fused,
+against torch.optim.SGD / AdamW (LARS: eman_fused.reference.lars_step_) followed by the reference
+EMA update; params and teacher within relative 1e-4.
+
 Test hook: EMAN_FUSED_CHECK_FAULT=<backend> perturbs that backend's result after it runs,
 so the tests can prove that the checker fails when a kernel is wrong.
 """
@@ -120,6 +125,47 @@ def check_norm(backend, site, layout, dtype, device) -> dict:
             "copied_at_m0": None, "counters_exact": None, "passed": ok}
 
 
+OPTIM_CASES = {
+    "sgd": (dict(lr=0.05, momentum=0.9, nesterov=True, weight_decay=1e-4), "SGD"),
+    "adamw": (dict(lr=1e-3, weight_decay=0.05, amsgrad=True), "AdamW"),
+    "lars": (dict(lr=0.1, momentum=0.9, weight_decay=1e-4, trust_coefficient=0.01), "LARS"),
+}
+
+
+def check_optim(name, table, optim_name, device) -> dict:
+    """Fused optimizer + teacher vs the torch optimizer (or eager LARS) + reference EMA."""
+    from eman_fused.bench_optim import make
+    kwargs, cls_name = OPTIM_CASES[optim_name]
+    student, ref = make(table, device), make(table, device)
+    teacher = eman_fused.EMATeacher(student, momentum=0.9, eman=False)
+    ref_teacher = [t.detach().clone() for t in teacher.ema_tensors]
+    opt = getattr(eman_fused.optim, cls_name)(student.parameters(), teacher=teacher, **kwargs)
+    if optim_name == "lars":
+        ref_params, bufs = list(ref.parameters()), {}
+        ref_step = lambda: reference.lars_step_(ref_params, bufs, **kwargs)  # noqa: E731
+    else:
+        ref_opt = getattr(torch.optim, cls_name)(ref.parameters(), **kwargs)
+        ref_step = ref_opt.step
+    ref_sources = [dict(ref.named_parameters(), **dict(ref.named_buffers()))[n] for n in
+                   [dict((id(v), k) for k, v in [*student.named_parameters(), *student.named_buffers()])[id(s)]
+                    for s in teacher._ema_lists[1]]]
+    for _ in range(3):
+        opt.step()
+        ref_step()
+        reference.ema_update_(ref_teacher, ref_sources, 0.9)
+    if os.environ.get("EMAN_FUSED_CHECK_FAULT") == device.type:  # test hook
+        next(iter(student.parameters())).data.view(-1)[0] += 1.0
+    ours = [*student.parameters(), *teacher.ema_tensors]
+    expected = [*ref.parameters(), *ref_teacher]
+    max_abs = max((a.double() - e.double()).abs().max().item() for a, e in zip(ours, expected) if a.numel())
+    max_rel = max(((a.double() - e.double()).abs() / e.double().abs().clamp_min(1e-30)).max().item()
+                  for a, e in zip(ours, expected) if a.numel())
+    ok = all(torch.allclose(a, e, rtol=1e-4, atol=1e-6) for a, e in zip(ours, expected))
+    return {"op": "optim", "backend": device.type, "model": name, "dtypes": optim_name,
+            "max_abs_err": max_abs, "max_rel_err": max_rel, "within_tolerance": ok,
+            "identical_at_m1": None, "copied_at_m0": None, "counters_exact": None, "passed": ok}
+
+
 def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--model", "--models", dest="models", default="resnet50",
                     help="comma-separated: resnet50, vit_b16, many_small, a .json shape file, "
@@ -127,7 +173,7 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtypes", "--dtype", dest="dtypes", default=DEFAULT_PAIRS,
                     help="ema: teacher:student pairs")
-    ap.add_argument("--ops", default="ema,norm", help="comma-separated, of: ema, norm")
+    ap.add_argument("--ops", default="ema,norm,optim", help="comma-separated, of: ema, norm, optim")
 
 
 def run(args) -> int:
@@ -139,8 +185,8 @@ def run(args) -> int:
             print(" ", b, file=sys.stderr)
         return 1
     ops = args.ops.split(",")
-    if unknown := [op for op in ops if op not in ("ema", "norm")]:
-        print(f"check: unknown op(s) {', '.join(unknown)}; available: ema, norm", file=sys.stderr)
+    if unknown := [op for op in ops if op not in ("ema", "norm", "optim")]:
+        print(f"check: unknown op(s) {', '.join(unknown)}; available: ema, norm, optim", file=sys.stderr)
         return 2
     rows = []
     if "ema" in ops:
@@ -156,11 +202,15 @@ def run(args) -> int:
                 for dtype in ("fp32", "bf16"):
                     for backend in names:
                         rows.append(check_norm(backend, site, layout, dtype, device))
-    print(f"{'op':<4} {'backend':<8} {'model':<14} {'dtypes':<16} {'max abs err':>12} "
+    if "optim" in ops and (device.type == "cpu" or "cuda" in names):
+        for name, table in (shapes.load_table(spec) for spec in args.models.split(",")):
+            for optim_name in OPTIM_CASES:
+                rows.append(check_optim(name, table, optim_name, device))
+    print(f"{'op':<5} {'backend':<8} {'model':<14} {'dtypes':<16} {'max abs err':>12} "
           f"{'max rel err':>12}  {'m=1 same':<9} {'m=0 copy':<9} {'counters':<9} result")
     for r in rows:
         flag = lambda ok: "-" if r["op"] != "ema" else ("yes" if ok else "NO")  # noqa: E731  (EMA-only columns)
-        print(f"{r['op']:<4} {r['backend']:<8} {r['model']:<14} {r['dtypes']:<16} {r['max_abs_err']:>12.3e} "
+        print(f"{r['op']:<5} {r['backend']:<8} {r['model']:<14} {r['dtypes']:<16} {r['max_abs_err']:>12.3e} "
               f"{r['max_rel_err']:>12.3e}  {flag(r['identical_at_m1']):<9} {flag(r['copied_at_m0']):<9} "
               f"{flag(r['counters_exact']):<9} {'pass' if r['passed'] else 'FAIL'}")
     failed = [r for r in rows if not r["passed"]]

@@ -60,3 +60,25 @@ def eman_norm(x: torch.Tensor, running_mean: torch.Tensor, running_var: torch.Te
     if relu:
         y = torch.relu(y)
     return y.to(x.dtype)
+
+
+def lars_step_(params: Sequence[torch.Tensor], momentum_buffers: dict, lr: float, momentum: float,
+               weight_decay: float, trust_coefficient: float, exclude=lambda p: p.ndim <= 1,
+               maximize: bool = False) -> None:
+    """LARS as BYOL and SimCLR use it, one param at a time with plain tensor ops (the fused
+    eman_fused.optim.LARS is held to this): d = g + wd·p scaled by
+    trust_coefficient·|p|/|d| (1 if a norm is 0), except for `exclude`d params (plain g);
+    buf = momentum·buf + d (d at first); p -= lr·buf. momentum_buffers: param -> buffer."""
+    with torch.no_grad():
+        for p in params:
+            if p.grad is None:
+                continue
+            d = -p.grad if maximize else p.grad.clone()
+            if not exclude(p):
+                d = d + weight_decay * p
+                pn, dn = p.norm(), d.norm()
+                trust = trust_coefficient * pn / dn if pn > 0 and dn > 0 else torch.ones((), device=p.device)
+                d = d * trust
+            buf = momentum_buffers.get(p)
+            momentum_buffers[p] = d.clone() if buf is None else buf.mul_(momentum).add_(d)
+            p.sub_(lr * momentum_buffers[p])

@@ -82,9 +82,31 @@ def test_bench_writes_json_markdown_and_png(tiny_json, tmp_path):
     assert "[ema 4/4]" in out.stderr  # progress
 
 
-def test_bench_refuses_ops_not_built():
-    out = cli("bench", "--ops", "ema,optim", "--device", "cpu")
-    assert out.returncode != 0 and "optim" in out.stderr
+def test_bench_refuses_unknown_ops():
+    out = cli("bench", "--ops", "ema,layernorm", "--device", "cpu")
+    assert out.returncode != 0 and "layernorm" in out.stderr
+
+
+def test_check_covers_the_fused_optimizers_and_fails_when_wrong(tiny_json):
+    ok = cli("check", "--model", f"{tiny_json},tiny_model:make", "--device", "cpu", "--ops", "optim")
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    assert "6 passed, 0 failed" in ok.stdout  # 2 models x (sgd, adamw, lars)
+    bad = cli("check", "--model", str(tiny_json), "--device", "cpu", "--ops", "optim",
+              env={"EMAN_FUSED_CHECK_FAULT": "cpu"})
+    assert bad.returncode == 1 and "0 passed, 3 failed" in bad.stdout
+
+
+def test_bench_optim(tiny_json, tmp_path):
+    out = cli("bench", "--ops", "optim", "--model", str(tiny_json), "--device", "cpu",
+              "--json", str(tmp_path / "o.json"))
+    assert out.returncode == 0, out.stderr
+    cases = json.loads((tmp_path / "o.json").read_text())["optim"]["cases"]
+    assert [c["case"] for c in cases] == ["tiny sgd", "tiny adamw", "tiny lars"]
+    assert set(cases[0]["methods"]) == {"eman_fused", "torch+EMATeacher", "torch_foreach+EMATeacher",
+                                        "torch+foreach_lerp"}
+    assert set(cases[2]["methods"]) == {"eman_fused", "eager_lars+EMATeacher"}
+    for c in cases:
+        assert all(m["ms"] > 0 and m["eman_fused_speedup"] > 0 for m in c["methods"].values())
 
 
 def test_bench_norm_forward_and_backward(tmp_path):

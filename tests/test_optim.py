@@ -244,23 +244,6 @@ def test_opcheck_on_both_ops():
                           (p, g, b, t, [1, 0, 1], [0, 1, 0], 0.1, 0.9, 1e-4, 0.001, False, 0.9))
 
 
-def eager_lars_step(params, state, lr, momentum, weight_decay, eta, exclude=lambda p: p.ndim <= 1):
-    """LARS written out with plain tensor ops: the reference the fused kernel is held to."""
-    with torch.no_grad():
-        for p in params:
-            if p.grad is None:
-                continue
-            d = p.grad.clone()
-            if not exclude(p):
-                d = d + weight_decay * p
-                pn, dn = p.norm(), d.norm()
-                trust = eta * pn / dn if pn > 0 and dn > 0 else torch.tensor(1.0)
-                d = d * trust
-            buf = state.get(p)
-            state[p] = d.clone() if buf is None else buf.mul_(momentum).add_(d)
-            p.sub_(lr * state[p])
-
-
 def test_lars_matches_the_eager_reference_and_feeds_the_teacher():
     data = batches(30)
     student, ref = make_model(), make_model()
@@ -274,7 +257,7 @@ def test_lars_matches_the_eager_reference_and_feeds_the_teacher():
         for p in ref.parameters():
             p.grad = None
         nn.functional.mse_loss(ref(x), y).backward()
-        eager_lars_step(list(ref.parameters()), state, 0.5, 0.9, 1e-3, 0.02)
+        eman_fused.reference.lars_step_(list(ref.parameters()), state, 0.5, 0.9, 1e-3, 0.02)
         official_eman_update(ref_teacher, ref, 0.9)
     assert_close_states(student.state_dict(), ref.state_dict(), rtol=1e-4, atol=1e-5)
     assert_close_states(teacher.state_dict(), ref_teacher.state_dict(), rtol=1e-4, atol=1e-5)
