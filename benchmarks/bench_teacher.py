@@ -101,7 +101,7 @@ def run(args) -> dict:
         rows[name]["num_batches_tracked"] = counter(teacher)
     for name, row in rows.items():
         row["eman_fused_speedup"] = row["ms"] / rows["eman_fused"]["ms"]
-    return {"environment": environment(device), "model": args.model, "tensors": len(tensors),
+    return {"op": "teacher", "environment": environment(device), "model": args.model, "tensors": len(tensors),
             "bytes_per_step": nbytes, "momentum": MOMENTUM, "copy_GBps": copy_bandwidth(device, nbytes // 3),
             "methods": rows, "skipped": skipped}
 

@@ -174,8 +174,8 @@ def main(argv=None) -> dict:
         for optim_name in args.optim.split(","):
             print(f"[optim] {name} {optim_name} ...", flush=True)
             cases.append(run_case(name, table, optim_name, device))
-    result = {"environment": environment(device), "copy_GBps": copy_bandwidth(device, 1 << 28),
-              "momentum": M, "cases": cases}
+    result = {"op": "optim", "environment": environment(device),
+              "copy_GBps": copy_bandwidth(device, 1 << 28), "momentum": M, "cases": cases}
     text = markdown(result)
     print(text)
     if args.json:

@@ -1,5 +1,6 @@
 """Renders README.md's performance tables from the committed results in benchmarks/results/
-(JSON written by `python -m eman_fused bench --json`): only measured numbers, each table
+(JSON written by `python -m eman_fused bench --json`, benchmarks/bench_optim.py and
+benchmarks/bench_teacher.py): only measured numbers, each table
 with its device, date, versions and commit; GPU results first.
 
   python benchmarks/results/render.py          # rewrite the block in README.md
@@ -16,6 +17,13 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 from eman_fused.bench import markdown  # noqa: E402
 from eman_fused.bench_norm import markdown as norm_markdown  # noqa: E402
+from eman_fused.bench_optim import markdown as optim_markdown  # noqa: E402
+
+
+def teacher_markdown(data: dict) -> str:
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from bench_teacher import markdown as teacher_md
+    return teacher_md(data)
 
 START = "<!-- perf-tables:start (rendered by benchmarks/results/render.py) -->"
 END = "<!-- perf-tables:end -->"
@@ -25,9 +33,20 @@ def render(results_dir: Path = ROOT / "benchmarks" / "results") -> str:
     blocks = {"GPU": [], "CPU": []}
     for path in sorted(results_dir.rglob("*.json")):
         data = json.loads(path.read_text())
-        if "cases" not in data or "environment" not in data:
+        if "environment" not in data:
             continue  # e.g. a tuning sweep
         kind = "GPU" if data["environment"]["device"].startswith("cuda") else "CPU"
+        where = f"**{kind}** (`{path.relative_to(ROOT)}`): "
+        if data.get("op") == "optim":  # benchmarks/bench_optim.py
+            blocks[kind].append(where + optim_markdown(data))
+            continue
+        if data.get("op") == "teacher":  # benchmarks/bench_teacher.py
+            blocks[kind].append(where + teacher_markdown(data))
+            continue
+        if "cases" not in data:
+            continue
+        if "optim" in data:  # python -m eman_fused bench --ops optim
+            blocks[kind].append(where + optim_markdown(data["optim"]))
         if data["cases"]:
             blocks[kind].append(f"**{kind}** (`{path.relative_to(ROOT)}`): " + markdown(data))
         if "norm" in data:
