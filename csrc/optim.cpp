@@ -183,6 +183,14 @@ OptimTable build_optim_table(at::TensorList params, at::TensorList grads,
   return table;
 }
 
+std::vector<int64_t> lars_flags(c10::ArrayRef<int64_t> adapt, c10::ArrayRef<int64_t> first) {
+  std::vector<int64_t> flags(adapt.size());
+  for (size_t i = 0; i < adapt.size(); ++i) {
+    flags[i] = (first[i] != 0 ? kOptimFirst : 0) | (adapt[i] != 0 ? kOptimAdapt : 0);
+  }
+  return flags;
+}
+
 int teacher_tag(at::TensorList teacher) {
   if (teacher.empty()) return 0;
   switch (teacher[0].scalar_type()) {

@@ -3,6 +3,7 @@
 #include <ATen/core/Tensor.h>
 
 #include <initializer_list>
+#include <vector>
 
 #include "optim_plan_types.h"
 
@@ -60,6 +61,8 @@ OptimTable build_optim_table(at::TensorList params, at::TensorList grads,
                              std::initializer_list<at::TensorList> states, at::TensorList teacher,
                              c10::ArrayRef<int64_t> flags, c10::ArrayRef<double> scalar0,
                              c10::ArrayRef<double> scalar1, bool pinned);
+// LARS's per-param table flags from its adapt / first lists.
+std::vector<int64_t> lars_flags(c10::ArrayRef<int64_t> adapt, c10::ArrayRef<int64_t> first);
 // 0 (none), 1 float32, 2 bfloat16, 3 float16: the teachers' dtype (one per call).
 int teacher_tag(at::TensorList teacher);
 

@@ -10,7 +10,6 @@ they normalize with running statistics EMA'd from the online network's.
 """
 from __future__ import annotations
 
-import argparse
 import sys
 from collections import OrderedDict
 from pathlib import Path
@@ -23,7 +22,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import eman_fused  # noqa: E402
-from digits import ReferenceCheck, SmallCNN, linear_probe, load_digits, strong_augment  # noqa: E402
+from digits import (ReferenceCheck, SmallCNN, linear_probe, load_digits, probe_results,  # noqa: E402
+                    ssl_main, strong_augment)
 from eman_fused import schedules  # noqa: E402
 
 
@@ -62,28 +62,12 @@ def run(steps: int, batch: int, seed: int, check: bool = False) -> dict:
             checker.compare()
     if check:
         return dict(checked_steps=checker.compared)
-    return dict(random_encoder_probe=random_probe,
-                online_probe=linear_probe(online.encoder, x_train, y_train, x_test, y_test),
-                target_probe=linear_probe(target.module.encoder, x_train, y_train, x_test, y_test),
-                final_loss=loss.item())
+    return probe_results(random_probe, online.encoder, target.module.encoder, (x_train, y_train, x_test, y_test),
+                         loss.item())
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--steps", type=int, default=1000)
-    ap.add_argument("--batch", type=int, default=256)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--check", action="store_true", help="fused vs reference target for a few steps")
-    args = ap.parse_args(argv)
-    if args.check:
-        r = run(min(args.steps, 5), 64, args.seed, check=True)
-        print(f"check: fused target == reference target after each of {r['checked_steps']} steps")
-        return 0
-    r = run(args.steps, args.batch, args.seed)
-    print(f"linear probe test accuracy: random encoder {100 * r['random_encoder_probe']:.1f}%, "
-          f"BYOL online encoder {100 * r['online_probe']:.1f}%, EMAN target encoder "
-          f"{100 * r['target_probe']:.1f}% (final loss {r['final_loss']:.3f})")
-    return 0
+    return ssl_main(argv, __doc__, run, steps=1000, batch=256, student="BYOL online encoder", teacher="target")
 
 
 if __name__ == "__main__":

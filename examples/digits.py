@@ -139,3 +139,30 @@ class ReferenceCheck:
         for k in fused:
             torch.testing.assert_close(fused[k], eager[k], **tol, msg=lambda m: f"{k}: {m}")
         self.compared += 1
+
+
+def probe_results(random_probe, student_encoder, teacher_encoder, data, final_loss) -> dict:
+    """The self-supervised examples' report: linear probes of a random, the trained and the
+    teacher encoder."""
+    return dict(random=random_probe, student=linear_probe(student_encoder, *data),
+                teacher=linear_probe(teacher_encoder, *data), final_loss=final_loss)
+
+
+def ssl_main(argv, doc: str, run, steps: int, batch: int, student: str, teacher: str) -> int:
+    """Command line of the self-supervised examples: train and probe, or --check a few steps."""
+    import argparse
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--steps", type=int, default=steps)
+    ap.add_argument("--batch", type=int, default=batch)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--check", action="store_true", help=f"fused vs reference {teacher} for a few steps")
+    args = ap.parse_args(argv)
+    if args.check:
+        r = run(min(args.steps, 5), 32, args.seed, check=True)
+        print(f"check: fused {teacher} == reference {teacher} after each of {r['checked_steps']} steps")
+        return 0
+    r = run(args.steps, args.batch, args.seed)
+    print(f"linear probe test accuracy: random encoder {100 * r['random']:.1f}%, {student} "
+          f"{100 * r['student']:.1f}%, EMAN {teacher} {100 * r['teacher']:.1f}% "
+          f"(final loss {r['final_loss']:.3f})")
+    return 0

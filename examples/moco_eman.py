@@ -10,7 +10,6 @@ shuffling. Keys go into a queue of negatives; the loss is InfoNCE.
 """
 from __future__ import annotations
 
-import argparse
 import sys
 from collections import OrderedDict
 from pathlib import Path
@@ -23,7 +22,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import eman_fused  # noqa: E402
-from digits import ReferenceCheck, SmallCNN, linear_probe, load_digits, strong_augment  # noqa: E402
+from digits import (ReferenceCheck, SmallCNN, linear_probe, load_digits, probe_results,  # noqa: E402
+                    ssl_main, strong_augment)
 
 
 def run(steps: int, batch: int, seed: int, queue_size: int = 1024, temperature: float = 0.2,
@@ -55,28 +55,12 @@ def run(steps: int, batch: int, seed: int, queue_size: int = 1024, temperature: 
             checker.compare()
     if check:
         return dict(checked_steps=checker.compared)
-    return dict(random_encoder_probe=random_probe,
-                query_probe=linear_probe(query.encoder, x_train, y_train, x_test, y_test),
-                key_probe=linear_probe(keys.module.encoder, x_train, y_train, x_test, y_test),
-                final_loss=loss.item())
+    return probe_results(random_probe, query.encoder, keys.module.encoder, (x_train, y_train, x_test, y_test),
+                         loss.item())
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--steps", type=int, default=400)
-    ap.add_argument("--batch", type=int, default=128)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--check", action="store_true", help="fused vs reference key encoder for a few steps")
-    args = ap.parse_args(argv)
-    if args.check:
-        r = run(min(args.steps, 5), 32, args.seed, check=True)
-        print(f"check: fused key encoder == reference key encoder after each of {r['checked_steps']} steps")
-        return 0
-    r = run(args.steps, args.batch, args.seed)
-    print(f"linear probe test accuracy: random encoder {100 * r['random_encoder_probe']:.1f}%, "
-          f"MoCo query encoder {100 * r['query_probe']:.1f}%, EMAN key encoder "
-          f"{100 * r['key_probe']:.1f}% (final loss {r['final_loss']:.3f})")
-    return 0
+    return ssl_main(argv, __doc__, run, steps=400, batch=128, student="MoCo query encoder", teacher="key encoder")
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ def test_example_check_mode(script):
     run = subprocess.run([sys.executable, str(ROOT / "examples" / script), "--check"], cwd=ROOT,
                          capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stdout + run.stderr
-    assert "== reference" in run.stdout
+    assert "== reference" in run.stdout, run.stdout
 
 
 def test_reference_check_fails_on_a_wrong_teacher():

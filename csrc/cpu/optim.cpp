@@ -146,10 +146,7 @@ void lars_ema_step_cpu(at::TensorList params, at::TensorList grads, at::TensorLi
   const LarsArgs a{lr, momentum, weight_decay, trust_coefficient, maximize, teacher_momentum};
   check_lars_ema(params, grads, bufs, teacher, adapt, first, a);
   bump_versions({params, bufs, teacher});
-  std::vector<int64_t> flags(params.size());
-  for (size_t i = 0; i < params.size(); ++i) {
-    flags[i] = (first[i] != 0 ? kOptimFirst : 0) | (adapt[i] != 0 ? kOptimAdapt : 0);
-  }
+  const std::vector<int64_t> flags = lars_flags(adapt, first);
   const OptimTable table = build_optim_table(params, grads, {bufs}, teacher, flags, {}, {}, false);
   const float wd = static_cast<float>(weight_decay), sign = maximize ? -1.0f : 1.0f;
   const bool avx = use_avx2();

@@ -90,10 +90,7 @@ void lars_ema_step_cuda(at::TensorList params, at::TensorList grads, at::TensorL
   if (params.empty()) return;
   const c10::cuda::CUDAGuard guard(params[0].device());
   bump_versions({params, bufs, teacher});
-  std::vector<int64_t> flags(params.size());
-  for (size_t i = 0; i < params.size(); ++i) {
-    flags[i] = (first[i] != 0 ? kOptimFirst : 0) | (adapt[i] != 0 ? kOptimAdapt : 0);
-  }
+  const std::vector<int64_t> flags = lars_flags(adapt, first);
   const OptimTable host = build_optim_table(params, grads, {bufs}, teacher, flags, {}, {}, true);
   const DeviceTable d = to_device("lars_ema_step_", host, params[0].device());
   at::Tensor partials = at::empty({2 * std::max<int64_t>(1, d.num_chunks)},

@@ -100,6 +100,19 @@ class _FusedStep:
         if getattr(self, "_link", None) is not None:
             self._link.check_params(self.param_groups[-1:])
 
+    def _momentum_buffers(self, params):
+        """(each param's 'momentum_buffer', 1 where it is new: the kernel sets it to the first
+        update, as torch.optim.SGD does)."""
+        bufs, first = [], []
+        for p in params:
+            state = self.state[p]
+            buf = state.get("momentum_buffer")
+            first.append(int(buf is None))
+            if buf is None:
+                buf = state["momentum_buffer"] = torch.empty_like(p, memory_format=torch.preserve_format)
+            bufs.append(buf)
+        return bufs, first
+
     def _grads(self, group):
         params, grads = [], []
         for p in group["params"]:
@@ -162,15 +175,7 @@ class SGD(_FusedStep, torch.optim.SGD):
         self._init_teacher(teacher, teacher_momentum)
 
     def _step_group(self, group, params, grads, teacher, m):
-        bufs, first = [], []
-        if group["momentum"] != 0:
-            for p in params:
-                state = self.state[p]
-                buf = state.get("momentum_buffer")
-                first.append(int(buf is None))
-                if buf is None:
-                    buf = state["momentum_buffer"] = torch.empty_like(p, memory_format=torch.preserve_format)
-                bufs.append(buf)
+        bufs, first = self._momentum_buffers(params) if group["momentum"] != 0 else ([], [])
         torch.ops.eman_fused.sgd_ema_step_(
             params, grads, bufs, teacher, first, float(group["lr"]), float(group["momentum"]),
             float(group["dampening"]), bool(group["nesterov"]), float(group["weight_decay"]),
@@ -239,14 +244,7 @@ class LARS(_FusedStep, torch.optim.Optimizer):
         self._init_teacher(teacher, teacher_momentum)
 
     def _step_group(self, group, params, grads, teacher, m):
-        bufs, first = [], []
-        for p in params:
-            state = self.state[p]
-            buf = state.get("momentum_buffer")
-            first.append(int(buf is None))
-            if buf is None:
-                buf = state["momentum_buffer"] = torch.empty_like(p, memory_format=torch.preserve_format)
-            bufs.append(buf)
+        bufs, first = self._momentum_buffers(params)
         adapt = [int(not group["exclude"](p)) for p in params]
         torch.ops.eman_fused.lars_ema_step_(
             params, grads, bufs, teacher, adapt, first, float(group["lr"]), float(group["momentum"]),
