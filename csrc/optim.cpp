@@ -191,6 +191,34 @@ std::vector<int64_t> lars_flags(c10::ArrayRef<int64_t> adapt, c10::ArrayRef<int6
   return flags;
 }
 
+OptimTable prepare_sgd(at::TensorList params, at::TensorList grads, at::TensorList bufs,
+                       at::TensorList teacher, c10::ArrayRef<int64_t> first, const SgdArgs& a,
+                       bool pinned) {
+  check_sgd_ema(params, grads, bufs, teacher, first, a);
+  bump_versions({params, bufs, teacher});
+  return build_optim_table(params, grads, {bufs}, teacher, first, {}, {}, pinned);
+}
+
+OptimTable prepare_adamw(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
+                         at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs,
+                         at::TensorList teacher, c10::ArrayRef<double> step_sizes,
+                         c10::ArrayRef<double> bias_correction2_sqrts, const AdamWArgs& a,
+                         bool pinned) {
+  check_adamw_ema(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, teacher, step_sizes,
+                  bias_correction2_sqrts, a);
+  bump_versions({params, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, teacher});
+  return build_optim_table(params, grads, {exp_avgs, exp_avg_sqs, max_exp_avg_sqs}, teacher, {},
+                           step_sizes, bias_correction2_sqrts, pinned);
+}
+
+OptimTable prepare_lars(at::TensorList params, at::TensorList grads, at::TensorList bufs,
+                        at::TensorList teacher, c10::ArrayRef<int64_t> adapt,
+                        c10::ArrayRef<int64_t> first, const LarsArgs& a, bool pinned) {
+  check_lars_ema(params, grads, bufs, teacher, adapt, first, a);
+  bump_versions({params, bufs, teacher});
+  return build_optim_table(params, grads, {bufs}, teacher, lars_flags(adapt, first), {}, {}, pinned);
+}
+
 int teacher_tag(at::TensorList teacher) {
   if (teacher.empty()) return 0;
   switch (teacher[0].scalar_type()) {

@@ -61,6 +61,19 @@ OptimTable build_optim_table(at::TensorList params, at::TensorList grads,
                              std::initializer_list<at::TensorList> states, at::TensorList teacher,
                              c10::ArrayRef<int64_t> flags, c10::ArrayRef<double> scalar0,
                              c10::ArrayRef<double> scalar1, bool pinned);
+// Each op's checks, version bumps and table, in that order (the shared prologue of the CPU and
+// CUDA kernels): nothing is written unless every check passed.
+OptimTable prepare_sgd(at::TensorList params, at::TensorList grads, at::TensorList bufs,
+                       at::TensorList teacher, c10::ArrayRef<int64_t> first, const SgdArgs& a,
+                       bool pinned);
+OptimTable prepare_adamw(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
+                         at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs,
+                         at::TensorList teacher, c10::ArrayRef<double> step_sizes,
+                         c10::ArrayRef<double> bias_correction2_sqrts, const AdamWArgs& a,
+                         bool pinned);
+OptimTable prepare_lars(at::TensorList params, at::TensorList grads, at::TensorList bufs,
+                        at::TensorList teacher, c10::ArrayRef<int64_t> adapt,
+                        c10::ArrayRef<int64_t> first, const LarsArgs& a, bool pinned);
 // LARS's per-param table flags from its adapt / first lists.
 std::vector<int64_t> lars_flags(c10::ArrayRef<int64_t> adapt, c10::ArrayRef<int64_t> first);
 // 0 (none), 1 float32, 2 bfloat16, 3 float16: the teachers' dtype (one per call).

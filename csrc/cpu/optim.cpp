@@ -83,9 +83,7 @@ void sgd_ema_step_cpu(at::TensorList params, at::TensorList grads, at::TensorLis
                       double momentum, double dampening, bool nesterov, double weight_decay,
                       bool maximize, double teacher_momentum) {
   const SgdArgs a{lr, momentum, dampening, nesterov, weight_decay, maximize, teacher_momentum};
-  check_sgd_ema(params, grads, bufs, teacher, first, a);
-  bump_versions({params, bufs, teacher});
-  const OptimTable table = build_optim_table(params, grads, {bufs}, teacher, first, {}, {}, false);
+  const OptimTable table = prepare_sgd(params, grads, bufs, teacher, first, a, false);
   // One teacher dtype per call (the Python side groups by it); the loops are typed on it.
   visit_teacher(teacher, [&](auto tag) {
     using TT = typename decltype(tag)::type;
@@ -111,11 +109,8 @@ void adamw_ema_step_cpu(at::TensorList params, at::TensorList grads, at::TensorL
                         double beta2, double eps, double weight_decay, bool amsgrad,
                         bool maximize, double teacher_momentum) {
   const AdamWArgs a{lr, beta1, beta2, eps, weight_decay, amsgrad, maximize, teacher_momentum};
-  check_adamw_ema(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, teacher, step_sizes,
-                  bias_correction2_sqrts, a);
-  bump_versions({params, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, teacher});
-  const OptimTable table = build_optim_table(params, grads, {exp_avgs, exp_avg_sqs, max_exp_avg_sqs},
-                                             teacher, {}, step_sizes, bias_correction2_sqrts, false);
+  const OptimTable table = prepare_adamw(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs,
+                                         teacher, step_sizes, bias_correction2_sqrts, a, false);
   visit_teacher(teacher, [&](auto tag) {
     using TT = typename decltype(tag)::type;
     const bool avx = use_avx2();
@@ -144,10 +139,7 @@ void lars_ema_step_cpu(at::TensorList params, at::TensorList grads, at::TensorLi
                        double weight_decay, double trust_coefficient, bool maximize,
                        double teacher_momentum) {
   const LarsArgs a{lr, momentum, weight_decay, trust_coefficient, maximize, teacher_momentum};
-  check_lars_ema(params, grads, bufs, teacher, adapt, first, a);
-  bump_versions({params, bufs, teacher});
-  const std::vector<int64_t> flags = lars_flags(adapt, first);
-  const OptimTable table = build_optim_table(params, grads, {bufs}, teacher, flags, {}, {}, false);
+  const OptimTable table = prepare_lars(params, grads, bufs, teacher, adapt, first, a, false);
   const float wd = static_cast<float>(weight_decay), sign = maximize ? -1.0f : 1.0f;
   const bool avx = use_avx2();
   std::vector<double> sums(2 * table.num_chunks, 0.0);

@@ -45,11 +45,9 @@ void sgd_ema_step_cuda(at::TensorList params, at::TensorList grads, at::TensorLi
                        double momentum, double dampening, bool nesterov, double weight_decay,
                        bool maximize, double teacher_momentum) {
   const SgdArgs a{lr, momentum, dampening, nesterov, weight_decay, maximize, teacher_momentum};
-  check_sgd_ema(params, grads, bufs, teacher, first, a);
-  if (params.empty()) return;
+  if (params.empty()) return check_sgd_ema(params, grads, bufs, teacher, first, a);
+  const OptimTable host = prepare_sgd(params, grads, bufs, teacher, first, a, true);
   const c10::cuda::CUDAGuard guard(params[0].device());
-  bump_versions({params, bufs, teacher});
-  const OptimTable host = build_optim_table(params, grads, {bufs}, teacher, first, {}, {}, true);
   const DeviceTable d = to_device("sgd_ema_step_", host, params[0].device());
   const SgdHyper h{static_cast<float>(lr), static_cast<float>(momentum),
                    static_cast<float>(dampening), static_cast<float>(weight_decay),
@@ -65,13 +63,13 @@ void adamw_ema_step_cuda(at::TensorList params, at::TensorList grads, at::Tensor
                          double beta2, double eps, double weight_decay, bool amsgrad,
                          bool maximize, double teacher_momentum) {
   const AdamWArgs a{lr, beta1, beta2, eps, weight_decay, amsgrad, maximize, teacher_momentum};
-  check_adamw_ema(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, teacher, step_sizes,
-                  bias_correction2_sqrts, a);
-  if (params.empty()) return;
+  if (params.empty()) {
+    return check_adamw_ema(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, teacher,
+                           step_sizes, bias_correction2_sqrts, a);
+  }
+  const OptimTable host = prepare_adamw(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs,
+                                        teacher, step_sizes, bias_correction2_sqrts, a, true);
   const c10::cuda::CUDAGuard guard(params[0].device());
-  bump_versions({params, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, teacher});
-  const OptimTable host = build_optim_table(params, grads, {exp_avgs, exp_avg_sqs, max_exp_avg_sqs},
-                                            teacher, {}, step_sizes, bias_correction2_sqrts, true);
   const DeviceTable d = to_device("adamw_ema_step_", host, params[0].device());
   const AdamWHyper h{static_cast<float>(lr), static_cast<float>(beta1), static_cast<float>(beta2),
                      static_cast<float>(eps), static_cast<float>(weight_decay), sign_of(maximize),
@@ -86,12 +84,9 @@ void lars_ema_step_cuda(at::TensorList params, at::TensorList grads, at::TensorL
                         double weight_decay, double trust_coefficient, bool maximize,
                         double teacher_momentum) {
   const LarsArgs a{lr, momentum, weight_decay, trust_coefficient, maximize, teacher_momentum};
-  check_lars_ema(params, grads, bufs, teacher, adapt, first, a);
-  if (params.empty()) return;
+  if (params.empty()) return check_lars_ema(params, grads, bufs, teacher, adapt, first, a);
+  const OptimTable host = prepare_lars(params, grads, bufs, teacher, adapt, first, a, true);
   const c10::cuda::CUDAGuard guard(params[0].device());
-  bump_versions({params, bufs, teacher});
-  const std::vector<int64_t> flags = lars_flags(adapt, first);
-  const OptimTable host = build_optim_table(params, grads, {bufs}, teacher, flags, {}, {}, true);
   const DeviceTable d = to_device("lars_ema_step_", host, params[0].device());
   at::Tensor partials = at::empty({2 * std::max<int64_t>(1, d.num_chunks)},
                                   params[0].options().dtype(at::kDouble));
