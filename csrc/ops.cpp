@@ -72,18 +72,20 @@ void eman_norm_check(const at::Tensor& x, const at::Tensor& mean, const at::Tens
 
 // The fused optimizer steps write params, state and teachers in place and have no
 // differentiable output: this kernel only steps below autograd (callers run under no_grad).
-template <const char* Name, typename Sig>
+template <const char* Name, const char* Overload, typename Sig>
 struct BelowAutograd;
-template <const char* Name, typename... Args>
-struct BelowAutograd<Name, void(Args...)> {
+template <const char* Name, const char* Overload, typename... Args>
+struct BelowAutograd<Name, Overload, void(Args...)> {
   static void call(Args... args) {
     static const auto op = c10::Dispatcher::singleton()
-                               .findSchemaOrThrow(Name, "")
+                               .findSchemaOrThrow(Name, Overload)
                                .typed<void(Args...)>();
     at::AutoDispatchBelowADInplaceOrView guard;
     op.call(args...);
   }
 };
+constexpr char kDefault[] = "";
+constexpr char kCapturable[] = "capturable";
 constexpr char kSgdName[] = "eman_fused::sgd_ema_step_";
 constexpr char kAdamWName[] = "eman_fused::adamw_ema_step_";
 constexpr char kLarsName[] = "eman_fused::lars_ema_step_";
@@ -96,6 +98,12 @@ using AdamWSig = void(at::TensorList, at::TensorList, at::TensorList, at::Tensor
                       at::TensorList, at::TensorList, c10::ArrayRef<double>,
                       c10::ArrayRef<double>, double, double, double, double, double, bool, bool,
                       double);
+using SgdCapSig = void(at::TensorList, at::TensorList, at::TensorList, at::TensorList,
+                       c10::ArrayRef<int64_t>, const at::Tensor&, double, double, bool, double,
+                       bool, const at::Tensor&);
+using AdamWCapSig = void(at::TensorList, at::TensorList, at::TensorList, at::TensorList,
+                         at::TensorList, at::TensorList, at::TensorList, const at::Tensor&, double,
+                         double, double, double, bool, bool, const at::Tensor&);
 
 std::string cpu_isa_name() { return cpu_isa() == CpuIsa::kAvx2 ? "avx2" : "baseline x86-64"; }
 
@@ -156,9 +164,24 @@ TORCH_LIBRARY(eman_fused, m) {
   m.def("lars_ema_step_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] momentum_buffers, "
         "Tensor(c!)[] teacher, int[] adapt, int[] first, float lr, float momentum, "
         "float weight_decay, float trust_coefficient, bool maximize, float teacher_momentum) -> ()");
-  m.impl("lars_ema_step_", c10::DispatchKey::Autograd, &BelowAutograd<kLarsName, LarsSig>::call);
-  m.impl("sgd_ema_step_", c10::DispatchKey::Autograd, &BelowAutograd<kSgdName, SgdSig>::call);
-  m.impl("adamw_ema_step_", c10::DispatchKey::Autograd, &BelowAutograd<kAdamWName, AdamWSig>::call);
+  m.impl("lars_ema_step_", c10::DispatchKey::Autograd, &BelowAutograd<kLarsName, kDefault, LarsSig>::call);
+  // Capturable variants: lr and the teacher momentum as 0-dim float32 tensors on the params'
+  // device, and (AdamW) each param's step count there, read by the kernels: no host value per
+  // step, so a CUDA graph can replay the step while schedules move those tensors.
+  m.def("sgd_ema_step_.capturable(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] "
+        "momentum_buffers, Tensor(c!)[] teacher, int[] first, Tensor lr, float momentum, "
+        "float dampening, bool nesterov, float weight_decay, bool maximize, "
+        "Tensor teacher_momentum) -> ()");
+  m.def("adamw_ema_step_.capturable(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, "
+        "Tensor(c!)[] exp_avg_sqs, Tensor(d!)[] max_exp_avg_sqs, Tensor(e!)[] teacher, "
+        "Tensor[] steps, Tensor lr, float beta1, float beta2, float eps, float weight_decay, "
+        "bool amsgrad, bool maximize, Tensor teacher_momentum) -> ()");
+  m.impl("sgd_ema_step_.capturable", c10::DispatchKey::Autograd,
+         &BelowAutograd<kSgdName, kCapturable, SgdCapSig>::call);
+  m.impl("adamw_ema_step_.capturable", c10::DispatchKey::Autograd,
+         &BelowAutograd<kAdamWName, kCapturable, AdamWCapSig>::call);
+  m.impl("sgd_ema_step_", c10::DispatchKey::Autograd, &BelowAutograd<kSgdName, kDefault, SgdSig>::call);
+  m.impl("adamw_ema_step_", c10::DispatchKey::Autograd, &BelowAutograd<kAdamWName, kDefault, AdamWSig>::call);
   // The instruction set the CPU kernels chose (runtime dispatch; EMAN_FUSED_CPU_ISA overrides).
   m.def("_cpu_isa() -> str", &cpu_isa_name);
   // Test hooks for the plan cache.

@@ -171,6 +171,7 @@ OptimTable build_optim_table(at::TensorList params, at::TensorList grads,
     e.flags = flags.empty() ? 0 : flags[i];
     e.scalar0 = scalar0.empty() ? 0.0 : scalar0[i];
     e.scalar1 = scalar1.empty() ? 0.0 : scalar1[i];
+    e.step = 0;
   }
   OptimTable table;
   table.num_tensors = n;
@@ -217,6 +218,33 @@ OptimTable prepare_lars(at::TensorList params, at::TensorList grads, at::TensorL
   check_lars_ema(params, grads, bufs, teacher, adapt, first, a);
   bump_versions({params, bufs, teacher});
   return build_optim_table(params, grads, {bufs}, teacher, lars_flags(adapt, first), {}, {}, pinned);
+}
+
+void check_capturable_scalars(const char* op, at::TensorList params, const at::Tensor& lr,
+                              const at::Tensor& teacher_momentum, at::TensorList steps) {
+  if (params.empty()) return;
+  const at::Device device = params[0].device();
+  auto scalar = [&](const at::Tensor& t, const char* name, double lo, double hi) {
+    TORCH_CHECK_VALUE(t.defined() && t.dim() == 0, op, ": ", name, " must be a 0-dim tensor");
+    TORCH_CHECK_TYPE(t.scalar_type() == at::kFloat, op, ": ", name, " must be float32, got ",
+                     t.scalar_type());
+    TORCH_CHECK_VALUE(t.device() == device, op, ": ", name, " is on ", t.device(),
+                      " but the params are on ", device);
+    if (t.device().is_cpu()) check_number(op, name, t.item<double>(), lo, hi);
+  };
+  scalar(lr, "lr", 0.0, INFINITY);
+  scalar(teacher_momentum, "teacher_momentum", 0.0, 1.0);
+  if (steps.empty()) return;
+  TORCH_CHECK_VALUE(steps.size() == params.size(), op, ": steps has ", steps.size(),
+                    " tensors but params has ", params.size());
+  for (size_t i = 0; i < steps.size(); ++i) scalar(steps[i], "steps[i]", 1.0, INFINITY);
+}
+
+void set_step_pointers(OptimTable& table, at::TensorList steps) {
+  auto* entries = reinterpret_cast<OptimEntry*>(table.host.mutable_data_ptr<int64_t>());
+  for (size_t i = 0; i < steps.size(); ++i) {
+    entries[i].step = reinterpret_cast<int64_t>(steps[i].const_data_ptr());
+  }
 }
 
 int teacher_tag(at::TensorList teacher) {

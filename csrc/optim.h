@@ -74,6 +74,13 @@ OptimTable prepare_adamw(at::TensorList params, at::TensorList grads, at::Tensor
 OptimTable prepare_lars(at::TensorList params, at::TensorList grads, at::TensorList bufs,
                         at::TensorList teacher, c10::ArrayRef<int64_t> adapt,
                         c10::ArrayRef<int64_t> first, const LarsArgs& a, bool pinned);
+// The device scalars of the capturable variants: `lr` and `teacher_momentum` 0-dim float32 on
+// the params' device (range-checked where reading them costs no synchronization: the CPU);
+// `steps` (AdamW) one 0-dim float32 per param, there too.
+void check_capturable_scalars(const char* op, at::TensorList params, const at::Tensor& lr,
+                              const at::Tensor& teacher_momentum, at::TensorList steps);
+// A table's step pointers (capturable AdamW), set after build_optim_table.
+void set_step_pointers(OptimTable& table, at::TensorList steps);
 // LARS's per-param table flags from its adapt / first lists.
 std::vector<int64_t> lars_flags(c10::ArrayRef<int64_t> adapt, c10::ArrayRef<int64_t> first);
 // 0 (none), 1 float32, 2 bfloat16, 3 float16: the teachers' dtype (one per call).

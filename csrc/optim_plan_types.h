@@ -12,6 +12,7 @@ struct OptimEntry {
   int64_t first_chunk, num_chunks;  // this tensor's chunks (LARS sums its per-chunk norms)
   int64_t flags;                    // kOptimFirst | kOptimAdapt
   double scalar0, scalar1;          // AdamW: step_size, sqrt(bias_correction2)
+  int64_t step;                     // capturable AdamW: its float32 step count on the device
 };
 
 struct OptimChunk {

@@ -293,3 +293,112 @@ def test_cuda_kernels_match_the_cpu_kernels(cls, kwargs, teacher_dtype):
     assert_close_states(results[1][0], results[0][0], rtol=1e-4, atol=1e-5)
     assert_close_states(results[1][1], results[0][1], rtol=2e-2 if teacher_dtype == torch.bfloat16 else 1e-4,
                         atol=1e-5)
+
+
+@pytest.mark.parametrize("cls,kwargs", [(optim.SGD, dict(lr=0.05, momentum=0.9, nesterov=True, weight_decay=1e-3)),
+                                        (optim.AdamW, dict(lr=0.01, amsgrad=True, weight_decay=0.05))])
+def test_capturable_gives_the_same_steps_and_teacher(cls, kwargs):
+    data = batches(20)
+    schedule = schedules.CosineToOne(0.9, 20)
+    runs = []
+    for capturable in (False, True):
+        student = make_model()
+        teacher = EMATeacher(student, schedule=schedule, capturable=capturable)
+        opt = cls(groups(student, lr=0.002), teacher=teacher, capturable=capturable, **kwargs)
+        train(student, opt, data)
+        runs.append((student.state_dict(), teacher.state_dict(), teacher.num_updates))
+    assert_close_states(runs[1][0], runs[0][0])
+    assert_close_states(runs[1][1], runs[0][1])
+    assert runs[0][2] == runs[1][2] == 20
+
+
+@pytest.mark.parametrize("cls", [optim.SGD, optim.AdamW])
+def test_capturable_step_reads_no_value_on_the_host(cls, monkeypatch):
+    student = make_model()
+    teacher = EMATeacher(student, schedule=schedules.MeanTeacherRamp(0.99), capturable=True)
+    opt = cls(student.parameters(), lr=torch.tensor(0.01), teacher=teacher, capturable=True,
+              **({"momentum": 0.9} if cls is optim.SGD else {}))
+    data = batches(3)
+    train(student, opt, data[:1])  # state and device scalars exist from here on
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a host read of a tensor value in the capturable step")
+    x, y = data[1]
+    opt.zero_grad()
+    nn.functional.mse_loss(student(x), y).backward()
+    for name in ("item", "tolist", "__float__", "__int__", "__bool__"):
+        monkeypatch.setattr(torch.Tensor, name, refuse)
+    opt.step()  # the Python side of the step: no .item(), .tolist(), float(), bool() on tensors
+    monkeypatch.undo()
+    assert teacher.num_updates == 2
+
+
+def test_a_tensor_lr_follows_the_scheduler_in_capturable_mode():
+    data = batches(10)
+    a, b = make_model(), make_model()
+    oa = optim.AdamW(a.parameters(), lr=torch.tensor(0.01), capturable=True)
+    ob = optim.AdamW(b.parameters(), lr=0.01)
+    train(a, oa, data, scheduler=torch.optim.lr_scheduler.StepLR(oa, step_size=3, gamma=0.5))
+    train(b, ob, data, scheduler=torch.optim.lr_scheduler.StepLR(ob, step_size=3, gamma=0.5))
+    assert_close_states(a.state_dict(), b.state_dict())
+
+
+def test_capturable_optimizer_and_teacher_must_agree():
+    student = make_model()
+    with pytest.raises(ValueError, match="capturable=True optimizer needs an EMATeacher"):
+        optim.SGD(student.parameters(), lr=0.1, teacher=EMATeacher(student), capturable=True)
+    with pytest.raises(ValueError, match="capturable=False optimizer needs"):
+        optim.AdamW(student.parameters(), teacher=EMATeacher(student, capturable=True))
+
+
+def test_opcheck_capturable_overloads():
+    p, g, b, t = op_args_sgd()
+    lr, mt = torch.tensor(0.1), torch.tensor(0.9)
+    torch.library.opcheck(torch.ops.eman_fused.sgd_ema_step_.capturable,
+                          (p, g, b, t, [1, 0, 0], lr, 0.9, 0.0, False, 1e-4, False, mt))
+    p, g, m, t = op_args_sgd()
+    v = [x.abs() for x in m]
+    steps = [torch.tensor(3.0) for _ in p]
+    torch.library.opcheck(torch.ops.eman_fused.adamw_ema_step_.capturable,
+                          (p, g, m, v, [], t, steps, lr, 0.9, 0.999, 1e-8, 0.01, False, False, mt))
+    with pytest.raises(TypeError, match="lr must be float32"):
+        torch.ops.eman_fused.sgd_ema_step_.capturable(p, g, b, t, [0] * 3, torch.tensor(0.1, dtype=torch.float64),
+                                                      0.9, 0.0, False, 0.0, False, mt)
+    with pytest.raises(ValueError, match="teacher_momentum"):
+        torch.ops.eman_fused.sgd_ema_step_.capturable(p, g, b, t, [0] * 3, lr, 0.9, 0.0, False, 0.0, False,
+                                                      torch.tensor(1.5))
+
+
+@needs_cuda_backend
+@pytest.mark.parametrize("cls,kwargs", [(optim.SGD, dict(momentum=0.9)), (optim.AdamW, dict(amsgrad=True))])
+def test_capturable_step_replays_in_a_cuda_graph(cls, kwargs):
+    data = [(x.cuda(), y.cuda()) for x, y in batches(8)]
+    schedule = schedules.CosineToOne(0.9, 8)
+    runs = []
+    for use_graph in (False, True):
+        student = make_model().cuda()
+        teacher = EMATeacher(student, schedule=schedule, capturable=True)
+        lr = torch.tensor(0.01, device="cuda")
+        opt = cls(student.parameters(), lr=lr, teacher=teacher, capturable=True, **kwargs)
+        train(student, opt, data[:2])  # warm-up: state, buffers and device tables exist
+        if use_graph:
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                opt.step()
+        for x, y in data[2:]:
+            for p in student.parameters():
+                p.grad = None if not use_graph else p.grad
+            loss = nn.functional.mse_loss(student(x), y)
+            grads = torch.autograd.grad(loss, list(student.parameters()))
+            for p, g in zip(student.parameters(), grads):
+                if p.grad is None:
+                    p.grad = g
+                else:
+                    p.grad.copy_(g)  # the graph reads the same grad tensors
+            graph.replay() if use_graph else opt.step()
+            lr.mul_(0.9)  # a schedule moving a device scalar between replays
+        torch.cuda.synchronize()
+        runs.append(({k: v.cpu() for k, v in student.state_dict().items()},
+                     {k: v.cpu() for k, v in teacher.state_dict().items()}))
+    assert_close_states(runs[1][0], runs[0][0], rtol=1e-4, atol=1e-5)
+    assert_close_states(runs[1][1], runs[0][1], rtol=1e-4, atol=1e-5)

@@ -181,12 +181,47 @@ void lars_ema_step_cpu(at::TensorList params, at::TensorList grads, at::TensorLi
   });
 }
 
+// The capturable variants read lr, the teacher momentum and (AdamW) the step counts from
+// tensors. On the CPU reading them costs no synchronization: these adapt to the kernels above.
+void sgd_ema_step_capturable_cpu(at::TensorList params, at::TensorList grads, at::TensorList bufs,
+                                 at::TensorList teacher, c10::ArrayRef<int64_t> first,
+                                 const at::Tensor& lr, double momentum, double dampening,
+                                 bool nesterov, double weight_decay, bool maximize,
+                                 const at::Tensor& teacher_momentum) {
+  check_capturable_scalars("sgd_ema_step_", params, lr, teacher_momentum, {});
+  if (params.empty()) return;
+  sgd_ema_step_cpu(params, grads, bufs, teacher, first, lr.item<double>(), momentum, dampening,
+                   nesterov, weight_decay, maximize, teacher_momentum.item<double>());
+}
+
+void adamw_ema_step_capturable_cpu(at::TensorList params, at::TensorList grads,
+                                   at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
+                                   at::TensorList max_exp_avg_sqs, at::TensorList teacher,
+                                   at::TensorList steps, const at::Tensor& lr, double beta1,
+                                   double beta2, double eps, double weight_decay, bool amsgrad,
+                                   bool maximize, const at::Tensor& teacher_momentum) {
+  check_capturable_scalars("adamw_ema_step_", params, lr, teacher_momentum, steps);
+  if (params.empty()) return;
+  const double lr_v = lr.item<double>();
+  std::vector<double> step_sizes(params.size()), bc2(params.size());
+  for (size_t i = 0; i < params.size(); ++i) {  // as the Python (host) path computes them
+    const double k = steps[i].item<double>();
+    step_sizes[i] = lr_v / (1.0 - std::pow(beta1, k));
+    bc2[i] = std::sqrt(1.0 - std::pow(beta2, k));
+  }
+  adamw_ema_step_cpu(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, teacher, step_sizes,
+                     bc2, lr_v, beta1, beta2, eps, weight_decay, amsgrad, maximize,
+                     teacher_momentum.item<double>());
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(eman_fused, CPU, m) {
   m.impl("sgd_ema_step_", &sgd_ema_step_cpu);
   m.impl("adamw_ema_step_", &adamw_ema_step_cpu);
   m.impl("lars_ema_step_", &lars_ema_step_cpu);
+  m.impl("sgd_ema_step_.capturable", &sgd_ema_step_capturable_cpu);
+  m.impl("adamw_ema_step_.capturable", &adamw_ema_step_capturable_cpu);
 }
 
 }  // namespace eman_fused

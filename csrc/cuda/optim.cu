@@ -34,6 +34,8 @@ __global__ void __launch_bounds__(kThreads)
   const float* g = reinterpret_cast<const float*>(e.grad);
   float* buf = reinterpret_cast<float*>(e.state0);
   const bool first = (e.flags & kOptimFirst) != 0;
+  const float lr = h.lr_ptr != nullptr ? *h.lr_ptr : h.lr;
+  const float mt = h.teacher_momentum_ptr != nullptr ? *h.teacher_momentum_ptr : h.teacher_momentum;
   for (int64_t i = c.start + threadIdx.x; i < end; i += blockDim.x) {
     const float pi = p[i];
     float d = h.sign * g[i];
@@ -43,9 +45,9 @@ __global__ void __launch_bounds__(kThreads)
       buf[i] = b;
       d = h.nesterov ? d + h.momentum * b : b;
     }
-    const float np = pi - h.lr * d;
+    const float np = pi - lr * d;
     p[i] = np;
-    ema_into<TT>(e.teacher, i, np, h.teacher_momentum);
+    ema_into<TT>(e.teacher, i, np, mt);
   }
 }
 
@@ -61,8 +63,15 @@ __global__ void __launch_bounds__(kThreads)
   float* m = reinterpret_cast<float*>(e.state0);
   float* v = reinterpret_cast<float*>(e.state1);
   float* vmax = reinterpret_cast<float*>(e.state2);
-  const float step_size = static_cast<float>(e.scalar0), bc2 = static_cast<float>(e.scalar1);
-  const float decay = 1.0f - h.lr * h.weight_decay, w1 = 1.0f - h.beta1, w2 = 1.0f - h.beta2;
+  const float lr = h.lr_ptr != nullptr ? *h.lr_ptr : h.lr;
+  const float mt = h.teacher_momentum_ptr != nullptr ? *h.teacher_momentum_ptr : h.teacher_momentum;
+  float step_size = static_cast<float>(e.scalar0), bc2 = static_cast<float>(e.scalar1);
+  if (e.step != 0) {  // capturable: the bias corrections from the device step count, in double
+    const double k = *reinterpret_cast<const float*>(e.step);
+    step_size = static_cast<float>(static_cast<double>(lr) / (1.0 - pow(static_cast<double>(h.beta1), k)));
+    bc2 = static_cast<float>(sqrt(1.0 - pow(static_cast<double>(h.beta2), k)));
+  }
+  const float decay = 1.0f - lr * h.weight_decay, w1 = 1.0f - h.beta1, w2 = 1.0f - h.beta2;
   const bool small = fabsf(w1) < 0.5f;
   for (int64_t i = c.start + threadIdx.x; i < end; i += blockDim.x) {
     const float gi = h.sign * g[i];
@@ -78,7 +87,7 @@ __global__ void __launch_bounds__(kThreads)
     }
     const float np = pi - step_size * (mi / (sqrtf(s) / bc2 + h.eps));
     p[i] = np;
-    ema_into<TT>(e.teacher, i, np, h.teacher_momentum);
+    ema_into<TT>(e.teacher, i, np, mt);
   }
 }
 

@@ -7,12 +7,19 @@
 
 namespace eman_fused {
 
+// lr_ptr / teacher_momentum_ptr non-null (capturable): read those float32 device scalars in
+// the kernel instead of lr / teacher_momentum.
 struct SgdHyper {
   float lr, momentum, dampening, weight_decay, sign, teacher_momentum;
   bool nesterov;
+  const float* lr_ptr;
+  const float* teacher_momentum_ptr;
 };
+// Entries with a step pointer (capturable) get their bias corrections from that device count.
 struct AdamWHyper {
   float lr, beta1, beta2, eps, weight_decay, sign, teacher_momentum;
+  const float* lr_ptr;
+  const float* teacher_momentum_ptr;
 };
 struct LarsHyper {
   float lr, momentum, weight_decay, trust_coefficient, sign, teacher_momentum;

@@ -27,12 +27,17 @@ _FUSED_TEACHER_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 class _TeacherLink:
     """Which teacher tensor each optimizer param feeds, and the teacher's remaining lists."""
 
-    def __init__(self, teacher: EMATeacher, momentum: float | Schedule | None):
+    def __init__(self, teacher: EMATeacher, momentum: float | Schedule | None, capturable: bool):
         if not isinstance(teacher, EMATeacher):
             raise TypeError(f"teacher must be an eman_fused.EMATeacher, got {type(teacher).__name__}")
-        if teacher.capturable or teacher._sharded_objs is not None or teacher._host_mirror is not None:
-            raise NotImplementedError("the fused optimizers do not yet take a capturable, sharded or "
-                                      "other-device teacher; call teacher.update() after a torch optimizer")
+        if teacher._sharded_objs is not None or teacher._host_mirror is not None:
+            raise NotImplementedError("the fused optimizers do not yet take a sharded or other-device "
+                                      "teacher; call teacher.update() after a torch optimizer")
+        if teacher.capturable != capturable:
+            raise ValueError(f"a capturable={capturable} optimizer needs an EMATeacher(..., "
+                             f"capturable={capturable}) (the momentum and step count must live "
+                             f"{'on the device' if capturable else 'on the host'} for both)")
+        self.capturable = capturable
         if momentum is not None and not isinstance(momentum, Schedule):
             momentum = Constant(momentum)
         self.teacher, self.schedule = teacher, momentum
@@ -60,8 +65,10 @@ class _TeacherLink:
                                      "parameter of the teacher's student; the teacher does not match "
                                      "this optimizer")
 
-    def momentum(self) -> float:
+    def momentum(self):
         schedule = self.schedule or self.teacher.schedule
+        if self.capturable:  # a float32 device scalar, computed on the device from the step tensor
+            return schedule.tensor(self.teacher._step).to(torch.float32)
         return schedule(self.teacher._num_updates)
 
     def teacher_for(self, params) -> list[torch.Tensor]:
@@ -86,14 +93,40 @@ class _TeacherLink:
         if t.sync_buffers == "mean":
             t._average_student_buffers()
         t._apply(m, self._rest[1], t._copy_lists[1], ema_teacher=self._rest[0])
-        t._num_updates += 1
+        if self.capturable:
+            t._step.add_(1)
+        else:
+            t._num_updates += 1
 
 
 class _FusedStep:
+    _capturable = False
+
     def _init_teacher(self, teacher, teacher_momentum):
-        self._link = _TeacherLink(teacher, teacher_momentum) if teacher is not None else None
+        self._device_scalars: dict = {}
+        self._link = _TeacherLink(teacher, teacher_momentum, self._capturable) if teacher is not None else None
         if self._link is not None:
             self._link.check_params(self.param_groups)
+
+    def _device_scalar(self, key, device, value=None) -> torch.Tensor:
+        # capturable: a float32 0-dim tensor per (purpose, device), kept so its address is stable
+        t = self._device_scalars.get((key, device))
+        if t is None:
+            t = self._device_scalars[(key, device)] = torch.zeros((), dtype=torch.float32, device=device)
+        if value is not None:
+            t.fill_(value)
+        return t
+
+    def _lr_tensor(self, group, device) -> torch.Tensor:
+        lr = group["lr"]
+        if isinstance(lr, torch.Tensor):  # a tensor lr: schedulers write it in place
+            return lr.to(device=device, dtype=torch.float32)
+        return self._device_scalar(("lr", id(group)), device, float(lr))
+
+    def _teacher_momentum_tensor(self, m, device) -> torch.Tensor:
+        if isinstance(m, torch.Tensor):
+            return m.to(device=device)
+        return self._device_scalar("no teacher", device, 0.0)
 
     def add_param_group(self, param_group):
         super().add_param_group(param_group)
@@ -136,7 +169,7 @@ class _FusedStep:
             with torch.enable_grad():
                 loss = closure()
         link = self._link
-        m = link.momentum() if link is not None else 0.0
+        m = link.momentum() if link is not None else 0.0  # capturable: a device tensor
         fused_ids: set[int] = set()
         for group in self.param_groups:
             params, grads = self._grads(group)
@@ -165,32 +198,47 @@ class _FusedStep:
 class SGD(_FusedStep, torch.optim.SGD):
     """torch.optim.SGD whose step also updates `teacher` (an EMATeacher of the model these params
     belong to) from the new params, in the same pass. `teacher_momentum`: a float or schedule
-    (default: the teacher's own). foreach/fused/differentiable are not supported."""
+    (default: the teacher's own). foreach/fused/differentiable are not supported.
+
+    capturable=True: lr (a 0-dim tensor to schedule it under a CUDA graph) and the teacher's
+    momentum (the teacher must be capturable too) are device scalars read by the kernel."""
 
     def __init__(self, params, lr: float = 1e-3, momentum: float = 0.0, dampening: float = 0.0,
                  weight_decay: float = 0.0, nesterov: bool = False, *, maximize: bool = False,
-                 teacher: EMATeacher | None = None, teacher_momentum=None):
+                 teacher: EMATeacher | None = None, teacher_momentum=None, capturable: bool = False):
         super().__init__(params, lr=lr, momentum=momentum, dampening=dampening,
                          weight_decay=weight_decay, nesterov=nesterov, maximize=maximize)
+        self._capturable = capturable
         self._init_teacher(teacher, teacher_momentum)
 
     def _step_group(self, group, params, grads, teacher, m):
         bufs, first = self._momentum_buffers(params) if group["momentum"] != 0 else ([], [])
-        torch.ops.eman_fused.sgd_ema_step_(
-            params, grads, bufs, teacher, first, float(group["lr"]), float(group["momentum"]),
-            float(group["dampening"]), bool(group["nesterov"]), float(group["weight_decay"]),
-            bool(group["maximize"]), float(m))
+        hyper = (float(group["momentum"]), float(group["dampening"]), bool(group["nesterov"]),
+                 float(group["weight_decay"]), bool(group["maximize"]))
+        if self._capturable:
+            device = params[0].device
+            torch.ops.eman_fused.sgd_ema_step_.capturable(
+                params, grads, bufs, teacher, first, self._lr_tensor(group, device), *hyper,
+                self._teacher_momentum_tensor(m, device))
+        else:
+            torch.ops.eman_fused.sgd_ema_step_(params, grads, bufs, teacher, first,
+                                               float(group["lr"]), *hyper, float(m))
 
 
 class AdamW(_FusedStep, torch.optim.AdamW):
     """torch.optim.AdamW whose step also updates `teacher` from the new params, in the same pass.
-    amsgrad and maximize supported; foreach/fused/capturable/differentiable are not."""
+    amsgrad and maximize supported; foreach/fused/differentiable are not.
+
+    capturable=True: step counts on the params' device, lr (give a 0-dim tensor to schedule it
+    under a CUDA graph) and the teacher's momentum (the teacher must be capturable too) read by
+    the kernel, which computes the bias corrections itself: no host value per step."""
 
     def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8,
                  weight_decay: float = 1e-2, amsgrad: bool = False, *, maximize: bool = False,
-                 teacher: EMATeacher | None = None, teacher_momentum=None):
+                 teacher: EMATeacher | None = None, teacher_momentum=None, capturable: bool = False):
         super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
-                         amsgrad=amsgrad, maximize=maximize)
+                         amsgrad=amsgrad, maximize=maximize, capturable=capturable)
+        self._capturable = capturable
         self._init_teacher(teacher, teacher_momentum)
 
     def _step_group(self, group, params, grads, teacher, m):
@@ -198,8 +246,9 @@ class AdamW(_FusedStep, torch.optim.AdamW):
         exp_avgs, exp_avg_sqs, max_sqs, steps = [], [], [], []
         for p in params:
             state = self.state[p]
-            if len(state) == 0:
-                state["step"] = torch.tensor(0.0, dtype=torch.float32)
+            if len(state) == 0:  # capturable: the step count lives on the param's device
+                state["step"] = torch.zeros((), dtype=torch.float32,
+                                            device=p.device if self._capturable else None)
                 state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                 state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                 if group["amsgrad"]:
@@ -210,6 +259,14 @@ class AdamW(_FusedStep, torch.optim.AdamW):
                 max_sqs.append(state["max_exp_avg_sq"])
             steps.append(state["step"])
         torch._foreach_add_(steps, 1.0)
+        if self._capturable:  # bias corrections computed by the kernel from the step tensors
+            device = params[0].device
+            torch.ops.eman_fused.adamw_ema_step_.capturable(
+                params, grads, exp_avgs, exp_avg_sqs, max_sqs, teacher,
+                [st.to(device) for st in steps], self._lr_tensor(group, device), float(beta1),
+                float(beta2), float(group["eps"]), float(group["weight_decay"]),
+                bool(group["amsgrad"]), bool(group["maximize"]), self._teacher_momentum_tensor(m, device))
+            return
         lr = float(group["lr"])
         step_sizes, bc2_sqrts = [], []
         for k in torch.stack(steps).tolist():
@@ -262,6 +319,16 @@ def _register_fake_kernels() -> None:
     @torch.library.register_fake("eman_fused::sgd_ema_step_")
     def _sgd_fake(params, grads, bufs, teacher, first, lr, momentum, dampening, nesterov,
                   weight_decay, maximize, teacher_momentum):
+        return None
+
+    @torch.library.register_fake("eman_fused::sgd_ema_step_.capturable")
+    def _sgd_cap_fake(params, grads, bufs, teacher, first, lr, momentum, dampening, nesterov,
+                      weight_decay, maximize, teacher_momentum):
+        return None
+
+    @torch.library.register_fake("eman_fused::adamw_ema_step_.capturable")
+    def _adamw_cap_fake(params, grads, exp_avgs, exp_avg_sqs, max_sqs, teacher, steps, lr, beta1,
+                        beta2, eps, weight_decay, amsgrad, maximize, teacher_momentum):
         return None
 
     @torch.library.register_fake("eman_fused::lars_ema_step_")
