@@ -6,6 +6,7 @@ For each model (a shape table: parameters, buffers, counters; fp32) and optimize
                        torch._foreach_lerp_ over parameters and floating buffers + counter copies
   torch+EMATeacher     torch.optim.X, then eman_fused.EMATeacher.update() (one fused EMA call)
   torch_foreach+EMATeacher  the same with torch.optim.X(foreach=True)
+  torch_fused+EMATeacher    the same with torch.optim.X(fused=True) (torch's own fused kernels)
   eager_lars+EMATeacher  (LARS: torch has none) eman_fused.reference.lars_step_, the per-tensor
                        eager LARS, then EMATeacher.update()
   eman_fused           eman_fused.optim.X(teacher=...): one fused pass for params, state and
@@ -118,6 +119,11 @@ def run_case(model_name, table, optim_name, device):
         t4 = eman_fused.EMATeacher(s4, momentum=M, eman=False)
         o4 = torch_cls(s4.parameters(), foreach=True, **kwargs)
         methods["torch_foreach+EMATeacher"] = lambda: (o4.step(), t4.update())
+        # torch's fused implementation (CPU and CUDA kernels in torch) + EMATeacher.update
+        s5 = make(table, device)
+        t5 = eman_fused.EMATeacher(s5, momentum=M, eman=False)
+        o5 = torch_cls(s5.parameters(), fused=True, **kwargs)
+        methods["torch_fused+EMATeacher"] = lambda: (o5.step(), t5.update())
     # fused
     s3 = make(table, device)
     t3 = eman_fused.EMATeacher(s3, momentum=M, eman=False)
@@ -138,8 +144,8 @@ def run_case(model_name, table, optim_name, device):
 
 def markdown(result) -> str:
     env = result["environment"]
-    names = ["eman_fused", "torch_foreach+EMATeacher", "torch+EMATeacher", "torch+foreach_lerp",
-             "eager_lars+EMATeacher"]
+    names = ["eman_fused", "torch_fused+EMATeacher", "torch_foreach+EMATeacher", "torch+EMATeacher",
+             "torch+foreach_lerp", "eager_lars+EMATeacher"]
     names = [n for n in names if any(n in c["methods"] for c in result["cases"])]
     lines = [f"Optimizer step + EMA teacher update, {env['device_name']} ({env['device']}, "
              f"{env['threads']} threads), torch {env['torch']}, {env['date']}, commit "

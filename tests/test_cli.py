@@ -103,7 +103,7 @@ def test_bench_optim(tiny_json, tmp_path):
     cases = json.loads((tmp_path / "o.json").read_text())["optim"]["cases"]
     assert [c["case"] for c in cases] == ["tiny sgd", "tiny adamw", "tiny lars"]
     assert set(cases[0]["methods"]) == {"eman_fused", "torch+EMATeacher", "torch_foreach+EMATeacher",
-                                        "torch+foreach_lerp"}
+                                        "torch_fused+EMATeacher", "torch+foreach_lerp"}
     assert set(cases[2]["methods"]) == {"eman_fused", "eager_lars+EMATeacher"}
     for c in cases:
         assert all(m["ms"] > 0 and m["eman_fused_speedup"] > 0 for m in c["methods"].values())
