@@ -101,6 +101,9 @@ using AdamWSig = void(at::TensorList, at::TensorList, at::TensorList, at::Tensor
 using SgdCapSig = void(at::TensorList, at::TensorList, at::TensorList, at::TensorList,
                        c10::ArrayRef<int64_t>, const at::Tensor&, double, double, bool, double,
                        bool, const at::Tensor&);
+using LarsCapSig = void(at::TensorList, at::TensorList, at::TensorList, at::TensorList,
+                        c10::ArrayRef<int64_t>, c10::ArrayRef<int64_t>, const at::Tensor&, double,
+                        double, double, bool, const at::Tensor&);
 using AdamWCapSig = void(at::TensorList, at::TensorList, at::TensorList, at::TensorList,
                          at::TensorList, at::TensorList, at::TensorList, const at::Tensor&, double,
                          double, double, double, bool, bool, const at::Tensor&);
@@ -176,6 +179,12 @@ TORCH_LIBRARY(eman_fused, m) {
         "Tensor(c!)[] exp_avg_sqs, Tensor(d!)[] max_exp_avg_sqs, Tensor(e!)[] teacher, "
         "Tensor[] steps, Tensor lr, float beta1, float beta2, float eps, float weight_decay, "
         "bool amsgrad, bool maximize, Tensor teacher_momentum) -> ()");
+  m.def("lars_ema_step_.capturable(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] "
+        "momentum_buffers, Tensor(c!)[] teacher, int[] adapt, int[] first, Tensor lr, "
+        "float momentum, float weight_decay, float trust_coefficient, bool maximize, "
+        "Tensor teacher_momentum) -> ()");
+  m.impl("lars_ema_step_.capturable", c10::DispatchKey::Autograd,
+         &BelowAutograd<kLarsName, kCapturable, LarsCapSig>::call);
   m.impl("sgd_ema_step_.capturable", c10::DispatchKey::Autograd,
          &BelowAutograd<kSgdName, kCapturable, SgdCapSig>::call);
   m.impl("adamw_ema_step_.capturable", c10::DispatchKey::Autograd,

@@ -296,7 +296,8 @@ def test_cuda_kernels_match_the_cpu_kernels(cls, kwargs, teacher_dtype):
 
 
 @pytest.mark.parametrize("cls,kwargs", [(optim.SGD, dict(lr=0.05, momentum=0.9, nesterov=True, weight_decay=1e-3)),
-                                        (optim.AdamW, dict(lr=0.01, amsgrad=True, weight_decay=0.05))])
+                                        (optim.AdamW, dict(lr=0.01, amsgrad=True, weight_decay=0.05)),
+                                        (optim.LARS, dict(lr=0.5, weight_decay=1e-3, trust_coefficient=0.02))])
 def test_capturable_gives_the_same_steps_and_teacher(cls, kwargs):
     data = batches(20)
     schedule = schedules.CosineToOne(0.9, 20)
@@ -312,12 +313,12 @@ def test_capturable_gives_the_same_steps_and_teacher(cls, kwargs):
     assert runs[0][2] == runs[1][2] == 20
 
 
-@pytest.mark.parametrize("cls", [optim.SGD, optim.AdamW])
+@pytest.mark.parametrize("cls", [optim.SGD, optim.AdamW, optim.LARS])
 def test_capturable_step_reads_no_value_on_the_host(cls, monkeypatch):
     student = make_model()
     teacher = EMATeacher(student, schedule=schedules.MeanTeacherRamp(0.99), capturable=True)
     opt = cls(student.parameters(), lr=torch.tensor(0.01), teacher=teacher, capturable=True,
-              **({"momentum": 0.9} if cls is optim.SGD else {}))
+              **({"momentum": 0.9} if cls is not optim.AdamW else {}))
     data = batches(3)
     train(student, opt, data[:1])  # state and device scalars exist from here on
 
@@ -361,6 +362,9 @@ def test_opcheck_capturable_overloads():
     steps = [torch.tensor(3.0) for _ in p]
     torch.library.opcheck(torch.ops.eman_fused.adamw_ema_step_.capturable,
                           (p, g, m, v, [], t, steps, lr, 0.9, 0.999, 1e-8, 0.01, False, False, mt))
+    p, g, b, t = op_args_sgd()
+    torch.library.opcheck(torch.ops.eman_fused.lars_ema_step_.capturable,
+                          (p, g, b, t, [1, 0, 1], [0, 1, 0], lr, 0.9, 1e-4, 0.001, False, mt))
     with pytest.raises(TypeError, match="lr must be float32"):
         torch.ops.eman_fused.sgd_ema_step_.capturable(p, g, b, t, [0] * 3, torch.tensor(0.1, dtype=torch.float64),
                                                       0.9, 0.0, False, 0.0, False, mt)
@@ -370,7 +374,8 @@ def test_opcheck_capturable_overloads():
 
 
 @needs_cuda_backend
-@pytest.mark.parametrize("cls,kwargs", [(optim.SGD, dict(momentum=0.9)), (optim.AdamW, dict(amsgrad=True))])
+@pytest.mark.parametrize("cls,kwargs", [(optim.SGD, dict(momentum=0.9)), (optim.AdamW, dict(amsgrad=True)),
+                                        (optim.LARS, dict(trust_coefficient=0.02))])
 def test_capturable_step_replays_in_a_cuda_graph(cls, kwargs):
     data = [(x.cuda(), y.cuda()) for x, y in batches(8)]
     schedule = schedules.CosineToOne(0.9, 8)

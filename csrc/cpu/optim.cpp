@@ -214,6 +214,18 @@ void adamw_ema_step_capturable_cpu(at::TensorList params, at::TensorList grads,
                      teacher_momentum.item<double>());
 }
 
+void lars_ema_step_capturable_cpu(at::TensorList params, at::TensorList grads,
+                                  at::TensorList bufs, at::TensorList teacher,
+                                  c10::ArrayRef<int64_t> adapt, c10::ArrayRef<int64_t> first,
+                                  const at::Tensor& lr, double momentum, double weight_decay,
+                                  double trust_coefficient, bool maximize,
+                                  const at::Tensor& teacher_momentum) {
+  check_capturable_scalars("lars_ema_step_", params, lr, teacher_momentum, {});
+  if (params.empty()) return;
+  lars_ema_step_cpu(params, grads, bufs, teacher, adapt, first, lr.item<double>(), momentum,
+                    weight_decay, trust_coefficient, maximize, teacher_momentum.item<double>());
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(eman_fused, CPU, m) {
@@ -222,6 +234,7 @@ TORCH_LIBRARY_IMPL(eman_fused, CPU, m) {
   m.impl("lars_ema_step_", &lars_ema_step_cpu);
   m.impl("sgd_ema_step_.capturable", &sgd_ema_step_capturable_cpu);
   m.impl("adamw_ema_step_.capturable", &adamw_ema_step_capturable_cpu);
+  m.impl("lars_ema_step_.capturable", &lars_ema_step_capturable_cpu);
 }
 
 }  // namespace eman_fused

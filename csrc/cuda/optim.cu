@@ -147,15 +147,17 @@ __global__ void __launch_bounds__(kThreads)
   float* p = reinterpret_cast<float*>(e.param);
   const float* g = reinterpret_cast<const float*>(e.grad);
   float* buf = reinterpret_cast<float*>(e.state0);
+  const float lr = h.lr_ptr != nullptr ? *h.lr_ptr : h.lr;
+  const float mt = h.teacher_momentum_ptr != nullptr ? *h.teacher_momentum_ptr : h.teacher_momentum;
   for (int64_t i = c.start + threadIdx.x; i < end; i += blockDim.x) {
     const float pi = p[i];
     float d = h.sign * g[i];
     if (adapt) d = (d + h.weight_decay * pi) * trust;
     const float b = first ? d : h.momentum * buf[i] + d;
     buf[i] = b;
-    const float np = pi - h.lr * b;
+    const float np = pi - lr * b;
     p[i] = np;
-    ema_into<TT>(e.teacher, i, np, h.teacher_momentum);
+    ema_into<TT>(e.teacher, i, np, mt);
   }
 }
 

@@ -23,6 +23,8 @@ struct AdamWHyper {
 };
 struct LarsHyper {
   float lr, momentum, weight_decay, trust_coefficient, sign, teacher_momentum;
+  const float* lr_ptr;
+  const float* teacher_momentum_ptr;
 };
 
 // teacher_tag: 0 none, 1 float32, 2 bfloat16, 3 float16.

@@ -134,7 +134,7 @@ void lars_ema_step_cuda(at::TensorList params, at::TensorList grads, at::TensorL
                                   params[0].options().dtype(at::kDouble));
   const LarsHyper h{static_cast<float>(lr), static_cast<float>(momentum),
                     static_cast<float>(weight_decay), static_cast<float>(trust_coefficient),
-                    sign_of(maximize), static_cast<float>(teacher_momentum)};
+                    sign_of(maximize), static_cast<float>(teacher_momentum), nullptr, nullptr};
   C10_CUDA_CHECK(launch_lars_ema(d.entries, d.chunks, d.num_chunks, teacher_tag(teacher), h,
                                  partials.mutable_data_ptr<double>(),
                                  c10::cuda::getCurrentCUDAStream().stream()));
@@ -185,9 +185,32 @@ void adamw_ema_step_capturable_cuda(at::TensorList params, at::TensorList grads,
                                   c10::cuda::getCurrentCUDAStream().stream()));
 }
 
+void lars_ema_step_capturable_cuda(at::TensorList params, at::TensorList grads,
+                                   at::TensorList bufs, at::TensorList teacher,
+                                   c10::ArrayRef<int64_t> adapt, c10::ArrayRef<int64_t> first,
+                                   const at::Tensor& lr, double momentum, double weight_decay,
+                                   double trust_coefficient, bool maximize,
+                                   const at::Tensor& teacher_momentum) {
+  check_capturable_scalars("lars_ema_step_", params, lr, teacher_momentum, {});
+  const LarsArgs a{0.0, momentum, weight_decay, trust_coefficient, maximize, 0.0};
+  if (params.empty()) return check_lars_ema(params, grads, bufs, teacher, adapt, first, a);
+  const OptimTable host = prepare_lars(params, grads, bufs, teacher, adapt, first, a, false);
+  const c10::cuda::CUDAGuard guard(params[0].device());
+  const DeviceTable d = cached_device_table("lars_ema_step_", host, params[0].device());
+  at::Tensor partials = at::empty({2 * std::max<int64_t>(1, d.num_chunks)},
+                                  params[0].options().dtype(at::kDouble));
+  const LarsHyper h{0.0f, static_cast<float>(momentum), static_cast<float>(weight_decay),
+                    static_cast<float>(trust_coefficient), sign_of(maximize), 0.0f,
+                    lr.const_data_ptr<float>(), teacher_momentum.const_data_ptr<float>()};
+  C10_CUDA_CHECK(launch_lars_ema(d.entries, d.chunks, d.num_chunks, teacher_tag(teacher), h,
+                                 partials.mutable_data_ptr<double>(),
+                                 c10::cuda::getCurrentCUDAStream().stream()));
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(eman_fused, CUDA, m) {
+  m.impl("lars_ema_step_.capturable", &lars_ema_step_capturable_cuda);
   m.impl("sgd_ema_step_.capturable", &sgd_ema_step_capturable_cuda);
   m.impl("adamw_ema_step_.capturable", &adamw_ema_step_capturable_cuda);
   m.impl("sgd_ema_step_", &sgd_ema_step_cuda);

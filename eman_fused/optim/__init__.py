@@ -287,26 +287,35 @@ class LARS(_FusedStep, torch.optim.Optimizer):
     teacher's copy of each param is updated in the same pass.
 
     Two passes per step (documented cost): per-tensor norms of p and d, then the update.
+    capturable=True: lr (a 0-dim tensor to schedule it) and the teacher's momentum (the teacher
+    must be capturable too) are device scalars read by the kernels, as for SGD.
     """
 
     def __init__(self, params, lr: float = 0.1, momentum: float = 0.9, weight_decay: float = 0.0,
                  trust_coefficient: float = 0.001, *, maximize: bool = False, exclude=None,
-                 teacher: EMATeacher | None = None, teacher_momentum=None):
+                 teacher: EMATeacher | None = None, teacher_momentum=None, capturable: bool = False):
         if lr < 0 or momentum < 0 or weight_decay < 0 or trust_coefficient < 0:
             raise ValueError("lr, momentum, weight_decay and trust_coefficient must be >= 0")
         defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay,
                         trust_coefficient=trust_coefficient, maximize=maximize,
                         exclude=exclude if exclude is not None else _one_dim)
         super().__init__(params, defaults)
+        self._capturable = capturable
         self._init_teacher(teacher, teacher_momentum)
 
     def _step_group(self, group, params, grads, teacher, m):
         bufs, first = self._momentum_buffers(params)
         adapt = [int(not group["exclude"](p)) for p in params]
-        torch.ops.eman_fused.lars_ema_step_(
-            params, grads, bufs, teacher, adapt, first, float(group["lr"]), float(group["momentum"]),
-            float(group["weight_decay"]), float(group["trust_coefficient"]), bool(group["maximize"]),
-            float(m))
+        hyper = (float(group["momentum"]), float(group["weight_decay"]),
+                 float(group["trust_coefficient"]), bool(group["maximize"]))
+        if self._capturable:
+            device = params[0].device
+            torch.ops.eman_fused.lars_ema_step_.capturable(
+                params, grads, bufs, teacher, adapt, first, self._lr_tensor(group, device), *hyper,
+                self._teacher_momentum_tensor(m, device))
+        else:
+            torch.ops.eman_fused.lars_ema_step_(params, grads, bufs, teacher, adapt, first,
+                                                float(group["lr"]), *hyper, float(m))
 
 
 def _one_dim(p: torch.Tensor) -> bool:
@@ -329,6 +338,11 @@ def _register_fake_kernels() -> None:
     @torch.library.register_fake("eman_fused::adamw_ema_step_.capturable")
     def _adamw_cap_fake(params, grads, exp_avgs, exp_avg_sqs, max_sqs, teacher, steps, lr, beta1,
                         beta2, eps, weight_decay, amsgrad, maximize, teacher_momentum):
+        return None
+
+    @torch.library.register_fake("eman_fused::lars_ema_step_.capturable")
+    def _lars_cap_fake(params, grads, bufs, teacher, adapt, first, lr, momentum, weight_decay,
+                       trust_coefficient, maximize, teacher_momentum):
         return None
 
     @torch.library.register_fake("eman_fused::lars_ema_step_")
