@@ -269,9 +269,6 @@ class EMATeacher(nn.Module):
         return list(self._copy_lists[0])
 
     # -- the update ------------------------------------------------------------------------
-    def momentum_at(self, step: int) -> float:
-        return self.schedule(step)
-
     @torch.no_grad()
     def update(self, step: int | None = None) -> None:
         """One EMA step: teacher <- m*teacher + (1-m)*student, m = schedule(step) (default: the

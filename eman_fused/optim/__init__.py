@@ -322,38 +322,19 @@ def _one_dim(p: torch.Tensor) -> bool:
     return p.ndim <= 1
 
 
-def _register_fake_kernels() -> None:
-    # The steps return nothing and only write their inputs: the fake kernels have nothing to
+_STEP_OPS = ("sgd_ema_step_", "sgd_ema_step_.capturable", "adamw_ema_step_",
+             "adamw_ema_step_.capturable", "lars_ema_step_", "lars_ema_step_.capturable")
+
+
+def _writes_only(*args):
+    # The steps return nothing and only write their inputs: a fake kernel has nothing to
     # compute, which lets torch.compile and opcheck trace the ops.
-    @torch.library.register_fake("eman_fused::sgd_ema_step_")
-    def _sgd_fake(params, grads, bufs, teacher, first, lr, momentum, dampening, nesterov,
-                  weight_decay, maximize, teacher_momentum):
-        return None
+    return None
 
-    @torch.library.register_fake("eman_fused::sgd_ema_step_.capturable")
-    def _sgd_cap_fake(params, grads, bufs, teacher, first, lr, momentum, dampening, nesterov,
-                      weight_decay, maximize, teacher_momentum):
-        return None
 
-    @torch.library.register_fake("eman_fused::adamw_ema_step_.capturable")
-    def _adamw_cap_fake(params, grads, exp_avgs, exp_avg_sqs, max_sqs, teacher, steps, lr, beta1,
-                        beta2, eps, weight_decay, amsgrad, maximize, teacher_momentum):
-        return None
-
-    @torch.library.register_fake("eman_fused::lars_ema_step_.capturable")
-    def _lars_cap_fake(params, grads, bufs, teacher, adapt, first, lr, momentum, weight_decay,
-                       trust_coefficient, maximize, teacher_momentum):
-        return None
-
-    @torch.library.register_fake("eman_fused::lars_ema_step_")
-    def _lars_fake(params, grads, bufs, teacher, adapt, first, lr, momentum, weight_decay,
-                   trust_coefficient, maximize, teacher_momentum):
-        return None
-
-    @torch.library.register_fake("eman_fused::adamw_ema_step_")
-    def _adamw_fake(params, grads, exp_avgs, exp_avg_sqs, max_sqs, teacher, step_sizes, bc2,
-                    lr, beta1, beta2, eps, weight_decay, amsgrad, maximize, teacher_momentum):
-        return None
+def _register_fake_kernels() -> None:
+    for name in _STEP_OPS:
+        torch.library.register_fake(f"eman_fused::{name}")(_writes_only)
 
 
 if hasattr(torch.ops.eman_fused, "sgd_ema_step_"):
