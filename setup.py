@@ -47,7 +47,10 @@ def _extension():
     build_cuda, reason = _cuda_decision()
     sources = ["csrc/python_api.cpp", "csrc/ops.cpp", "csrc/plan.cpp", "csrc/norm.cpp",
                "csrc/optim.cpp", "csrc/cpu/ema.cpp", "csrc/cpu/norm.cpp", "csrc/cpu/optim.cpp"]
-    cxx = ["-O3", "-fopenmp", "-fno-math-errno"]
+    # -fno-trapping-math: the branch-free float16 conversions (csrc/cpu/convert.h) vectorize
+    # only when GCC may evaluate both sides of a select (measured 4.7 -> 1.1 ns per element);
+    # values are unchanged (no reassociation; only FP exception flags, which nothing reads).
+    cxx = ["-O3", "-fopenmp", "-fno-math-errno", "-fno-trapping-math"]
     if not build_cuda:
         return CppExtension("eman_fused._C", sources, extra_compile_args={"cxx": cxx},
                             extra_link_args=["-fopenmp"]), False, reason, ""

@@ -16,7 +16,12 @@ void check_same_length(const char* op, const char* name, at::TensorList list, si
                     list.size(), " tensors but params has ", n);
 }
 
-// list[i] must match params[i]: defined, float32 (or a teacher float type), device, shape, strides.
+bool is_fused_float(at::ScalarType st) {
+  return st == at::kFloat || st == at::kBFloat16 || st == at::kHalf;
+}
+
+// list[i] must match params[i]: defined, the param's dtype (grads and state, as torch.optim
+// keeps them) or a teacher float type, device, shape, strides.
 void check_like_param(const char* op, const char* name, at::TensorList list,
                       at::TensorList params, bool teacher) {
   for (size_t i = 0; i < list.size(); ++i) {
@@ -25,12 +30,12 @@ void check_like_param(const char* op, const char* name, at::TensorList list,
     TORCH_CHECK_VALUE(x.defined(), op, ": ", name, "[", i, "] is undefined");
     const auto st = x.scalar_type();
     if (teacher) {
-      TORCH_CHECK_TYPE(st == at::kFloat || st == at::kBFloat16 || st == at::kHalf, op, ": ", name,
-                       "[", i, "] has dtype ", st, "; teachers must be float32, bfloat16 or float16");
+      TORCH_CHECK_TYPE(is_fused_float(st), op, ": ", name, "[", i, "] has dtype ", st,
+                       "; teachers must be float32, bfloat16 or float16");
     } else {
-      TORCH_CHECK_TYPE(st == at::kFloat, op, ": ", name, "[", i, "] has dtype ", st,
-                       "; the fused optimizers take float32 params, grads and state (other ",
-                       "dtypes: use the torch optimizer and EMATeacher.update())");
+      TORCH_CHECK_TYPE(st == p.scalar_type(), op, ": ", name, "[", i, "] has dtype ", st,
+                       " but params[", i, "] is ", p.scalar_type(), " (grads and optimizer state ",
+                       "have the param's dtype, as in torch.optim)");
     }
     TORCH_CHECK_VALUE(x.device() == p.device(), op, ": ", name, "[", i, "] is on ", x.device(),
                       " but params[", i, "] is on ", p.device());
@@ -46,12 +51,16 @@ void check_like_param(const char* op, const char* name, at::TensorList list,
   }
 }
 
+// float32, bfloat16 or float16 params (math in float32), one dtype per call.
 void check_params(const char* op, at::TensorList params) {
   for (size_t i = 0; i < params.size(); ++i) {
     TORCH_CHECK_VALUE(params[i].defined(), op, ": params[", i, "] is undefined");
-    TORCH_CHECK_TYPE(params[i].scalar_type() == at::kFloat, op, ": params[", i, "] has dtype ",
-                     params[i].scalar_type(), "; the fused optimizers take float32 params (other ",
+    const auto st = params[i].scalar_type();
+    TORCH_CHECK_TYPE(is_fused_float(st), op, ": params[", i, "] has dtype ", st,
+                     "; the fused optimizers take float32, bfloat16 or float16 params (other ",
                      "dtypes: use the torch optimizer and EMATeacher.update())");
+    TORCH_CHECK_TYPE(st == params[0].scalar_type(), op, ": params[", i, "] is ", st,
+                     " but params[0] is ", params[0].scalar_type(), "; one param dtype per call");
     TORCH_CHECK_VALUE(params[i].device() == params[0].device(), op, ": params[", i, "] is on ",
                       params[i].device(), " but params[0] is on ", params[0].device());
     TORCH_CHECK_VALUE(params[i].is_non_overlapping_and_dense(), op, ": params[", i,
@@ -247,14 +256,23 @@ void set_step_pointers(OptimTable& table, at::TensorList steps) {
   }
 }
 
-int teacher_tag(at::TensorList teacher) {
-  if (teacher.empty()) return 0;
-  switch (teacher[0].scalar_type()) {
+namespace {
+int float_tag(at::ScalarType st) {
+  switch (st) {
     case at::kFloat: return 1;
     case at::kBFloat16: return 2;
     case at::kHalf: return 3;
-    default: TORCH_CHECK(false, "unreachable: teacher dtype checked before");
+    default: TORCH_CHECK(false, "unreachable: dtype checked before");
   }
+}
+}  // namespace
+
+int teacher_tag(at::TensorList teacher) {
+  return teacher.empty() ? 0 : float_tag(teacher[0].scalar_type());
+}
+
+int param_tag(at::TensorList params) {
+  return params.empty() ? 1 : float_tag(params[0].scalar_type());
 }
 
 }  // namespace eman_fused

@@ -29,8 +29,9 @@ struct LarsArgs {
   double teacher_momentum;
 };
 
-// Every list is checked before anything is written: lengths, dtypes (float32 params, grads and
-// state; float32/bfloat16/float16 teachers), devices, shapes and memory layouts per index,
+// Every list is checked before anything is written: lengths, dtypes (float32, bfloat16 or
+// float16 params, one dtype per call, grads and state in the param's dtype; float32/bfloat16/
+// float16 teachers, one dtype per call), devices, shapes and memory layouts per index,
 // hyper-parameters in range.
 void check_sgd_ema(at::TensorList params, at::TensorList grads, at::TensorList bufs,
                    at::TensorList teacher, c10::ArrayRef<int64_t> first, const SgdArgs& a);
@@ -85,5 +86,7 @@ void set_step_pointers(OptimTable& table, at::TensorList steps);
 std::vector<int64_t> lars_flags(c10::ArrayRef<int64_t> adapt, c10::ArrayRef<int64_t> first);
 // 0 (none), 1 float32, 2 bfloat16, 3 float16: the teachers' dtype (one per call).
 int teacher_tag(at::TensorList teacher);
+// 1 float32, 2 bfloat16, 3 float16: the params' dtype (and their grads' and state's).
+int param_tag(at::TensorList params);
 
 }  // namespace eman_fused

@@ -8,7 +8,7 @@ from torch import nn
 import eman_fused
 from eman_fused import EMATeacher, optim, schedules
 
-from conftest import bits, needs_cuda_backend
+from conftest import assert_same_bits_or_both_nan, bits, needs_cuda_backend
 
 STEPS = 50
 
@@ -273,6 +273,260 @@ def test_lars_trust_ratio_of_one_step_by_hand():
     b.grad = torch.tensor([1.0, 1.0])
     optim.LARS([b], lr=0.5, weight_decay=1.0, trust_coefficient=0.1).step()
     torch.testing.assert_close(b.detach(), torch.tensor([0.5, 1.5]))
+
+
+# --- 16-bit params: grads and state in the param's dtype (as torch.optim keeps them), math in
+# float32, each stored value rounded once (as torch's fused=True optimizers do).
+
+HALF = [torch.bfloat16, torch.float16]
+SHAPES = [(7,), (40000,), (33, 17), (3, 5, 2, 2)]  # 40000 elements: three table chunks and a tail
+SGD_16 = [dict(lr=0.05, momentum=0.9, nesterov=True, weight_decay=1e-2),
+          dict(lr=0.05, momentum=0.8, dampening=0.1, maximize=True), dict(lr=0.05)]
+ADAMW_16 = [dict(lr=0.01, weight_decay=0.05), dict(lr=0.01, amsgrad=True, betas=(0.3, 0.9), maximize=True)]
+CASES_16 = ([(optim.SGD, torch.optim.SGD, kw) for kw in SGD_16] +
+            [(optim.AdamW, torch.optim.AdamW, kw) for kw in ADAMW_16])
+
+
+def ulp_distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """How many representable 16-bit values lie between a and b (0: the same value)."""
+    def ordered(x):
+        i = x.detach().contiguous().view(torch.int16).int()
+        return torch.where(i < 0, -32768 - i, i)  # sign-magnitude -> a monotone integer line
+    return (ordered(a) - ordered(b)).abs()
+
+
+def assert_one_rounding_apart(pairs):
+    """16-bit results of the same float32 math in another order: at most one ulp apart (the
+    float32 values straddled a rounding midpoint, which is common: sums of 16-bit inputs often
+    land exactly on one) or, where the result cancels to ~0, a float32 rounding error apart;
+    and 99% or more bit-identical."""
+    distance = torch.cat([ulp_distance(a, b).flatten() for a, b in pairs])
+    absolute = torch.cat([(a.float() - b.float()).abs().flatten() for a, b in pairs])
+    assert ((distance <= 1) | (absolute <= 1e-6)).all(), (distance.max(), absolute.max())
+    assert (distance == 0).float().mean().item() >= 0.99
+
+
+def random_params_and_grads(dtype, steps, device="cpu", seed=0):
+    g = torch.Generator().manual_seed(seed)
+    params = [nn.Parameter(torch.randn(s, generator=g).to(device, dtype)) for s in SHAPES]
+    grads = [[torch.randn(s, generator=g).to(device, dtype) for s in SHAPES] for _ in range(steps)]
+    return params, grads
+
+
+def run_fixed_grads(opt, params, grads, after_step=None):
+    for gs in grads:
+        for p, g in zip(params, gs):
+            p.grad = g.clone()
+        opt.step()
+        if after_step is not None:
+            after_step()
+
+
+def random_state(cls, params, seed=1):
+    g = torch.Generator().manual_seed(seed)
+
+    def like(p, positive=False):
+        x = torch.randn(p.shape, generator=g)
+        return (x.abs() * 0.1 if positive else x).to(p.dtype)
+    if cls is optim.SGD:
+        return [{"momentum_buffer": like(p)} for p in params]
+    return [{"step": torch.tensor(4.0), "exp_avg": like(p), "exp_avg_sq": like(p, True),
+             "max_exp_avg_sq": like(p, True) * 2} for p in params]
+
+
+def emulated_16bit_step(torch_cls, kwargs, params, grads, states):
+    """torch's float32 single-tensor step on float32 copies of the 16-bit params, grads and
+    state, rounded back to 16 bits: the contract of the fused kernels for 16-bit params."""
+    p32 = [nn.Parameter(p.detach().float()) for p in params]
+    for q, g in zip(p32, grads):
+        q.grad = g.float()
+    opt = torch_cls(p32, foreach=False, **kwargs)
+    for q, st in zip(p32, states):
+        opt.state[q] = {k: v.clone() if k == "step" else v.float() for k, v in st.items()}
+    opt.step()
+    dtype = params[0].dtype
+    return ([q.detach().to(dtype) for q in p32],
+            [{k: v if k == "step" else v.to(dtype) for k, v in opt.state[q].items()} for q in p32])
+
+
+@pytest.mark.parametrize("dtype", HALF, ids=str)
+@pytest.mark.parametrize("ours_cls,torch_cls,kwargs", CASES_16, ids=str)
+def test_16bit_step_is_the_float32_step_rounded_once(ours_cls, torch_cls, kwargs, dtype):
+    params, grads = random_params_and_grads(dtype, 1)
+    states = random_state(ours_cls, params)
+    expected_p, expected_s = emulated_16bit_step(torch_cls, kwargs, params, grads[0], states)
+    opt = ours_cls(params, **kwargs)
+    for p, st in zip(params, states):
+        opt.state[p] = {k: v.clone() for k, v in st.items()}
+    run_fixed_grads(opt, params, grads)
+    got = [(p, e) for p, e in zip(params, expected_p)]
+    got += [(opt.state[p][k], es[k]) for p, es in zip(params, expected_s) for k in es if k != "step"]
+    assert_one_rounding_apart(got)
+    assert all(a.dtype == dtype for a, _ in got)
+
+
+@pytest.mark.parametrize("dtype", HALF, ids=str)
+@pytest.mark.parametrize("ours_cls,torch_cls,kwargs", CASES_16, ids=str)
+def test_16bit_params_follow_torchs_fused_16bit_optimizer(ours_cls, torch_cls, kwargs, dtype):
+    ours, grads = random_params_and_grads(dtype, 20)
+    theirs = [nn.Parameter(p.detach().clone()) for p in ours]
+    opt, ref = ours_cls(ours, **kwargs), torch_cls(theirs, fused=True, **kwargs)
+    run_fixed_grads(opt, ours, grads)
+    run_fixed_grads(ref, theirs, grads)
+    tol = 4 * torch.finfo(dtype).eps  # 20 steps of independent roundings: a few ulps apart at most
+    for p, q in zip(ours, theirs):
+        torch.testing.assert_close(p, q, rtol=tol, atol=tol)
+        for k, v in ref.state[q].items():
+            torch.testing.assert_close(opt.state[p][k], v, rtol=tol, atol=tol, msg=k)
+
+
+@pytest.mark.parametrize("param_dtype", HALF, ids=str)
+@pytest.mark.parametrize("teacher_dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("cls,kwargs", [(optim.SGD, dict(lr=0.05, momentum=0.9)),
+                                        (optim.AdamW, dict(lr=0.01)),
+                                        (optim.LARS, dict(lr=0.5, trust_coefficient=0.02))], ids=str)
+def test_the_teacher_of_16bit_params_averages_them_as_stored(cls, kwargs, param_dtype, teacher_dtype):
+    params, grads = random_params_and_grads(param_dtype, 8)
+    student = nn.ParameterList(params)
+    teacher = EMATeacher(student, momentum=0.9, teacher_dtype=teacher_dtype)
+    expected = [p.detach().to(teacher_dtype, copy=True) for p in params]
+
+    def reference_update():  # the EMA of what the optimizer stored, in float32
+        for e, p in zip(expected, params):
+            e.copy_(0.9 * e.float() + 0.1 * p.detach().float())
+    opt = cls(params, teacher=teacher, **kwargs)
+    run_fixed_grads(opt, params, grads, reference_update)
+    # A 16-bit teacher: one rounding flip (1 ulp) is carried on by the 0.9 decay while the value
+    # shrinks, so the bound is absolute, at the scale of the params (~1).
+    eps = torch.finfo(teacher_dtype).eps
+    tol = eman_fused.reference.TOLERANCES[torch.float32] if eps < 1e-6 else dict(rtol=2 * eps, atol=2 * eps)
+    for t, e in zip(teacher.module.parameters(), expected):
+        assert t.dtype == teacher_dtype
+        torch.testing.assert_close(t, e, **tol)
+
+
+@pytest.mark.parametrize("dtype", HALF, ids=str)
+def test_16bit_lars_step_is_the_float32_reference_rounded_once(dtype):
+    params, grads = random_params_and_grads(dtype, 1)
+    bufs = random_state(optim.SGD, params)
+    p32 = [p.detach().float().requires_grad_() for p in params]
+    for q, g in zip(p32, grads[0]):
+        q.grad = g.float()
+    eman_fused.reference.lars_step_(p32, {q: b["momentum_buffer"].float() for q, b in zip(p32, bufs)},
+                                    0.5, 0.9, 1e-3, 0.02)
+    opt = optim.LARS(params, lr=0.5, momentum=0.9, weight_decay=1e-3, trust_coefficient=0.02)
+    for p, b in zip(params, bufs):
+        opt.state[p] = {"momentum_buffer": b["momentum_buffer"].clone()}
+    run_fixed_grads(opt, params, grads)
+    assert_one_rounding_apart([(p, q.detach().to(dtype)) for p, q in zip(params, p32)])
+
+
+def test_a_group_mixing_16bit_and_float32_params_steps_each_with_its_dtype():
+    torch.manual_seed(0)
+    student = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 3))
+    student[2].to(torch.bfloat16)
+    ref = copy.deepcopy(student)
+    teacher = EMATeacher(student, momentum=0.9, teacher_dtype=torch.float32)
+    opt = optim.AdamW(student.parameters(), lr=0.01, teacher=teacher)
+    ref_opt = torch.optim.AdamW(ref.parameters(), lr=0.01, fused=True)
+    expected = [p.detach().to(torch.float32, copy=True) for p in ref.parameters()]
+    for step in range(5):
+        for a, b in zip(student.parameters(), ref.parameters()):
+            a.grad = torch.randn(a.shape, generator=torch.Generator().manual_seed(step)).to(a.dtype)
+            b.grad = a.grad.clone()
+        opt.step()
+        ref_opt.step()
+        expected = [0.9 * e + 0.1 * p.detach().float() for e, p in zip(expected, student.parameters())]
+    for (name, a), b in zip(student.named_parameters(), ref.parameters()):
+        tol = 4 * torch.finfo(a.dtype).eps if a.dtype == torch.bfloat16 else 1e-5
+        torch.testing.assert_close(a, b, rtol=tol, atol=tol, msg=name)
+        assert opt.state[a]["exp_avg"].dtype == a.dtype
+    for t, e in zip(teacher.module.parameters(), expected):
+        torch.testing.assert_close(t, e, rtol=1e-5, atol=1e-6)
+
+
+def test_16bit_state_dicts_move_both_ways_with_torch():
+    params, grads = random_params_and_grads(torch.bfloat16, 6)
+    twin = [nn.Parameter(p.detach().clone()) for p in params]
+    ref = torch.optim.AdamW(twin, lr=0.01, amsgrad=True)
+    run_fixed_grads(ref, twin, grads[:3])
+    ours = optim.AdamW(params, lr=0.01, amsgrad=True)
+    with torch.no_grad():
+        for p, q in zip(params, twin):
+            p.copy_(q)
+    ours.load_state_dict(copy.deepcopy(ref.state_dict()))
+    run_fixed_grads(ours, params, grads[3:])
+    back = torch.optim.AdamW(twin, lr=0.01, amsgrad=True)
+    back.load_state_dict(copy.deepcopy(ours.state_dict()))
+    for p, q in zip(params, twin):
+        assert back.state[q]["exp_avg"].dtype == torch.bfloat16
+        assert torch.equal(back.state[q]["exp_avg"], ours.state[p]["exp_avg"])
+
+
+@pytest.mark.parametrize("break_it,error,match", [
+    (lambda p, g, b, t: p.__setitem__(1, p[1].bfloat16()), TypeError, "one param dtype per call"),
+    (lambda p, g, b, t: b.__setitem__(2, b[2].half()), TypeError, r"momentum_buffers\[2\] has dtype"),
+    (lambda p, g, b, t: g.__setitem__(0, g[0].bfloat16()), TypeError, r"grads\[0\] has dtype"),
+])
+def test_dtype_mismatches_raise_before_any_write(break_it, error, match):
+    p, g, b, t = op_args_sgd()
+    break_it(p, g, b, t)
+    before = [bits(x) for x in (*p, *b, *t)]
+    with pytest.raises(error, match=match):
+        torch.ops.eman_fused.sgd_ema_step_(p, g, b, t, [0] * len(p), 0.1, 0.9, 0.0, False, 0.0, False, 0.9)
+    assert all(torch.equal(x, bits(y)) for x, y in zip(before, (*p, *b, *t)))
+
+
+@pytest.mark.parametrize("dtype", HALF, ids=str)
+def test_16bit_loads_and_stores_are_torchs_casts(dtype):
+    from test_ema import awkward_floats, every_16bit_value
+    # lr 0, zero grads, teacher momentum 0: param = load then store of itself; teacher = its load.
+    p = every_16bit_value(dtype)
+    before = p.clone()
+    teacher = torch.zeros(p.shape)
+    torch.ops.eman_fused.sgd_ema_step_([p], [torch.zeros_like(p)], [], [teacher], [], 0.0, 0.0, 0.0, False,
+                                       0.0, False, 0.0)
+    assert_same_bits_or_both_nan(p, before.float().to(dtype))
+    torch.testing.assert_close(teacher, before.float(), rtol=0, atol=0, equal_nan=True)
+    # float32 params, a 16-bit teacher: the teacher is the store of each (non-zero) float.
+    f = awkward_floats()
+    f = f[f != 0]
+    teacher16 = torch.zeros(f.shape, dtype=dtype)
+    torch.ops.eman_fused.sgd_ema_step_([f], [torch.zeros_like(f)], [], [teacher16], [], 0.0, 0.0, 0.0, False,
+                                       0.0, False, 0.0)
+    assert_same_bits_or_both_nan(teacher16, f.to(dtype))
+
+
+@pytest.mark.parametrize("dtype", HALF, ids=str)
+def test_opcheck_with_16bit_params(dtype):
+    p, g, b, t = op_args_sgd(dtype=dtype)
+    torch.library.opcheck(torch.ops.eman_fused.sgd_ema_step_.default,
+                          (p, g, b, [x.float() for x in t], [0, 1, 0], 0.1, 0.9, 0.0, False, 1e-4, False, 0.9))
+    v = [x.abs() for x in b]
+    torch.library.opcheck(torch.ops.eman_fused.adamw_ema_step_.default,
+                          (p, g, b, v, [x.clone() for x in v], t, [0.1] * 3, [0.5] * 3, 0.1, 0.9,
+                           0.999, 1e-8, 0.01, True, False, 0.9))
+    torch.library.opcheck(torch.ops.eman_fused.lars_ema_step_.capturable,
+                          (p, g, b, t, [1, 0, 1], [0, 1, 0], torch.tensor(0.1), 0.9, 1e-4, 0.001, False,
+                           torch.tensor(0.9)))
+
+
+@needs_cuda_backend
+@pytest.mark.parametrize("dtype", HALF, ids=str)
+@pytest.mark.parametrize("cls,kwargs", [(optim.SGD, dict(lr=0.05, momentum=0.9, nesterov=True, weight_decay=1e-3)),
+                                        (optim.AdamW, dict(lr=0.01, amsgrad=True)),
+                                        (optim.LARS, dict(lr=0.5, weight_decay=1e-3, trust_coefficient=0.02))])
+def test_cuda_16bit_kernels_match_the_cpu_kernels(cls, kwargs, dtype):
+    results = []
+    for device in ("cpu", "cuda"):
+        params, grads = random_params_and_grads(dtype, 10, device=device)
+        teacher = EMATeacher(nn.ParameterList(params), momentum=0.9, teacher_dtype=torch.float32)
+        run_fixed_grads(cls(params, teacher=teacher, **kwargs), params, grads)
+        results.append(([p.detach().cpu() for p in params], [t.cpu() for t in teacher.module.parameters()]))
+    distance = torch.cat([ulp_distance(a, b).flatten() for a, b in zip(results[0][0], results[1][0])])
+    assert (distance > 1).float().mean().item() < 1e-3  # fma contraction on the GPU: rare 1-ulp ties
+    for a, b in zip(results[0][1], results[1][1]):
+        torch.testing.assert_close(b, a, rtol=4 * torch.finfo(dtype).eps, atol=4 * torch.finfo(dtype).eps)
 
 
 @needs_cuda_backend

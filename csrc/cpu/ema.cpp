@@ -10,6 +10,7 @@
 
 #include "../dtype_dispatch.h"
 #include "../plan.h"
+#include "convert.h"
 #include "isa.h"
 
 namespace eman_fused {

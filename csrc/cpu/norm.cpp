@@ -15,6 +15,7 @@
 #include <vector>
 
 #include "../norm.h"
+#include "convert.h"
 #include "isa.h"
 
 namespace eman_fused {

@@ -1,4 +1,4 @@
-// Fused optimizer steps on the CPU: SGD and AdamW update params and optimizer state, and the
+// Fused optimizer steps on the CPU: SGD, AdamW and LARS update params and optimizer state, and the
 // EMA teacher of each param in the same pass (the new param is still in registers when the
 // teacher reads it: one read of the param saved per step, and one pass instead of two).
 #include <ATen/Parallel.h>
@@ -13,6 +13,7 @@
 
 #include "../dtype_dispatch.h"
 #include "../optim.h"
+#include "convert.h"
 #include "isa.h"
 
 namespace eman_fused {
@@ -57,14 +58,23 @@ bool use_avx2() {
 #endif
 }
 
-// Calls f(TypeTag<T>{}) for the teachers' element type (void: no teacher).
+// Calls f(TypeTag<PT>{}, TypeTag<TT>{}) for the params' element type PT and the teachers' TT
+// (void: no teacher). One of each per call (the Python side groups by them); the loops are
+// typed on both.
 template <typename F>
-void visit_teacher(at::TensorList teacher, F&& f) {
-  switch (teacher_tag(teacher)) {
-    case 0: return f(TypeTag<void>{});
-    case 1: return f(TypeTag<float>{});
-    case 2: return f(TypeTag<c10::BFloat16>{});
-    default: return f(TypeTag<c10::Half>{});
+void visit_types(at::TensorList params, at::TensorList teacher, F&& f) {
+  auto with_teacher = [&](auto pt) {
+    switch (teacher_tag(teacher)) {
+      case 0: return f(pt, TypeTag<void>{});
+      case 1: return f(pt, TypeTag<float>{});
+      case 2: return f(pt, TypeTag<c10::BFloat16>{});
+      default: return f(pt, TypeTag<c10::Half>{});
+    }
+  };
+  switch (param_tag(params)) {
+    case 1: return with_teacher(TypeTag<float>{});
+    case 2: return with_teacher(TypeTag<c10::BFloat16>{});
+    default: return with_teacher(TypeTag<c10::Half>{});
   }
 }
 
@@ -84,20 +94,20 @@ void sgd_ema_step_cpu(at::TensorList params, at::TensorList grads, at::TensorLis
                       bool maximize, double teacher_momentum) {
   const SgdArgs a{lr, momentum, dampening, nesterov, weight_decay, maximize, teacher_momentum};
   const OptimTable table = prepare_sgd(params, grads, bufs, teacher, first, a, false);
-  // One teacher dtype per call (the Python side groups by it); the loops are typed on it.
-  visit_teacher(teacher, [&](auto tag) {
-    using TT = typename decltype(tag)::type;
+  visit_types(params, teacher, [&](auto ptag, auto ttag) {
+    using PT = typename decltype(ptag)::type;
+    using TT = typename decltype(ttag)::type;
     const bool avx = use_avx2();
     for_chunks(table, [&](const OptimEntry& e, int64_t start, int64_t n, int64_t) {
-      float* p = at_elem<float>(e.param, start);
-      const float* g = at_elem<const float>(e.grad, start);
-      float* b = at_elem<float>(e.state0, start);
+      PT* p = at_elem<PT>(e.param, start);
+      const PT* g = at_elem<const PT>(e.grad, start);
+      PT* b = at_elem<PT>(e.state0, start);
       void* t = teacher_elem<TT>(e, start);
       const bool f = (e.flags & kOptimFirst) != 0;
 #if defined(__x86_64__) && defined(__GNUC__)
-      if (avx) return avx2::sgd_span<TT>(p, g, b, t, n, a, f);
+      if (avx) return avx2::sgd_span<PT, TT>(p, g, b, t, n, a, f);
 #endif
-      baseline::sgd_span<TT>(p, g, b, t, n, a, f);
+      baseline::sgd_span<PT, TT>(p, g, b, t, n, a, f);
     });
   });
 }
@@ -111,21 +121,22 @@ void adamw_ema_step_cpu(at::TensorList params, at::TensorList grads, at::TensorL
   const AdamWArgs a{lr, beta1, beta2, eps, weight_decay, amsgrad, maximize, teacher_momentum};
   const OptimTable table = prepare_adamw(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs,
                                          teacher, step_sizes, bias_correction2_sqrts, a, false);
-  visit_teacher(teacher, [&](auto tag) {
-    using TT = typename decltype(tag)::type;
+  visit_types(params, teacher, [&](auto ptag, auto ttag) {
+    using PT = typename decltype(ptag)::type;
+    using TT = typename decltype(ttag)::type;
     const bool avx = use_avx2();
     for_chunks(table, [&](const OptimEntry& e, int64_t start, int64_t n, int64_t) {
-      float* p = at_elem<float>(e.param, start);
-      const float* g = at_elem<const float>(e.grad, start);
-      float* m = at_elem<float>(e.state0, start);
-      float* v = at_elem<float>(e.state1, start);
-      float* vmax = at_elem<float>(e.state2, start);
+      PT* p = at_elem<PT>(e.param, start);
+      const PT* g = at_elem<const PT>(e.grad, start);
+      PT* m = at_elem<PT>(e.state0, start);
+      PT* v = at_elem<PT>(e.state1, start);
+      PT* vmax = at_elem<PT>(e.state2, start);
       void* t = teacher_elem<TT>(e, start);
       const auto ss = static_cast<float>(e.scalar0), bc = static_cast<float>(e.scalar1);
 #if defined(__x86_64__) && defined(__GNUC__)
-      if (avx) return avx2::adamw_span<TT>(p, g, m, v, vmax, t, n, a, ss, bc);
+      if (avx) return avx2::adamw_span<PT, TT>(p, g, m, v, vmax, t, n, a, ss, bc);
 #endif
-      baseline::adamw_span<TT>(p, g, m, v, vmax, t, n, a, ss, bc);
+      baseline::adamw_span<PT, TT>(p, g, m, v, vmax, t, n, a, ss, bc);
     });
   });
 }
@@ -143,14 +154,17 @@ void lars_ema_step_cpu(at::TensorList params, at::TensorList grads, at::TensorLi
   const float wd = static_cast<float>(weight_decay), sign = maximize ? -1.0f : 1.0f;
   const bool avx = use_avx2();
   std::vector<double> sums(2 * table.num_chunks, 0.0);
-  for_chunks(table, [&](const OptimEntry& e, int64_t start, int64_t n, int64_t k) {
-    if ((e.flags & kOptimAdapt) == 0) return;
-    const float* p = at_elem<const float>(e.param, start);
-    const float* g = at_elem<const float>(e.grad, start);
+  visit_types(params, {}, [&](auto ptag, auto) {
+    using PT = typename decltype(ptag)::type;
+    for_chunks(table, [&](const OptimEntry& e, int64_t start, int64_t n, int64_t k) {
+      if ((e.flags & kOptimAdapt) == 0) return;
+      const PT* p = at_elem<const PT>(e.param, start);
+      const PT* g = at_elem<const PT>(e.grad, start);
 #if defined(__x86_64__) && defined(__GNUC__)
-    if (avx) return avx2::lars_sumsq(p, g, n, wd, sign, &sums[2 * k]);
+      if (avx) return avx2::lars_sumsq<PT>(raw(p), raw(g), n, wd, sign, &sums[2 * k]);
 #endif
-    baseline::lars_sumsq(p, g, n, wd, sign, &sums[2 * k]);
+      baseline::lars_sumsq<PT>(raw(p), raw(g), n, wd, sign, &sums[2 * k]);
+    });
   });
   std::vector<float> trust(params.size(), 1.0f);
   const OptimEntry* entries = table.entries();
@@ -164,19 +178,20 @@ void lars_ema_step_cpu(at::TensorList params, at::TensorList grads, at::TensorLi
       trust[i] = static_cast<float>(trust_coefficient * pn / dn);
     }
   }
-  visit_teacher(teacher, [&](auto tag) {
-    using TT = typename decltype(tag)::type;
+  visit_types(params, teacher, [&](auto ptag, auto ttag) {
+    using PT = typename decltype(ptag)::type;
+    using TT = typename decltype(ttag)::type;
     for_chunks(table, [&](const OptimEntry& e, int64_t start, int64_t n, int64_t k) {
       const int64_t i = table.chunks()[k].tensor;
-      float* p = at_elem<float>(e.param, start);
-      const float* g = at_elem<const float>(e.grad, start);
-      float* b = at_elem<float>(e.state0, start);
+      PT* p = at_elem<PT>(e.param, start);
+      const PT* g = at_elem<const PT>(e.grad, start);
+      PT* b = at_elem<PT>(e.state0, start);
       void* t = teacher_elem<TT>(e, start);
       const bool ad = (e.flags & kOptimAdapt) != 0, fi = (e.flags & kOptimFirst) != 0;
 #if defined(__x86_64__) && defined(__GNUC__)
-      if (avx) return avx2::lars_span<TT>(p, g, b, t, n, a, ad, fi, trust[i]);
+      if (avx) return avx2::lars_span<PT, TT>(p, g, b, t, n, a, ad, fi, trust[i]);
 #endif
-      baseline::lars_span<TT>(p, g, b, t, n, a, ad, fi, trust[i]);
+      baseline::lars_span<PT, TT>(p, g, b, t, n, a, ad, fi, trust[i]);
     });
   });
 }

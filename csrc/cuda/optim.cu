@@ -1,6 +1,8 @@
 // Fused optimizer steps on CUDA: one block per chunk of the step's table (optim_plan_types.h);
 // each thread updates param, state and teacher of its elements in registers, so the new param
 // is written once and read by nobody. Branches on hyper-parameters are uniform per launch.
+// PT: the params' (grads', state's) element type; 16-bit values are loaded into float32 math and
+// rounded once per store, as torch's fused optimizers do.
 // No torch headers here, on purpose.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -23,46 +25,57 @@ __device__ __forceinline__ void ema_into(int64_t teacher, int64_t i, float p, fl
   }
 }
 
-template <typename TT>
+template <typename PT>
+__device__ __forceinline__ float ld(const PT* x, int64_t i) {
+  return to_acc<float>(x[i]);
+}
+
+template <typename PT>
+__device__ __forceinline__ void st(PT* x, int64_t i, float v) {  // rounds to nearest even
+  x[i] = from_acc<PT>(v);
+}
+
+template <typename PT, typename TT>
 __global__ void __launch_bounds__(kThreads)
     sgd_kernel(const OptimEntry* __restrict__ entries, const OptimChunk* __restrict__ chunks,
                SgdHyper h) {
   const OptimChunk c = chunks[blockIdx.x];
   const OptimEntry e = entries[c.tensor];
   const int64_t end = min(c.start + kOptimChunkElems, e.numel);
-  float* p = reinterpret_cast<float*>(e.param);
-  const float* g = reinterpret_cast<const float*>(e.grad);
-  float* buf = reinterpret_cast<float*>(e.state0);
+  PT* p = reinterpret_cast<PT*>(e.param);
+  const PT* g = reinterpret_cast<const PT*>(e.grad);
+  PT* buf = reinterpret_cast<PT*>(e.state0);
   const bool first = (e.flags & kOptimFirst) != 0;
   const float lr = h.lr_ptr != nullptr ? *h.lr_ptr : h.lr;
   const float mt = h.teacher_momentum_ptr != nullptr ? *h.teacher_momentum_ptr : h.teacher_momentum;
   for (int64_t i = c.start + threadIdx.x; i < end; i += blockDim.x) {
-    const float pi = p[i];
-    float d = h.sign * g[i];
+    const float pi = ld(p, i);
+    float d = h.sign * ld(g, i);
     if (h.weight_decay != 0.0f) d = d + h.weight_decay * pi;
     if (buf != nullptr) {
-      const float b = first ? d : h.momentum * buf[i] + (1.0f - h.dampening) * d;
-      buf[i] = b;
+      const float b = first ? d : h.momentum * ld(buf, i) + (1.0f - h.dampening) * d;
+      st(buf, i, b);
       d = h.nesterov ? d + h.momentum * b : b;
     }
     const float np = pi - lr * d;
-    p[i] = np;
-    ema_into<TT>(e.teacher, i, np, mt);
+    const PT stored = from_acc<PT>(np);  // the teacher averages the param as stored
+    p[i] = stored;
+    ema_into<TT>(e.teacher, i, to_acc<float>(stored), mt);
   }
 }
 
-template <typename TT>
+template <typename PT, typename TT>
 __global__ void __launch_bounds__(kThreads)
     adamw_kernel(const OptimEntry* __restrict__ entries, const OptimChunk* __restrict__ chunks,
                  AdamWHyper h) {
   const OptimChunk c = chunks[blockIdx.x];
   const OptimEntry e = entries[c.tensor];
   const int64_t end = min(c.start + kOptimChunkElems, e.numel);
-  float* p = reinterpret_cast<float*>(e.param);
-  const float* g = reinterpret_cast<const float*>(e.grad);
-  float* m = reinterpret_cast<float*>(e.state0);
-  float* v = reinterpret_cast<float*>(e.state1);
-  float* vmax = reinterpret_cast<float*>(e.state2);
+  PT* p = reinterpret_cast<PT*>(e.param);
+  const PT* g = reinterpret_cast<const PT*>(e.grad);
+  PT* m = reinterpret_cast<PT*>(e.state0);
+  PT* v = reinterpret_cast<PT*>(e.state1);
+  PT* vmax = reinterpret_cast<PT*>(e.state2);
   const float lr = h.lr_ptr != nullptr ? *h.lr_ptr : h.lr;
   const float mt = h.teacher_momentum_ptr != nullptr ? *h.teacher_momentum_ptr : h.teacher_momentum;
   float step_size = static_cast<float>(e.scalar0), bc2 = static_cast<float>(e.scalar1);
@@ -74,20 +87,22 @@ __global__ void __launch_bounds__(kThreads)
   const float decay = 1.0f - lr * h.weight_decay, w1 = 1.0f - h.beta1, w2 = 1.0f - h.beta2;
   const bool small = fabsf(w1) < 0.5f;
   for (int64_t i = c.start + threadIdx.x; i < end; i += blockDim.x) {
-    const float gi = h.sign * g[i];
-    const float pi = p[i] * decay;
-    const float mi = small ? m[i] + w1 * (gi - m[i]) : gi - (gi - m[i]) * (1.0f - w1);
-    const float vi = v[i] * h.beta2 + w2 * gi * gi;
-    m[i] = mi;
-    v[i] = vi;
+    const float gi = h.sign * ld(g, i);
+    const float pi = ld(p, i) * decay;
+    const float m0 = ld(m, i);
+    const float mi = small ? m0 + w1 * (gi - m0) : gi - (gi - m0) * (1.0f - w1);
+    const float vi = ld(v, i) * h.beta2 + w2 * gi * gi;
+    st(m, i, mi);
+    st(v, i, vi);
     float s = vi;
     if (vmax != nullptr) {
-      s = fmaxf(vmax[i], vi);
-      vmax[i] = s;
+      s = fmaxf(ld(vmax, i), vi);
+      st(vmax, i, s);
     }
     const float np = pi - step_size * (mi / (sqrtf(s) / bc2 + h.eps));
-    p[i] = np;
-    ema_into<TT>(e.teacher, i, np, mt);
+    const PT stored = from_acc<PT>(np);  // the teacher averages the param as stored
+    p[i] = stored;
+    ema_into<TT>(e.teacher, i, to_acc<float>(stored), mt);
   }
 }
 
@@ -104,6 +119,7 @@ __device__ double block_sum(double v, double* shared) {
   return total;
 }
 
+template <typename PT>
 __global__ void __launch_bounds__(kThreads)
     lars_norms_kernel(const OptimEntry* __restrict__ entries,
                       const OptimChunk* __restrict__ chunks, LarsHyper h, double* partials) {
@@ -112,11 +128,11 @@ __global__ void __launch_bounds__(kThreads)
   const OptimEntry e = entries[c.tensor];
   if ((e.flags & kOptimAdapt) == 0) return;  // uniform per block
   const int64_t end = min(c.start + kOptimChunkElems, e.numel);
-  const float* p = reinterpret_cast<const float*>(e.param);
-  const float* g = reinterpret_cast<const float*>(e.grad);
+  const PT* p = reinterpret_cast<const PT*>(e.param);
+  const PT* g = reinterpret_cast<const PT*>(e.grad);
   float sp = 0.0f, sd = 0.0f;
   for (int64_t i = c.start + threadIdx.x; i < end; i += blockDim.x) {
-    const float pi = p[i], d = h.sign * g[i] + h.weight_decay * pi;
+    const float pi = ld(p, i), d = h.sign * ld(g, i) + h.weight_decay * pi;
     sp += pi * pi;
     sd += d * d;
   }
@@ -124,7 +140,7 @@ __global__ void __launch_bounds__(kThreads)
   if (threadIdx.x == 0) partials[2 * blockIdx.x] = tp, partials[2 * blockIdx.x + 1] = td;
 }
 
-template <typename TT>
+template <typename PT, typename TT>
 __global__ void __launch_bounds__(kThreads)
     lars_update_kernel(const OptimEntry* __restrict__ entries,
                        const OptimChunk* __restrict__ chunks, LarsHyper h,
@@ -144,30 +160,40 @@ __global__ void __launch_bounds__(kThreads)
     if (pn > 0.0 && dn > 0.0) trust = static_cast<float>(h.trust_coefficient * pn / dn);
   }
   const int64_t end = min(c.start + kOptimChunkElems, e.numel);
-  float* p = reinterpret_cast<float*>(e.param);
-  const float* g = reinterpret_cast<const float*>(e.grad);
-  float* buf = reinterpret_cast<float*>(e.state0);
+  PT* p = reinterpret_cast<PT*>(e.param);
+  const PT* g = reinterpret_cast<const PT*>(e.grad);
+  PT* buf = reinterpret_cast<PT*>(e.state0);
   const float lr = h.lr_ptr != nullptr ? *h.lr_ptr : h.lr;
   const float mt = h.teacher_momentum_ptr != nullptr ? *h.teacher_momentum_ptr : h.teacher_momentum;
   for (int64_t i = c.start + threadIdx.x; i < end; i += blockDim.x) {
-    const float pi = p[i];
-    float d = h.sign * g[i];
+    const float pi = ld(p, i);
+    float d = h.sign * ld(g, i);
     if (adapt) d = (d + h.weight_decay * pi) * trust;
-    const float b = first ? d : h.momentum * buf[i] + d;
-    buf[i] = b;
+    const float b = first ? d : h.momentum * ld(buf, i) + d;
+    st(buf, i, b);
     const float np = pi - lr * b;
-    p[i] = np;
-    ema_into<TT>(e.teacher, i, np, mt);
+    const PT stored = from_acc<PT>(np);  // the teacher averages the param as stored
+    p[i] = stored;
+    ema_into<TT>(e.teacher, i, to_acc<float>(stored), mt);
   }
 }
 
+// Calls f(PT*, TT*) (null pointers as type tags) for the params' and teachers' types.
 template <typename F>
-cudaError_t with_teacher_type(int tag, F&& f) {
-  switch (tag) {
-    case 0: return f(static_cast<void*>(nullptr));
-    case 1: return f(static_cast<float*>(nullptr));
-    case 2: return f(static_cast<__nv_bfloat16*>(nullptr));
-    case 3: return f(static_cast<__half*>(nullptr));
+cudaError_t with_types(int param_tag, int teacher_tag, F&& f) {
+  auto with_teacher = [&](auto* pt) {
+    switch (teacher_tag) {
+      case 0: return f(pt, static_cast<void*>(nullptr));
+      case 1: return f(pt, static_cast<float*>(nullptr));
+      case 2: return f(pt, static_cast<__nv_bfloat16*>(nullptr));
+      case 3: return f(pt, static_cast<__half*>(nullptr));
+      default: return cudaErrorInvalidValue;
+    }
+  };
+  switch (param_tag) {
+    case 1: return with_teacher(static_cast<float*>(nullptr));
+    case 2: return with_teacher(static_cast<__nv_bfloat16*>(nullptr));
+    case 3: return with_teacher(static_cast<__half*>(nullptr));
     default: return cudaErrorInvalidValue;
   }
 }
@@ -175,38 +201,43 @@ cudaError_t with_teacher_type(int tag, F&& f) {
 }  // namespace
 
 cudaError_t launch_sgd_ema(const OptimEntry* entries, const OptimChunk* chunks, int64_t num_chunks,
-                           int teacher_tag, SgdHyper h, cudaStream_t stream) {
+                           int param_tag, int teacher_tag, SgdHyper h, cudaStream_t stream) {
   if (num_chunks == 0) return cudaSuccess;
   if (num_chunks > INT32_MAX) return cudaErrorInvalidConfiguration;
-  return with_teacher_type(teacher_tag, [&](auto* tag) {
-    using TT = std::remove_pointer_t<decltype(tag)>;
-    sgd_kernel<TT><<<static_cast<unsigned>(num_chunks), kThreads, 0, stream>>>(entries, chunks, h);
+  return with_types(param_tag, teacher_tag, [&](auto* ptag, auto* ttag) {
+    using PT = std::remove_pointer_t<decltype(ptag)>;
+    using TT = std::remove_pointer_t<decltype(ttag)>;
+    sgd_kernel<PT, TT><<<static_cast<unsigned>(num_chunks), kThreads, 0, stream>>>(entries, chunks, h);
     return cudaGetLastError();
   });
 }
 
 cudaError_t launch_adamw_ema(const OptimEntry* entries, const OptimChunk* chunks,
-                             int64_t num_chunks, int teacher_tag, AdamWHyper h, cudaStream_t stream) {
+                             int64_t num_chunks, int param_tag, int teacher_tag, AdamWHyper h,
+                             cudaStream_t stream) {
   if (num_chunks == 0) return cudaSuccess;
   if (num_chunks > INT32_MAX) return cudaErrorInvalidConfiguration;
-  return with_teacher_type(teacher_tag, [&](auto* tag) {
-    using TT = std::remove_pointer_t<decltype(tag)>;
-    adamw_kernel<TT><<<static_cast<unsigned>(num_chunks), kThreads, 0, stream>>>(entries, chunks, h);
+  return with_types(param_tag, teacher_tag, [&](auto* ptag, auto* ttag) {
+    using PT = std::remove_pointer_t<decltype(ptag)>;
+    using TT = std::remove_pointer_t<decltype(ttag)>;
+    adamw_kernel<PT, TT><<<static_cast<unsigned>(num_chunks), kThreads, 0, stream>>>(entries, chunks, h);
     return cudaGetLastError();
   });
 }
 
 cudaError_t launch_lars_ema(const OptimEntry* entries, const OptimChunk* chunks, int64_t num_chunks,
-                            int teacher_tag, LarsHyper h, double* partials, cudaStream_t stream) {
+                            int param_tag, int teacher_tag, LarsHyper h, double* partials,
+                            cudaStream_t stream) {
   if (num_chunks == 0) return cudaSuccess;
   if (num_chunks > INT32_MAX) return cudaErrorInvalidConfiguration;
   const auto blocks = static_cast<unsigned>(num_chunks);
-  lars_norms_kernel<<<blocks, kThreads, 0, stream>>>(entries, chunks, h, partials);
-  const cudaError_t err = cudaGetLastError();
-  if (err != cudaSuccess) return err;
-  return with_teacher_type(teacher_tag, [&](auto* tag) {
-    using TT = std::remove_pointer_t<decltype(tag)>;
-    lars_update_kernel<TT><<<blocks, kThreads, 0, stream>>>(entries, chunks, h, partials);
+  return with_types(param_tag, teacher_tag, [&](auto* ptag, auto* ttag) {
+    using PT = std::remove_pointer_t<decltype(ptag)>;
+    using TT = std::remove_pointer_t<decltype(ttag)>;
+    lars_norms_kernel<PT><<<blocks, kThreads, 0, stream>>>(entries, chunks, h, partials);
+    const cudaError_t err = cudaGetLastError();
+    if (err != cudaSuccess) return err;
+    lars_update_kernel<PT, TT><<<blocks, kThreads, 0, stream>>>(entries, chunks, h, partials);
     return cudaGetLastError();
   });
 }

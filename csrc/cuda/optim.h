@@ -27,14 +27,17 @@ struct LarsHyper {
   const float* teacher_momentum_ptr;
 };
 
+// param_tag (params, grads and state): 1 float32, 2 bfloat16, 3 float16;
 // teacher_tag: 0 none, 1 float32, 2 bfloat16, 3 float16.
 cudaError_t launch_sgd_ema(const OptimEntry* entries, const OptimChunk* chunks, int64_t num_chunks,
-                           int teacher_tag, SgdHyper h, cudaStream_t stream);
+                           int param_tag, int teacher_tag, SgdHyper h, cudaStream_t stream);
 cudaError_t launch_adamw_ema(const OptimEntry* entries, const OptimChunk* chunks,
-                             int64_t num_chunks, int teacher_tag, AdamWHyper h, cudaStream_t stream);
+                             int64_t num_chunks, int param_tag, int teacher_tag, AdamWHyper h,
+                             cudaStream_t stream);
 // Two launches: per-chunk sums of squares into `partials` (2 doubles per chunk), then the
 // update, each block summing its tensor's partials in a fixed order (deterministic).
 cudaError_t launch_lars_ema(const OptimEntry* entries, const OptimChunk* chunks, int64_t num_chunks,
-                            int teacher_tag, LarsHyper h, double* partials, cudaStream_t stream);
+                            int param_tag, int teacher_tag, LarsHyper h, double* partials,
+                            cudaStream_t stream);
 
 }  // namespace eman_fused

@@ -94,7 +94,8 @@ void sgd_ema_step_cuda(at::TensorList params, at::TensorList grads, at::TensorLi
                    static_cast<float>(dampening), static_cast<float>(weight_decay),
                    sign_of(maximize), static_cast<float>(teacher_momentum), nesterov, nullptr,
                    nullptr};
-  C10_CUDA_CHECK(launch_sgd_ema(d.entries, d.chunks, d.num_chunks, teacher_tag(teacher), h,
+  C10_CUDA_CHECK(launch_sgd_ema(d.entries, d.chunks, d.num_chunks, param_tag(params),
+                                teacher_tag(teacher), h,
                                 c10::cuda::getCurrentCUDAStream().stream()));
 }
 
@@ -116,7 +117,8 @@ void adamw_ema_step_cuda(at::TensorList params, at::TensorList grads, at::Tensor
   const AdamWHyper h{static_cast<float>(lr), static_cast<float>(beta1), static_cast<float>(beta2),
                      static_cast<float>(eps), static_cast<float>(weight_decay), sign_of(maximize),
                      static_cast<float>(teacher_momentum), nullptr, nullptr};
-  C10_CUDA_CHECK(launch_adamw_ema(d.entries, d.chunks, d.num_chunks, teacher_tag(teacher), h,
+  C10_CUDA_CHECK(launch_adamw_ema(d.entries, d.chunks, d.num_chunks, param_tag(params),
+                                  teacher_tag(teacher), h,
                                   c10::cuda::getCurrentCUDAStream().stream()));
 }
 
@@ -135,7 +137,8 @@ void lars_ema_step_cuda(at::TensorList params, at::TensorList grads, at::TensorL
   const LarsHyper h{static_cast<float>(lr), static_cast<float>(momentum),
                     static_cast<float>(weight_decay), static_cast<float>(trust_coefficient),
                     sign_of(maximize), static_cast<float>(teacher_momentum), nullptr, nullptr};
-  C10_CUDA_CHECK(launch_lars_ema(d.entries, d.chunks, d.num_chunks, teacher_tag(teacher), h,
+  C10_CUDA_CHECK(launch_lars_ema(d.entries, d.chunks, d.num_chunks, param_tag(params),
+                                 teacher_tag(teacher), h,
                                  partials.mutable_data_ptr<double>(),
                                  c10::cuda::getCurrentCUDAStream().stream()));
 }
@@ -156,7 +159,8 @@ void sgd_ema_step_capturable_cuda(at::TensorList params, at::TensorList grads,
   const SgdHyper h{0.0f, static_cast<float>(momentum), static_cast<float>(dampening),
                    static_cast<float>(weight_decay), sign_of(maximize), 0.0f, nesterov,
                    lr.const_data_ptr<float>(), teacher_momentum.const_data_ptr<float>()};
-  C10_CUDA_CHECK(launch_sgd_ema(d.entries, d.chunks, d.num_chunks, teacher_tag(teacher), h,
+  C10_CUDA_CHECK(launch_sgd_ema(d.entries, d.chunks, d.num_chunks, param_tag(params),
+                                teacher_tag(teacher), h,
                                 c10::cuda::getCurrentCUDAStream().stream()));
 }
 
@@ -181,7 +185,8 @@ void adamw_ema_step_capturable_cuda(at::TensorList params, at::TensorList grads,
   const AdamWHyper h{0.0f, static_cast<float>(beta1), static_cast<float>(beta2),
                      static_cast<float>(eps), static_cast<float>(weight_decay), sign_of(maximize),
                      0.0f, lr.const_data_ptr<float>(), teacher_momentum.const_data_ptr<float>()};
-  C10_CUDA_CHECK(launch_adamw_ema(d.entries, d.chunks, d.num_chunks, teacher_tag(teacher), h,
+  C10_CUDA_CHECK(launch_adamw_ema(d.entries, d.chunks, d.num_chunks, param_tag(params),
+                                  teacher_tag(teacher), h,
                                   c10::cuda::getCurrentCUDAStream().stream()));
 }
 
@@ -202,7 +207,8 @@ void lars_ema_step_capturable_cuda(at::TensorList params, at::TensorList grads,
   const LarsHyper h{0.0f, static_cast<float>(momentum), static_cast<float>(weight_decay),
                     static_cast<float>(trust_coefficient), sign_of(maximize), 0.0f,
                     lr.const_data_ptr<float>(), teacher_momentum.const_data_ptr<float>()};
-  C10_CUDA_CHECK(launch_lars_ema(d.entries, d.chunks, d.num_chunks, teacher_tag(teacher), h,
+  C10_CUDA_CHECK(launch_lars_ema(d.entries, d.chunks, d.num_chunks, param_tag(params),
+                                 teacher_tag(teacher), h,
                                  partials.mutable_data_ptr<double>(),
                                  c10::cuda::getCurrentCUDAStream().stream()));
 }

@@ -175,21 +175,21 @@ class _FusedStep:
             params, grads = self._grads(group)
             if not params:
                 continue
-            # Params whose teacher tensor the kernel can update go in one call with the teacher;
-            # the rest (none without a teacher) in a second call without.
-            if link is None:
-                self._step_group(group, params, grads, [], m)
-                continue
-            inside, outside = link.split(params)
+            # One kernel call per (device, param dtype, teacher dtype): params whose teacher
+            # tensor the kernel can update go with it; the rest (all, without a teacher) without.
             by_id = {id(p): g for p, g in zip(params, grads)}
-            teachers = link.teacher_for(inside)
-            for dtype in dict.fromkeys(t.dtype for t in teachers):  # one teacher dtype per call
-                part = [(p, t) for p, t in zip(inside, teachers) if t.dtype == dtype]
+            inside, outside = link.split(params) if link is not None else ([], params)
+            calls = [(p, t) for p, t in zip(inside, link.teacher_for(inside))] if inside else []
+            calls += [(p, None) for p in outside]
+            kinds = {}
+            for p, t in calls:
+                kinds.setdefault((p.device, p.dtype, None if t is None else t.dtype), []).append((p, t))
+            for part in kinds.values():
                 ps = [p for p, _ in part]
-                self._step_group(group, ps, [by_id[id(p)] for p in ps], [t for _, t in part], m)
-                fused_ids.update(id(p) for p in ps)
-            if outside:
-                self._step_group(group, outside, [by_id[id(p)] for p in outside], [], m)
+                ts = [t for _, t in part if t is not None]
+                self._step_group(group, ps, [by_id[id(p)] for p in ps], ts, m)
+                if ts:
+                    fused_ids.update(id(p) for p in ps)
         if link is not None:
             link.finish(fused_ids, m)
         return loss
