@@ -1,7 +1,8 @@
 """Optimizer step + EMA teacher update ('optim'): torch's optimizer followed by a separate
 teacher update, against eman_fused.optim with the teacher fused into the step, in one run.
 
-For each model (a shape table: parameters, buffers, counters; fp32) and optimizer:
+For each model (a shape table: parameters, buffers, counters; fp32, or the whole model in
+bf16/fp16 with --param-dtype, teacher in the same dtype) and optimizer:
   torch+foreach_lerp   torch.optim.X (its default CPU/GPU implementation), then timm-style
                        torch._foreach_lerp_ over parameters and floating buffers + counter copies
   torch+EMATeacher     torch.optim.X, then eman_fused.EMATeacher.update() (one fused EMA call)
@@ -16,7 +17,7 @@ the traffic of the fused algorithm (SGD with momentum: grad read, param and buff
 teacher read+write; AdamW: grad, param, exp_avg, exp_avg_sq, teacher) over each method's time.
 
   python benchmarks/bench_optim.py [--model resnet50,vit_b16] [--optim sgd,adamw,lars]
-      [--device cpu|cuda] [--json out.json] [--markdown out.md]
+      [--param-dtype fp32,bf16] [--device cpu|cuda] [--json out.json] [--markdown out.md]
   python -m eman_fused bench --ops optim [--model ...]
 """
 from __future__ import annotations
@@ -55,28 +56,31 @@ CONFIGS = {
 }
 
 
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
 class ShapeModel(nn.Module):
     """A module whose parameters and buffers have a shape table's names and shapes."""
 
-    def __init__(self, table, device):
+    def __init__(self, table, device, dtype=torch.float32):
         super().__init__()
         g = torch.Generator().manual_seed(0)
         self._names = {}
         for name, shape, kind in table:
             key = name.replace(".", "__")
             if kind == "param":
-                self.register_parameter(key, nn.Parameter(torch.randn(shape, generator=g).to(device)))
+                self.register_parameter(key, nn.Parameter(torch.randn(shape, generator=g).to(device, dtype)))
             elif kind == "buffer":
-                self.register_buffer(key, torch.rand(shape, generator=g).to(device))
+                self.register_buffer(key, torch.rand(shape, generator=g).to(device, dtype))
             else:
                 self.register_buffer(key, torch.zeros(shape, dtype=torch.int64, device=device))
 
 
-def make(table, device):
-    student = ShapeModel(table, device)
+def make(table, device, dtype=torch.float32):
+    student = ShapeModel(table, device, dtype)
     g = torch.Generator().manual_seed(1)
     for p in student.parameters():
-        p.grad = (torch.randn(p.shape, generator=g) * 1e-3).to(device)
+        p.grad = (torch.randn(p.shape, generator=g) * 1e-3).to(device, dtype)
     return student
 
 
@@ -94,38 +98,39 @@ def timm_style_update(teacher: nn.Module, student: nn.Module):
     return step
 
 
-def run_case(model_name, table, optim_name, device):
+def run_case(model_name, table, optim_name, device, param_dtype="fp32"):
     torch_cls, ours_cls, kwargs, passes = CONFIGS[optim_name]
+    dt = DTYPES[param_dtype]  # params, grads, buffers and teacher
     methods = {}
     if optim_name == "lars":
-        s2 = make(table, device)
+        s2 = make(table, device, dt)
         t2 = eman_fused.EMATeacher(s2, momentum=M, eman=False)
         o2 = torch_cls(s2.parameters(), **kwargs)
         methods["eager_lars+EMATeacher"] = lambda: (o2.step(), t2.update())
     else:
         # torch optimizer + timm-style foreach EMA
-        s1 = make(table, device)
-        t1 = ShapeModel(table, device)
+        s1 = make(table, device, dt)
+        t1 = ShapeModel(table, device, dt)
         o1 = torch_cls(s1.parameters(), **kwargs)
         ema1 = timm_style_update(t1, s1)
         methods["torch+foreach_lerp"] = lambda: (o1.step(), ema1())
         # torch optimizer + EMATeacher.update
-        s2 = make(table, device)
+        s2 = make(table, device, dt)
         t2 = eman_fused.EMATeacher(s2, momentum=M, eman=False)
         o2 = torch_cls(s2.parameters(), **kwargs)
         methods["torch+EMATeacher"] = lambda: (o2.step(), t2.update())
         # torch's foreach implementation (its fastest on CPU tensors) + EMATeacher.update
-        s4 = make(table, device)
+        s4 = make(table, device, dt)
         t4 = eman_fused.EMATeacher(s4, momentum=M, eman=False)
         o4 = torch_cls(s4.parameters(), foreach=True, **kwargs)
         methods["torch_foreach+EMATeacher"] = lambda: (o4.step(), t4.update())
         # torch's fused implementation (CPU and CUDA kernels in torch) + EMATeacher.update
-        s5 = make(table, device)
+        s5 = make(table, device, dt)
         t5 = eman_fused.EMATeacher(s5, momentum=M, eman=False)
         o5 = torch_cls(s5.parameters(), fused=True, **kwargs)
         methods["torch_fused+EMATeacher"] = lambda: (o5.step(), t5.update())
     # fused
-    s3 = make(table, device)
+    s3 = make(table, device, dt)
     t3 = eman_fused.EMATeacher(s3, momentum=M, eman=False)
     o3 = ours_cls(s3.parameters(), teacher=t3, **kwargs)
     methods["eman_fused"] = o3.step
@@ -138,7 +143,8 @@ def run_case(model_name, table, optim_name, device):
 
     for row in rows.values():
         row["eman_fused_speedup"] = row["ms"] / rows["eman_fused"]["ms"]
-    return {"case": f"{model_name} {optim_name}", "tensors": len(table), "bytes_per_step": nbytes,
+    label = f"{model_name} {optim_name}" + ("" if param_dtype == "fp32" else f" {param_dtype}")
+    return {"case": label, "tensors": len(table), "bytes_per_step": nbytes, "param_dtype": param_dtype,
             "methods": rows}
 
 
@@ -170,6 +176,7 @@ def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="resnet50,vit_b16")
     ap.add_argument("--optim", default="sgd,adamw,lars")
+    ap.add_argument("--param-dtype", default="fp32", help="comma list of fp32, bf16, fp16")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--json", type=Path)
     ap.add_argument("--markdown", type=Path)
@@ -177,9 +184,10 @@ def main(argv=None) -> dict:
     device = torch.device(args.device)
     cases = []
     for name, table in (shapes.load_table(spec) for spec in args.model.split(",")):
-        for optim_name in args.optim.split(","):
-            print(f"[optim] {name} {optim_name} ...", flush=True)
-            cases.append(run_case(name, table, optim_name, device))
+        for dtype in args.param_dtype.split(","):
+            for optim_name in args.optim.split(","):
+                print(f"[optim] {name} {optim_name} {dtype} ...", flush=True)
+                cases.append(run_case(name, table, optim_name, device, dtype))
     result = {"op": "optim", "environment": environment(device),
               "copy_GBps": copy_bandwidth(device, 1 << 28), "momentum": M, "cases": cases}
     text = markdown(result)

@@ -8,6 +8,10 @@ per param group: new param, optimizer state, and, with `teacher=`, the teacher's
 param from the value just computed. The teacher's other tensors (BatchNorm buffers, params
 without a grad this step, tensors its include/exclude copies) get the teacher's own fused call
 in the same step, so `teacher.update()` must not be called as well.
+
+Params may be float32, bfloat16 or float16; grads and state have the param's dtype (as in
+torch.optim), the math is float32 and each stored value is rounded once (as torch's fused=True
+optimizers); the teacher averages each param as stored, in its own dtype.
 """
 from __future__ import annotations
 
