@@ -9,6 +9,7 @@
 
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 
 namespace eman_fused {
 
@@ -30,25 +31,6 @@ inline uint16_t float_to_bf16(float v) {
   const uint32_t b = float_bits(v);
   const uint32_t rounded = (b + 0x7FFFu + ((b >> 16) & 1u)) >> 16;
   return static_cast<uint16_t>(v != v ? 0x7FC0u : rounded);
-}
-
-// load<Acc>(element) and store<Element>(acc): plain casts except for the 16-bit types.
-template <typename Acc, typename T>
-inline Acc load(T v) {
-  return static_cast<Acc>(v);
-}
-template <>
-inline float load<float, c10::BFloat16>(c10::BFloat16 v) {
-  return bf16_to_float(v.x);
-}
-
-template <typename T, typename Acc>
-inline T store(Acc v) {
-  return static_cast<T>(v);
-}
-template <>
-inline c10::BFloat16 store<c10::BFloat16, float>(float v) {
-  return c10::BFloat16(float_to_bf16(v), c10::BFloat16::from_bits());
 }
 
 // For loops that must vectorize: the 16-bit types as their raw uint16_t storage (GCC does not
@@ -96,6 +78,25 @@ inline auto get(raw_t<T> v) {  // float (double for double)
 template <typename T, typename Acc>
 inline raw_t<T> put(Acc v) {  // a double into a 16-bit type goes through float, as c10's casts
   return Elem<T>::put(v);
+}
+
+// load<Acc>(element) / store<Element>(acc): the same conversions on element values (for loops
+// over c10 element pointers, e.g. the norm kernels).
+template <typename Acc, typename T>
+inline Acc load(T v) {
+  if constexpr (std::is_same_v<raw_t<T>, T>) {
+    return static_cast<Acc>(v);
+  } else {
+    return static_cast<Acc>(get<T>(v.x));
+  }
+}
+template <typename T, typename Acc>
+inline T store(Acc v) {
+  if constexpr (std::is_same_v<raw_t<T>, T>) {
+    return static_cast<T>(v);
+  } else {
+    return T(put<T>(v), T::from_bits());
+  }
 }
 
 }  // namespace eman_fused
