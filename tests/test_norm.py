@@ -9,7 +9,7 @@ from torch import nn
 import eman_fused
 from eman_fused import reference
 from eman_fused.nn import EMANBatchNorm1d, EMANBatchNorm2d, EMANBatchNorm3d, convert_to_eman
-from conftest import BACKEND_CASES, HAS_GPU
+from conftest import BACKEND_CASES, HAS_GPU, assert_same_bits_or_both_nan
 
 # eman_norm's kernels that run here: C++ on the CPU; Triton (GPU, or the interpreter).
 NORM_CASES = [(b, d) for b, d in BACKEND_CASES if b in ("cpu", "cuda", "triton")]
@@ -67,6 +67,46 @@ def test_forward_matches_eval_batchnorm_add_relu(rank, layout, dtype, affine, re
     torch.testing.assert_close(y, eager(x, mean, var, w, b, 1e-3, r, relu), **TOL[dtype])
     torch.testing.assert_close(y, reference.eman_norm(x, mean, var, w, b, 1e-3, r, relu), **TOL[dtype])
     assert y.stride() == x.stride()  # memory format kept
+
+
+@pytest.mark.parametrize("shape,layout", [((2, 3, 37, 19), "contiguous"), ((3, 300, 2, 3), "channels_last"),
+                                          ((5, 513), "contiguous")], ids=["nchw", "nhwc", "nc"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@NORM_BACKENDS
+def test_long_rows_forward_and_backward(shape, layout, dtype, backend, device):
+    """Rows longer than the CPU kernels' 256-element float blocks, not a multiple of them."""
+    fmt = getattr(torch, layout) if layout != "contiguous" else torch.contiguous_format
+
+    def run(fn):
+        x, r, dy = (torch.randn(shape, generator=torch.Generator().manual_seed(seed)).to(dtype)
+                    .to(device, memory_format=fmt) for seed in (4, 5, 6))
+        x.requires_grad_(), r.requires_grad_()
+        mean, var, w, b = (t.to(device) for t in stats(shape[1]))
+        w.requires_grad_(), b.requires_grad_()
+        y = fn(x, mean, var, w, b, 1e-3, r, True)
+        y.backward(dy)
+        return [t.cpu() for t in (y, x.grad, r.grad, w.grad, b.grad)]
+
+    ours = run(lambda *a: eman_fused.eman_norm(*a, backend=backend))
+    expected = run(eager)
+    for name, a, e in zip(("y", "grad x", "grad residual"), ours, expected):
+        torch.testing.assert_close(a, e, **TOL[dtype], msg=name)
+    for name, a, e in zip(("grad weight", "grad bias"), ours[3:], expected[3:]):  # fp32 sums
+        torch.testing.assert_close(a, e, rtol=1e-4, atol=1e-3, msg=name)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@NORM_BACKENDS
+def test_relu_passes_nan_and_negative_zero_like_torch(dtype, backend, device):
+    """ReLU of the normalized value keeps NaN and -0.0 as torch.relu does, bit for bit."""
+    special = torch.tensor([-0.0, 0.0, float("nan"), -float("nan"), float("inf"), -float("inf"),
+                            -1.5, 1.5, -1e-30, 1e-30])
+    x = special.repeat(40).reshape(1, 1, -1).to(dtype)  # one 400-element row
+    # y = x exactly: scale 1, shift -0.0 (a +0.0 shift would turn -0.0 into +0.0 before the ReLU)
+    mean, var, bias = torch.zeros(1), torch.ones(1), torch.tensor([-0.0])
+    y = eman_fused.eman_norm(x.to(device), mean.to(device), var.to(device), None, bias.to(device), 1e-30,
+                             None, True, backend=backend).cpu()
+    assert_same_bits_or_both_nan(y, torch.relu(x))
 
 
 def test_forward_float64_and_mixed_layout_residual():

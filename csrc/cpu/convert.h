@@ -80,23 +80,4 @@ inline raw_t<T> put(Acc v) {  // a double into a 16-bit type goes through float,
   return Elem<T>::put(v);
 }
 
-// load<Acc>(element) / store<Element>(acc): the same conversions on element values (for loops
-// over c10 element pointers, e.g. the norm kernels).
-template <typename Acc, typename T>
-inline Acc load(T v) {
-  if constexpr (std::is_same_v<raw_t<T>, T>) {
-    return static_cast<Acc>(v);
-  } else {
-    return static_cast<Acc>(get<T>(v.x));
-  }
-}
-template <typename T, typename Acc>
-inline T store(Acc v) {
-  if constexpr (std::is_same_v<raw_t<T>, T>) {
-    return static_cast<T>(v);
-  } else {
-    return T(put<T>(v), T::from_bits());
-  }
-}
-
 }  // namespace eman_fused

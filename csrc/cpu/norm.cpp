@@ -114,12 +114,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> eman_norm_backward_cp
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "eman_norm_bwd_cpu", [&] {
     using Acc = at::opmath_type<scalar_t>;
     std::vector<Acc> scale, shift, invstd, mean_acc(g.channels);
+    const at::Tensor mc = mean.contiguous();  // once: a strided view would copy per read
     if (x.scalar_type() == at::kDouble) {
       channel_affine<Acc, double>(mean, var, weight, std::nullopt, eps, scale, shift, invstd);
-      for (int64_t c = 0; c < g.channels; ++c) mean_acc[c] = mean.contiguous().const_data_ptr<double>()[c];
+      for (int64_t c = 0; c < g.channels; ++c) mean_acc[c] = mc.const_data_ptr<double>()[c];
     } else {
       channel_affine<Acc, float>(mean, var, weight, std::nullopt, eps, scale, shift, invstd);
-      for (int64_t c = 0; c < g.channels; ++c) mean_acc[c] = mean.contiguous().const_data_ptr<float>()[c];
+      for (int64_t c = 0; c < g.channels; ++c) mean_acc[c] = mc.const_data_ptr<float>()[c];
     }
     backward_for_isa<scalar_t, Acc>(relu, gx.defined(), gr.defined(), need_sums,
                                      gc.const_data_ptr<scalar_t>(), xc.const_data_ptr<scalar_t>(),

@@ -29,7 +29,7 @@ __device__ __forceinline__ void channel_params(const S* mean, const S* var, cons
 
 template <typename Acc>
 __device__ __forceinline__ Acc relu_keep_nan(Acc v) {
-  return v > Acc(0) ? v : (v == v ? Acc(0) : v);
+  return v < Acc(0) ? Acc(0) : v;  // as torch.relu: NaN and -0.0 pass through
 }
 
 template <typename T, typename S, typename Acc>

@@ -67,7 +67,7 @@ def _norm_fwd(x, r, y, mean, var, w, b, eps, outer, C, inner, HAS_W: tl.constexp
     if HAS_R:
         v += tl.load(r + idx, mask=mask).to(ACC)
     if RELU:
-        v = tl.where(v > 0, v, tl.where(v != v, v, 0.0))  # NaN kept, as torch.relu does
+        v = tl.where(v < 0, 0.0, v)  # as torch.relu: NaN and -0.0 pass through
     tl.store(y + idx, round_to(v, y.dtype.element_ty), mask=mask)
 
 
