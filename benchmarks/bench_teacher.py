@@ -27,7 +27,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import eman_fused  # noqa: E402
-from eman_fused.bench import copy_bandwidth, environment, measure  # noqa: E402
+from eman_fused.bench import allocator_note, copy_bandwidth, environment, measure, prepare  # noqa: E402
 
 MOMENTUM = 0.999
 
@@ -79,6 +79,7 @@ def counter(model: torch.nn.Module):
 
 def run(args) -> dict:
     device = torch.device(args.device)
+    prepare(device)
     student = build_model(args.model).to(device)
     for name, b in student.named_buffers():
         if name.endswith("num_batches_tracked"):
@@ -111,7 +112,8 @@ def markdown(result: dict) -> str:
     lines = [f"Teacher step on {result['model']} ({result['tensors']} tensors, "
              f"{result['bytes_per_step'] / 1e6:.1f} MB moved per step), {env['device_name']} "
              f"({env['device']}, {env['threads']} threads), torch {env['torch']}, {env['date']}, "
-             f"commit {env.get('commit', '?')}. Copy bandwidth in the same run: {result['copy_GBps']:.1f} GB/s.",
+             f"commit {env.get('commit', '?')}. Copy bandwidth in the same run: {result['copy_GBps']:.1f} GB/s."
+             f"{allocator_note(env)}",
              "", "| method | time per update | GB/s | eman_fused is faster by | num_batches_tracked (student: 2000) |",
              "|---|---:|---:|---:|---:|"]
     for name, row in result["methods"].items():

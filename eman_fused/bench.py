@@ -21,6 +21,7 @@ same run (flat tensor copy: read + write). CPU numbers are CPU numbers.
 from __future__ import annotations
 
 import argparse
+import ctypes
 import datetime
 import json
 import math
@@ -164,6 +165,34 @@ def run_case(name, table, t_dtype, s_dtype, device, use_compile):
             "teacher_dtype": t_dtype, "student_dtype": s_dtype, "methods": rows}
 
 
+_CPU_ALLOCATOR = "glibc malloc defaults"
+
+
+def prepare(device) -> None:
+    """Before a CPU benchmark: ask glibc's malloc to keep freed memory (no trimming, no mmap for
+    large blocks) so the timings are of the kernels, not of page faults on output buffers that
+    the allocator handed back to the OS after the previous call. Without it the same eager BN
+    forward on ResNet-50 layer1 activations measured 1.7 or 8.5 ms within one process, depending
+    on where glibc's adaptive thresholds had drifted. Every method runs under the same setting,
+    and the results record it (environment "cpu_allocator")."""
+    global _CPU_ALLOCATOR
+    if device.type != "cpu":
+        return
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        m_trim_threshold, m_mmap_max = -1, -4  # glibc's mallopt parameter numbers
+        ok = libc.mallopt(m_trim_threshold, 2**31 - 1) == 1 and libc.mallopt(m_mmap_max, 0) == 1
+    except (OSError, AttributeError):
+        ok = False
+    _CPU_ALLOCATOR = ("glibc malloc keeps freed memory (mallopt: no trim, no mmap)" if ok
+                      else "glibc malloc defaults (mallopt not available here)")
+
+
+def allocator_note(env: dict) -> str:
+    """The sentence for a results header (empty for GPU results and older files)."""
+    return f" CPU allocator: {env['cpu_allocator']}." if "cpu_allocator" in env else ""
+
+
 def environment(device):
     env = {"date": datetime.date.today().isoformat(), "torch": torch.__version__,
            "python": platform.python_version(), "device": str(device),
@@ -180,6 +209,7 @@ def environment(device):
         model = [line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                  if line.startswith("model name")] if Path("/proc/cpuinfo").exists() else []
         env["device_name"] = model[0] if model else platform.processor()
+        env["cpu_allocator"] = _CPU_ALLOCATOR
     return env
 
 
@@ -187,7 +217,8 @@ def markdown(result):
     env = result["environment"]
     lines = [f"EMA update, {env['device_name']} ({env['device']}, {env['threads']} threads), "
              f"torch {env['torch']}, {env['date']}, commit {env.get('commit', '?')}. "
-             f"Copy bandwidth measured in the same run: {result['copy_GBps']:.1f} GB/s.", ""]
+             f"Copy bandwidth measured in the same run: {result['copy_GBps']:.1f} GB/s."
+             f"{allocator_note(env)}", ""]
     methods = ["eman_fused", "eman_fused_triton", "foreach_lerp", "foreach_compile", "official_eman",
                "flat_lerp"]
     lines.append("| case | tensors | MB/step | " + " | ".join(methods) + " |")
@@ -281,6 +312,7 @@ def run(args) -> dict:
 
     say("backends:", *[str(b) for b in eman_fused.backends().values()], sep="\n  ")
     ops = args.ops.split(",")
+    prepare(device)
     result = {"environment": environment(device), "copy_GBps": copy_bandwidth(device, 256 << 20),
               "cases": []}
     texts = []

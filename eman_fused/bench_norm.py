@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 import eman_fused
-from eman_fused.bench import DTYPES, measure
+from eman_fused.bench import DTYPES, allocator_note, measure
 
 # (name, channels, spatial at 224x224 input, residual add?) for ResNet-50's BN -> (add) -> ReLU sites.
 RESNET50_SITES = [("stem bn1+relu", 64, 112, False), ("layer1 bn3+add+relu", 256, 56, True),
@@ -68,7 +68,7 @@ def markdown(result) -> str:
     env = result["environment"]
     lines = [f"EMAN norm, {env['device_name']} ({env['device']}, {env['threads']} threads), torch "
              f"{env['torch']}, {env['date']}, commit {env.get('commit', '?')}; batch {result['batch']}. "
-             f"Copy bandwidth in the same run: {result['copy_GBps']:.1f} GB/s.", "",
+             f"Copy bandwidth in the same run: {result['copy_GBps']:.1f} GB/s.{allocator_note(env)}", "",
              "| case | eman_fused fwd | eman_fused bwd | eager fwd | eager bwd | compile fwd | compile bwd |",
              "|---|---:|---:|---:|---:|---:|---:|"]
     for case in result["cases"]:

@@ -31,7 +31,7 @@ from torch import nn
 
 import eman_fused
 from eman_fused import reference, shapes
-from eman_fused.bench import copy_bandwidth, environment, measure
+from eman_fused.bench import allocator_note, copy_bandwidth, environment, measure, prepare
 
 M = 0.999
 
@@ -155,7 +155,8 @@ def markdown(result) -> str:
     names = [n for n in names if any(n in c["methods"] for c in result["cases"])]
     lines = [f"Optimizer step + EMA teacher update, {env['device_name']} ({env['device']}, "
              f"{env['threads']} threads), torch {env['torch']}, {env['date']}, commit "
-             f"{env.get('commit', '?')}. Copy bandwidth in the same run: {result['copy_GBps']:.1f} GB/s.", "",
+             f"{env.get('commit', '?')}. Copy bandwidth in the same run: {result['copy_GBps']:.1f} GB/s."
+             f"{allocator_note(env)}", "",
              "| case | MB/step | " + " | ".join(names) + " |", "|---|---:|" + "---:|" * len(names)]
     for c in result["cases"]:
         cells = []
@@ -182,6 +183,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--markdown", type=Path)
     args = ap.parse_args(argv)
     device = torch.device(args.device)
+    prepare(device)
     cases = []
     for name, table in (shapes.load_table(spec) for spec in args.model.split(",")):
         for dtype in args.param_dtype.split(","):
