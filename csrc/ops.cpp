@@ -6,6 +6,7 @@
 
 #include "cpu/isa.h"
 #include "norm.h"
+#include "optim.h"
 #include "plan.h"
 
 namespace eman_fused {
@@ -191,6 +192,16 @@ TORCH_LIBRARY(eman_fused, m) {
          &BelowAutograd<kAdamWName, kCapturable, AdamWCapSig>::call);
   m.impl("sgd_ema_step_", c10::DispatchKey::Autograd, &BelowAutograd<kSgdName, kDefault, SgdSig>::call);
   m.impl("adamw_ema_step_", c10::DispatchKey::Autograd, &BelowAutograd<kAdamWName, kDefault, AdamWSig>::call);
+  // The checks and table of a step without writing (for the Triton kernels; host int64).
+  m.def("_sgd_ema_table(Tensor[] params, Tensor[] grads, Tensor[] momentum_buffers, "
+        "Tensor[] teacher, int[] first, float lr, float momentum, float dampening, "
+        "bool nesterov, float weight_decay, bool maximize, float teacher_momentum) -> Tensor");
+  m.impl("_sgd_ema_table", c10::DispatchKey::CompositeExplicitAutograd, &sgd_ema_table);
+  m.def("_adamw_ema_table(Tensor[] params, Tensor[] grads, Tensor[] exp_avgs, "
+        "Tensor[] exp_avg_sqs, Tensor[] max_exp_avg_sqs, Tensor[] teacher, "
+        "float[] step_sizes, float[] bias_correction2_sqrts, float lr, float beta1, float beta2, "
+        "float eps, float weight_decay, bool amsgrad, bool maximize, float teacher_momentum) -> Tensor");
+  m.impl("_adamw_ema_table", c10::DispatchKey::CompositeExplicitAutograd, &adamw_ema_table);
   // The instruction set the CPU kernels chose (runtime dispatch; EMAN_FUSED_CPU_ISA overrides).
   m.def("_cpu_isa() -> str", &cpu_isa_name);
   // Test hooks for the plan cache.

@@ -44,7 +44,8 @@ void check_like_param(const char* op, const char* name, at::TensorList list,
     TORCH_CHECK_VALUE(x.is_non_overlapping_and_dense() && x.strides() == p.strides(), op, ": ",
                       name, "[", i, "] has strides ", x.strides(), " but params[", i, "] has ",
                       p.strides(), " (both must be dense, in the same memory order)");
-    TORCH_CHECK_VALUE(!teacher || x.data_ptr() != p.data_ptr(), op, ": teacher[", i,
+    // (Empty tensors may all have a null data pointer: no storage, nothing shared.)
+    TORCH_CHECK_VALUE(!teacher || p.numel() == 0 || x.data_ptr() != p.data_ptr(), op, ": teacher[", i,
                       "] is params[", i, "] itself");
     TORCH_CHECK_TYPE(!teacher || st == list[0].scalar_type(), op, ": teacher[", i, "] is ", st,
                      " but teacher[0] is ", list[0].scalar_type(), "; one teacher dtype per call");
@@ -273,6 +274,36 @@ int teacher_tag(at::TensorList teacher) {
 
 int param_tag(at::TensorList params) {
   return params.empty() ? 1 : float_tag(params[0].scalar_type());
+}
+
+}  // namespace eman_fused
+
+namespace eman_fused {
+
+// The checks and the table of a step, without writing anything: for backends that launch from
+// Python (Triton). Same validation as the C++ kernels' prologue; the caller's custom op bumps
+// the versions of what it mutates.
+at::Tensor sgd_ema_table(at::TensorList params, at::TensorList grads, at::TensorList bufs,
+                         at::TensorList teacher, c10::ArrayRef<int64_t> first, double lr,
+                         double momentum, double dampening, bool nesterov, double weight_decay,
+                         bool maximize, double teacher_momentum) {
+  const SgdArgs a{lr, momentum, dampening, nesterov, weight_decay, maximize, teacher_momentum};
+  check_sgd_ema(params, grads, bufs, teacher, first, a);
+  return build_optim_table(params, grads, {bufs}, teacher, first, {}, {}, false).host;
+}
+
+at::Tensor adamw_ema_table(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
+                           at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs,
+                           at::TensorList teacher, c10::ArrayRef<double> step_sizes,
+                           c10::ArrayRef<double> bias_correction2_sqrts, double lr, double beta1,
+                           double beta2, double eps, double weight_decay, bool amsgrad,
+                           bool maximize, double teacher_momentum) {
+  const AdamWArgs a{lr, beta1, beta2, eps, weight_decay, amsgrad, maximize, teacher_momentum};
+  check_adamw_ema(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, teacher, step_sizes,
+                  bias_correction2_sqrts, a);
+  return build_optim_table(params, grads, {exp_avgs, exp_avg_sqs, max_exp_avg_sqs}, teacher, {},
+                           step_sizes, bias_correction2_sqrts, false)
+      .host;
 }
 
 }  // namespace eman_fused

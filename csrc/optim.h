@@ -75,6 +75,18 @@ OptimTable prepare_adamw(at::TensorList params, at::TensorList grads, at::Tensor
 OptimTable prepare_lars(at::TensorList params, at::TensorList grads, at::TensorList bufs,
                         at::TensorList teacher, c10::ArrayRef<int64_t> adapt,
                         c10::ArrayRef<int64_t> first, const LarsArgs& a, bool pinned);
+// Checks and table only (nothing written), for backends that launch from Python (Triton):
+// the host int64 table of optim_plan_types.h.
+at::Tensor sgd_ema_table(at::TensorList params, at::TensorList grads, at::TensorList bufs,
+                         at::TensorList teacher, c10::ArrayRef<int64_t> first, double lr,
+                         double momentum, double dampening, bool nesterov, double weight_decay,
+                         bool maximize, double teacher_momentum);
+at::Tensor adamw_ema_table(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
+                           at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs,
+                           at::TensorList teacher, c10::ArrayRef<double> step_sizes,
+                           c10::ArrayRef<double> bias_correction2_sqrts, double lr, double beta1,
+                           double beta2, double eps, double weight_decay, bool amsgrad,
+                           bool maximize, double teacher_momentum);
 // The device scalars of the capturable variants: `lr` and `teacher_momentum` 0-dim float32 on
 // the params' device (range-checked where reading them costs no synchronization: the CPU);
 // `steps` (AdamW) one 0-dim float32 per param, there too.

@@ -9,6 +9,11 @@ param from the value just computed. The teacher's other tensors (BatchNorm buffe
 without a grad this step, tensors its include/exclude copies) get the teacher's own fused call
 in the same step, so `teacher.update()` must not be called as well.
 
+Backends (`backend=`): the C++ kernels on the CPU, the CUDA C++ kernels, and for SGD and AdamW
+(not capturable) a Triton kernel (eman_fused/triton/optim.py) that computes the same bits as
+the C++ kernels from the same C++-built table; 'auto' picks C++ for CPU params and CUDA C++,
+else Triton, for CUDA params.
+
 Params may be float32, bfloat16 or float16; grads and state have the param's dtype (as in
 torch.optim), the math is float32 and each stored value is rounded once (as torch's fused=True
 optimizers); the teacher averages each param as stored, in its own dtype.
@@ -105,6 +110,27 @@ class _TeacherLink:
 
 class _FusedStep:
     _capturable = False
+    _op = ""  # the step op's name, for messages
+    _triton_op = None  # name of its Triton op (None: no Triton kernel)
+
+    def _init_backend(self, backend: str) -> None:
+        """backend='auto' (CPU params: the C++ kernels; CUDA params: the CUDA C++ kernels, else
+        Triton), 'cpu', 'cuda' or 'triton'. Resolved per device now, so a missing backend is
+        reported at construction, with its reason."""
+        self._backend, self._resolved = backend, {}
+        for group in self.param_groups:
+            for p in group["params"]:
+                self._backend_for(p.device)
+
+    def _backend_for(self, device) -> str:
+        name = self._resolved.get(device)
+        if name is None:
+            has = {"cpu", "cuda"} | ({"triton"} if self._triton_op and not self._capturable else set())
+            op = self._op + (".capturable" if self._capturable else "")
+            name = self._resolved[device] = _backends.resolve(self._backend, device, has, op=op)
+            if name == "triton":
+                from ..triton import optim as _  # noqa: F401  (registers the Triton ops)
+        return name
 
     def _init_teacher(self, teacher, teacher_momentum):
         self._device_scalars: dict = {}
@@ -134,6 +160,9 @@ class _FusedStep:
 
     def add_param_group(self, param_group):
         super().add_param_group(param_group)
+        if getattr(self, "_resolved", None) is not None:
+            for p in self.param_groups[-1]["params"]:
+                self._backend_for(p.device)
         if getattr(self, "_link", None) is not None:
             self._link.check_params(self.param_groups[-1:])
 
@@ -160,8 +189,7 @@ class _FusedStep:
             if p.device.type not in ("cpu", "cuda"):
                 raise NotImplementedError(f"eman_fused.optim.{type(self).__name__} has CPU and CUDA kernels; "
                                           f"got a param on {p.device}")
-            if p.device.type == "cuda":
-                _backends.require("cuda")
+            self._backend_for(p.device)
             params.append(p)
             grads.append(p.grad)
         return params, grads
@@ -205,14 +233,20 @@ class SGD(_FusedStep, torch.optim.SGD):
     (default: the teacher's own). foreach/fused/differentiable are not supported.
 
     capturable=True: lr (a 0-dim tensor to schedule it under a CUDA graph) and the teacher's
-    momentum (the teacher must be capturable too) are device scalars read by the kernel."""
+    momentum (the teacher must be capturable too) are device scalars read by the kernel.
+    backend: 'auto' (CPU params: C++; CUDA params: CUDA C++, else Triton), 'cpu', 'cuda' or
+    'triton' (not with capturable=True)."""
+
+    _op, _triton_op = "sgd_ema_step_", "sgd_ema_step_triton_"
 
     def __init__(self, params, lr: float = 1e-3, momentum: float = 0.0, dampening: float = 0.0,
                  weight_decay: float = 0.0, nesterov: bool = False, *, maximize: bool = False,
-                 teacher: EMATeacher | None = None, teacher_momentum=None, capturable: bool = False):
+                 teacher: EMATeacher | None = None, teacher_momentum=None, capturable: bool = False,
+                 backend: str = "auto"):
         super().__init__(params, lr=lr, momentum=momentum, dampening=dampening,
                          weight_decay=weight_decay, nesterov=nesterov, maximize=maximize)
         self._capturable = capturable
+        self._init_backend(backend)
         self._init_teacher(teacher, teacher_momentum)
 
     def _step_group(self, group, params, grads, teacher, m):
@@ -225,8 +259,9 @@ class SGD(_FusedStep, torch.optim.SGD):
                 params, grads, bufs, teacher, first, self._lr_tensor(group, device), *hyper,
                 self._teacher_momentum_tensor(m, device))
         else:
-            torch.ops.eman_fused.sgd_ema_step_(params, grads, bufs, teacher, first,
-                                               float(group["lr"]), *hyper, float(m))
+            op = (torch.ops.eman_fused.sgd_ema_step_triton_
+                  if self._backend_for(params[0].device) == "triton" else torch.ops.eman_fused.sgd_ema_step_)
+            op(params, grads, bufs, teacher, first, float(group["lr"]), *hyper, float(m))
 
 
 class AdamW(_FusedStep, torch.optim.AdamW):
@@ -235,14 +270,19 @@ class AdamW(_FusedStep, torch.optim.AdamW):
 
     capturable=True: step counts on the params' device, lr (give a 0-dim tensor to schedule it
     under a CUDA graph) and the teacher's momentum (the teacher must be capturable too) read by
-    the kernel, which computes the bias corrections itself: no host value per step."""
+    the kernel, which computes the bias corrections itself: no host value per step.
+    backend: as for SGD."""
+
+    _op, _triton_op = "adamw_ema_step_", "adamw_ema_step_triton_"
 
     def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8,
                  weight_decay: float = 1e-2, amsgrad: bool = False, *, maximize: bool = False,
-                 teacher: EMATeacher | None = None, teacher_momentum=None, capturable: bool = False):
+                 teacher: EMATeacher | None = None, teacher_momentum=None, capturable: bool = False,
+                 backend: str = "auto"):
         super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
                          amsgrad=amsgrad, maximize=maximize, capturable=capturable)
         self._capturable = capturable
+        self._init_backend(backend)
         self._init_teacher(teacher, teacher_momentum)
 
     def _step_group(self, group, params, grads, teacher, m):
@@ -276,8 +316,9 @@ class AdamW(_FusedStep, torch.optim.AdamW):
         for k in torch.stack(steps).tolist():
             step_sizes.append(lr / (1 - beta1 ** k))
             bc2_sqrts.append(math.sqrt(1 - beta2 ** k))
-        torch.ops.eman_fused.adamw_ema_step_(
-            params, grads, exp_avgs, exp_avg_sqs, max_sqs, teacher, step_sizes, bc2_sqrts, lr,
+        op = (torch.ops.eman_fused.adamw_ema_step_triton_
+              if self._backend_for(params[0].device) == "triton" else torch.ops.eman_fused.adamw_ema_step_)
+        op(params, grads, exp_avgs, exp_avg_sqs, max_sqs, teacher, step_sizes, bc2_sqrts, lr,
             float(beta1), float(beta2), float(group["eps"]), float(group["weight_decay"]),
             bool(group["amsgrad"]), bool(group["maximize"]), float(m))
 
@@ -293,11 +334,15 @@ class LARS(_FusedStep, torch.optim.Optimizer):
     Two passes per step (documented cost): per-tensor norms of p and d, then the update.
     capturable=True: lr (a 0-dim tensor to schedule it) and the teacher's momentum (the teacher
     must be capturable too) are device scalars read by the kernels, as for SGD.
+    backend: 'auto', 'cpu' or 'cuda' (no Triton LARS yet).
     """
+
+    _op = "lars_ema_step_"
 
     def __init__(self, params, lr: float = 0.1, momentum: float = 0.9, weight_decay: float = 0.0,
                  trust_coefficient: float = 0.001, *, maximize: bool = False, exclude=None,
-                 teacher: EMATeacher | None = None, teacher_momentum=None, capturable: bool = False):
+                 teacher: EMATeacher | None = None, teacher_momentum=None, capturable: bool = False,
+                 backend: str = "auto"):
         if lr < 0 or momentum < 0 or weight_decay < 0 or trust_coefficient < 0:
             raise ValueError("lr, momentum, weight_decay and trust_coefficient must be >= 0")
         defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay,
@@ -305,6 +350,7 @@ class LARS(_FusedStep, torch.optim.Optimizer):
                         exclude=exclude if exclude is not None else _one_dim)
         super().__init__(params, defaults)
         self._capturable = capturable
+        self._init_backend(backend)
         self._init_teacher(teacher, teacher_momentum)
 
     def _step_group(self, group, params, grads, teacher, m):

@@ -1,0 +1,210 @@
+"""Triton backend of the fused optimizer steps (SGD, AdamW + EMA teacher): one launch per call
+over the whole param list, driven by the table the C++ kernels read (csrc/optim_plan_types.h),
+built and validated by the same C++ code (`_sgd_ema_table` / `_adamw_ema_table`).
+
+Program p handles chunk p: it reads (tensor, start) from the chunk table, the tensor's entry
+(param, grad, state and teacher addresses, numel, flags, AdamW's per-param step size and
+sqrt(bias correction 2)), casts the int64 addresses to typed pointers and walks the chunk in
+BLOCK-element steps. The math is the C++ kernels' (csrc/cpu/optim_loops.inc) in the same order,
+in float32, with IEEE-rounded sqrt and division; params, state and teacher are rounded once per
+store. Hyper-parameters arrive as float32 values rounded on the host as the C++ kernels round
+them.
+
+Not built here: LARS (per-tensor norms then the update) and the capturable variants (lr,
+teacher momentum and step counts read from device tensors); those run on the CPU and CUDA C++
+kernels. Tuning: BLOCK=1024 elements, 4 warps, not measured on a GPU yet.
+"""
+from __future__ import annotations
+
+import math
+import struct
+
+import torch
+import triton
+import triton.language as tl
+from torch.library import triton_op, wrap_triton
+
+from ._common import round_to
+
+BLOCK = 1024
+NUM_WARPS = 4
+# Mirror of csrc/optim_plan_types.h (tests/test_optim_triton.py checks it against C++ tables).
+OPTIM_CHUNK_ELEMS = 16384  # kOptimChunkElems
+OPTIM_ENTRY_WORDS = 13  # OptimEntry: 6 pointers, numel, first_chunk, num_chunks, flags, 2 doubles, step
+OPTIM_CHUNK_WORDS = 2  # OptimChunk: tensor index, start
+OPTIM_FIRST = 1  # kOptimFirst
+_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
+
+
+def optim_counts(params) -> tuple[int, int]:
+    """(entries, chunks) of the table for `params`, from shapes alone (works on fake tensors)."""
+    return len(params), sum(math.ceil(p.numel() / OPTIM_CHUNK_ELEMS) for p in params)
+
+
+def f32(x: float) -> float:
+    """x rounded to float32 (to nearest even), as the C++ kernels' static_cast<float>."""
+    return struct.unpack("f", struct.pack("f", x))[0]
+
+
+def _table_fake(params, *args):
+    entries, chunks = optim_counts(params)
+    size = entries * OPTIM_ENTRY_WORDS + chunks * OPTIM_CHUNK_WORDS
+    if params:
+        return params[0].new_empty(size, dtype=torch.int64, device="cpu")
+    return torch.empty(0, dtype=torch.int64)
+
+
+# Shapes only, so torch.compile and opcheck can trace the ops below with fake tensors.
+torch.library.register_fake("eman_fused::_sgd_ema_table")(_table_fake)
+torch.library.register_fake("eman_fused::_adamw_ema_table")(_table_fake)
+
+
+@triton.jit
+def _chunk_entry(table, num_entries, ENTRY_WORDS: tl.constexpr, CHUNK_WORDS: tl.constexpr):
+    chunk = table + num_entries * ENTRY_WORDS + tl.program_id(0).to(tl.int64) * CHUNK_WORDS
+    entry = table + tl.load(chunk) * ENTRY_WORDS
+    return entry, tl.load(chunk + 1)
+
+
+@triton.jit
+def _teacher_update(t_addr, idx, mask, stored, mt, wt, TT: tl.constexpr):
+    t_ptr = t_addr.to(tl.pointer_type(TT))
+    t = tl.load(t_ptr + idx, mask=mask).to(tl.float32)
+    tl.store(t_ptr + idx, round_to(mt * t + wt * stored.to(tl.float32), TT), mask=mask)
+
+
+@triton.jit
+def _sgd_kernel(table, num_entries, lr, mom, damp, wd, sign, mt, wt,
+                PT: tl.constexpr, TT: tl.constexpr, HAS_TEACHER: tl.constexpr,
+                DECAY: tl.constexpr, HAS_BUF: tl.constexpr, NESTEROV: tl.constexpr,
+                BLOCK: tl.constexpr, CHUNK: tl.constexpr, ENTRY_WORDS: tl.constexpr,
+                CHUNK_WORDS: tl.constexpr, FIRST: tl.constexpr):
+    entry, start = _chunk_entry(table, num_entries, ENTRY_WORDS, CHUNK_WORDS)
+    p_ptr = tl.load(entry).to(tl.pointer_type(PT))
+    g_ptr = tl.load(entry + 1).to(tl.pointer_type(PT))
+    b_ptr = tl.load(entry + 2).to(tl.pointer_type(PT))
+    t_addr = tl.load(entry + 5)
+    numel = tl.load(entry + 6)
+    first_flag = tl.load(entry + 9) & FIRST
+    first = first_flag != 0
+    for off in range(0, tl.minimum(numel - start, CHUNK), BLOCK):
+        idx = start + off + tl.arange(0, BLOCK)
+        mask = idx < numel
+        pi = tl.load(p_ptr + idx, mask=mask).to(tl.float32)
+        d = sign * tl.load(g_ptr + idx, mask=mask).to(tl.float32)
+        if DECAY:
+            d = d + wd * pi
+        if HAS_BUF:
+            b = tl.load(b_ptr + idx, mask=mask & (first_flag == 0)).to(tl.float32)
+            b = tl.where(first, d, mom * b + damp * d)  # a new buffer is the first update
+            tl.store(b_ptr + idx, round_to(b, PT), mask=mask)
+            if NESTEROV:
+                d = d + mom * b
+            else:
+                d = b
+        stored = round_to(pi - lr * d, PT)  # the teacher averages the param as stored
+        tl.store(p_ptr + idx, stored, mask=mask)
+        if HAS_TEACHER:
+            _teacher_update(t_addr, idx, mask, stored, mt, wt, TT)
+
+
+@triton.jit
+def _adamw_kernel(table, num_entries, decay, w1, w1c, b2, w2, eps, sign, mt, wt,
+                  PT: tl.constexpr, TT: tl.constexpr, HAS_TEACHER: tl.constexpr,
+                  AMSGRAD: tl.constexpr, LERP_SMALL: tl.constexpr,
+                  BLOCK: tl.constexpr, CHUNK: tl.constexpr, ENTRY_WORDS: tl.constexpr,
+                  CHUNK_WORDS: tl.constexpr):
+    entry, start = _chunk_entry(table, num_entries, ENTRY_WORDS, CHUNK_WORDS)
+    p_ptr = tl.load(entry).to(tl.pointer_type(PT))
+    g_ptr = tl.load(entry + 1).to(tl.pointer_type(PT))
+    m_ptr = tl.load(entry + 2).to(tl.pointer_type(PT))
+    v_ptr = tl.load(entry + 3).to(tl.pointer_type(PT))
+    vmax_ptr = tl.load(entry + 4).to(tl.pointer_type(PT))
+    t_addr = tl.load(entry + 5)
+    numel = tl.load(entry + 6)
+    # The per-param doubles, rounded to float32 as the C++ kernels do.
+    step_size = tl.load(entry + 10).to(tl.float64, bitcast=True).to(tl.float32, fp_downcast_rounding="rtne")
+    bc2_sqrt = tl.load(entry + 11).to(tl.float64, bitcast=True).to(tl.float32, fp_downcast_rounding="rtne")
+    for off in range(0, tl.minimum(numel - start, CHUNK), BLOCK):
+        idx = start + off + tl.arange(0, BLOCK)
+        mask = idx < numel
+        gi = sign * tl.load(g_ptr + idx, mask=mask).to(tl.float32)
+        pi = tl.load(p_ptr + idx, mask=mask).to(tl.float32) * decay
+        m0 = tl.load(m_ptr + idx, mask=mask).to(tl.float32)
+        if LERP_SMALL:  # torch's lerp: the form depends on the weight
+            mi = m0 + w1 * (gi - m0)
+        else:
+            mi = gi - (gi - m0) * w1c
+        vi = tl.load(v_ptr + idx, mask=mask).to(tl.float32) * b2 + w2 * gi * gi
+        tl.store(m_ptr + idx, round_to(mi, PT), mask=mask)
+        tl.store(v_ptr + idx, round_to(vi, PT), mask=mask)
+        s = vi
+        if AMSGRAD:
+            v0 = tl.load(vmax_ptr + idx, mask=mask).to(tl.float32)
+            s = tl.where(v0 > vi, v0, vi)
+            tl.store(vmax_ptr + idx, round_to(s, PT), mask=mask)
+        denom = tl.div_rn(tl.sqrt_rn(s), bc2_sqrt) + eps
+        stored = round_to(pi - step_size * tl.div_rn(mi, denom), PT)
+        tl.store(p_ptr + idx, stored, mask=mask)
+        if HAS_TEACHER:
+            _teacher_update(t_addr, idx, mask, stored, mt, wt, TT)
+
+
+def _common(params, teacher):
+    """(param element type, teacher element type, has teacher, grid) of a call."""
+    pt = _DTYPES[params[0].dtype]
+    tt = _DTYPES[teacher[0].dtype] if teacher else tl.float32
+    return pt, tt, bool(teacher), (optim_counts(params)[1],)
+
+
+def _teacher_weights(teacher_momentum: float) -> tuple[float, float]:
+    mt = f32(teacher_momentum)
+    return mt, f32(1.0 - mt)
+
+
+@triton_op("eman_fused::sgd_ema_step_triton_", mutates_args={"params", "momentum_buffers", "teacher"})
+def sgd_ema_step_triton_(params: list[torch.Tensor], grads: list[torch.Tensor],
+                         momentum_buffers: list[torch.Tensor], teacher: list[torch.Tensor],
+                         first: list[int], lr: float, momentum: float, dampening: float,
+                         nesterov: bool, weight_decay: float, maximize: bool,
+                         teacher_momentum: float) -> None:
+    table = torch.ops.eman_fused._sgd_ema_table(
+        params, grads, momentum_buffers, teacher, first, lr, momentum, dampening, nesterov,
+        weight_decay, maximize, teacher_momentum)
+    if not params or optim_counts(params)[1] == 0:
+        return
+    pt, tt, has_teacher, grid = _common(params, teacher)
+    mt, wt = _teacher_weights(teacher_momentum)
+    wrap_triton(_sgd_kernel)[grid](
+        table.to(params[0].device), len(params), f32(lr), f32(momentum), f32(1.0 - f32(dampening)),
+        f32(weight_decay), -1.0 if maximize else 1.0, mt, wt,
+        PT=pt, TT=tt, HAS_TEACHER=has_teacher, DECAY=weight_decay != 0.0,
+        HAS_BUF=bool(momentum_buffers), NESTEROV=nesterov, BLOCK=BLOCK, CHUNK=OPTIM_CHUNK_ELEMS,
+        ENTRY_WORDS=OPTIM_ENTRY_WORDS, CHUNK_WORDS=OPTIM_CHUNK_WORDS, FIRST=OPTIM_FIRST,
+        num_warps=NUM_WARPS)
+
+
+@triton_op("eman_fused::adamw_ema_step_triton_",
+           mutates_args={"params", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs", "teacher"})
+def adamw_ema_step_triton_(params: list[torch.Tensor], grads: list[torch.Tensor],
+                           exp_avgs: list[torch.Tensor], exp_avg_sqs: list[torch.Tensor],
+                           max_exp_avg_sqs: list[torch.Tensor], teacher: list[torch.Tensor],
+                           step_sizes: list[float], bias_correction2_sqrts: list[float], lr: float,
+                           beta1: float, beta2: float, eps: float, weight_decay: float,
+                           amsgrad: bool, maximize: bool, teacher_momentum: float) -> None:
+    table = torch.ops.eman_fused._adamw_ema_table(
+        params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, teacher, step_sizes,
+        bias_correction2_sqrts, lr, beta1, beta2, eps, weight_decay, amsgrad, maximize,
+        teacher_momentum)
+    if not params or optim_counts(params)[1] == 0:
+        return
+    pt, tt, has_teacher, grid = _common(params, teacher)
+    mt, wt = _teacher_weights(teacher_momentum)
+    w1 = f32(1.0 - f32(beta1))
+    b2 = f32(beta2)
+    wrap_triton(_adamw_kernel)[grid](
+        table.to(params[0].device), len(params), f32(1.0 - f32(lr * weight_decay)), w1,
+        f32(1.0 - w1), b2, f32(1.0 - b2), f32(eps), -1.0 if maximize else 1.0, mt, wt,
+        PT=pt, TT=tt, HAS_TEACHER=has_teacher, AMSGRAD=bool(max_exp_avg_sqs),
+        LERP_SMALL=abs(w1) < 0.5, BLOCK=BLOCK, CHUNK=OPTIM_CHUNK_ELEMS,
+        ENTRY_WORDS=OPTIM_ENTRY_WORDS, CHUNK_WORDS=OPTIM_CHUNK_WORDS, num_warps=NUM_WARPS)
