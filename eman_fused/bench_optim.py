@@ -12,6 +12,8 @@ bf16/fp16 with --param-dtype, teacher in the same dtype) and optimizer:
                        eager LARS, then EMATeacher.update()
   eman_fused           eman_fused.optim.X(teacher=...): one fused pass for params, state and
                        teacher, plus the teacher's call for its buffers
+  eman_fused_triton    the same with backend='triton' (SGD, AdamW; GPU only: on the CPU the
+                       table says it is skipped and why)
 Gradients are fixed random tensors (no forward/backward: this times the update only). GB/s is
 the traffic of the fused algorithm (SGD with momentum: grad read, param and buffer read+write,
 teacher read+write; AdamW: grad, param, exp_avg, exp_avg_sq, teacher) over each method's time.
@@ -134,6 +136,16 @@ def run_case(model_name, table, optim_name, device, param_dtype="fp32"):
     t3 = eman_fused.EMATeacher(s3, momentum=M, eman=False)
     o3 = ours_cls(s3.parameters(), teacher=t3, **kwargs)
     methods["eman_fused"] = o3.step
+    skipped = {}
+    if optim_name != "lars":  # the Triton kernels (SGD, AdamW), measured where they compile
+        triton = eman_fused.backends()["triton"]
+        if device.type == "cuda" and triton.available:
+            s6 = make(table, device, dt)
+            t6 = eman_fused.EMATeacher(s6, momentum=M, eman=False)
+            methods["eman_fused_triton"] = ours_cls(s6.parameters(), teacher=t6, backend="triton", **kwargs).step
+        else:
+            skipped["eman_fused_triton"] = ("Triton kernels need a GPU (on the CPU only the interpreter "
+                                            "runs them, for tests)" if device.type == "cpu" else triton.detail)
     param_bytes = sum(p.nbytes for p in s3.parameters())
     nbytes = passes * param_bytes + 3 * sum(b.nbytes for b in s3.buffers() if b.is_floating_point())
     rows = {}
@@ -145,13 +157,13 @@ def run_case(model_name, table, optim_name, device, param_dtype="fp32"):
         row["eman_fused_speedup"] = row["ms"] / rows["eman_fused"]["ms"]
     label = f"{model_name} {optim_name}" + ("" if param_dtype == "fp32" else f" {param_dtype}")
     return {"case": label, "tensors": len(table), "bytes_per_step": nbytes, "param_dtype": param_dtype,
-            "methods": rows}
+            "methods": rows, "skipped": skipped}
 
 
 def markdown(result) -> str:
     env = result["environment"]
-    names = ["eman_fused", "torch_fused+EMATeacher", "torch_foreach+EMATeacher", "torch+EMATeacher",
-             "torch+foreach_lerp", "eager_lars+EMATeacher"]
+    names = ["eman_fused", "eman_fused_triton", "torch_fused+EMATeacher", "torch_foreach+EMATeacher",
+             "torch+EMATeacher", "torch+foreach_lerp", "eager_lars+EMATeacher"]
     names = [n for n in names if any(n in c["methods"] for c in result["cases"])]
     lines = [f"Optimizer step + EMA teacher update, {env['device_name']} ({env['device']}, "
              f"{env['threads']} threads), torch {env['torch']}, {env['date']}, commit "
@@ -170,6 +182,8 @@ def markdown(result) -> str:
         lines.append(f"| {c['case']} | {c['bytes_per_step'] / 1e6:.1f} | " + " | ".join(cells) + " |")
     lines += ["", "(Nx) = that method's time / eman_fused's time, same run. Gradients are fixed; "
               "forward/backward not included."]
+    skipped = {f"{name}: {why}" for c in result["cases"] for name, why in c.get("skipped", {}).items()}
+    lines += [f"- skipped {line}" for line in sorted(skipped)]
     return "\n".join(lines) + "\n"
 
 
