@@ -202,6 +202,10 @@ TORCH_LIBRARY(eman_fused, m) {
         "float[] step_sizes, float[] bias_correction2_sqrts, float lr, float beta1, float beta2, "
         "float eps, float weight_decay, bool amsgrad, bool maximize, float teacher_momentum) -> Tensor");
   m.impl("_adamw_ema_table", c10::DispatchKey::CompositeExplicitAutograd, &adamw_ema_table);
+  m.def("_lars_ema_table(Tensor[] params, Tensor[] grads, Tensor[] momentum_buffers, "
+        "Tensor[] teacher, int[] adapt, int[] first, float lr, float momentum, "
+        "float weight_decay, float trust_coefficient, bool maximize, float teacher_momentum) -> Tensor");
+  m.impl("_lars_ema_table", c10::DispatchKey::CompositeExplicitAutograd, &lars_ema_table);
   // The instruction set the CPU kernels chose (runtime dispatch; EMAN_FUSED_CPU_ISA overrides).
   m.def("_cpu_isa() -> str", &cpu_isa_name);
   // Test hooks for the plan cache.

@@ -307,3 +307,18 @@ at::Tensor adamw_ema_table(at::TensorList params, at::TensorList grads, at::Tens
 }
 
 }  // namespace eman_fused
+
+namespace eman_fused {
+
+at::Tensor lars_ema_table(at::TensorList params, at::TensorList grads, at::TensorList bufs,
+                          at::TensorList teacher, c10::ArrayRef<int64_t> adapt,
+                          c10::ArrayRef<int64_t> first, double lr, double momentum,
+                          double weight_decay, double trust_coefficient, bool maximize,
+                          double teacher_momentum) {
+  const LarsArgs a{lr, momentum, weight_decay, trust_coefficient, maximize, teacher_momentum};
+  check_lars_ema(params, grads, bufs, teacher, adapt, first, a);
+  return build_optim_table(params, grads, {bufs}, teacher, lars_flags(adapt, first), {}, {}, false)
+      .host;
+}
+
+}  // namespace eman_fused

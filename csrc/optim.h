@@ -87,6 +87,11 @@ at::Tensor adamw_ema_table(at::TensorList params, at::TensorList grads, at::Tens
                            c10::ArrayRef<double> bias_correction2_sqrts, double lr, double beta1,
                            double beta2, double eps, double weight_decay, bool amsgrad,
                            bool maximize, double teacher_momentum);
+at::Tensor lars_ema_table(at::TensorList params, at::TensorList grads, at::TensorList bufs,
+                          at::TensorList teacher, c10::ArrayRef<int64_t> adapt,
+                          c10::ArrayRef<int64_t> first, double lr, double momentum,
+                          double weight_decay, double trust_coefficient, bool maximize,
+                          double teacher_momentum);
 // The device scalars of the capturable variants: `lr` and `teacher_momentum` 0-dim float32 on
 // the params' device (range-checked where reading them costs no synchronization: the CPU);
 // `steps` (AdamW) one 0-dim float32 per param, there too.

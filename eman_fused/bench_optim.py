@@ -12,8 +12,8 @@ bf16/fp16 with --param-dtype, teacher in the same dtype) and optimizer:
                        eager LARS, then EMATeacher.update()
   eman_fused           eman_fused.optim.X(teacher=...): one fused pass for params, state and
                        teacher, plus the teacher's call for its buffers
-  eman_fused_triton    the same with backend='triton' (SGD, AdamW; GPU only: on the CPU the
-                       table says it is skipped and why)
+  eman_fused_triton    the same with backend='triton' (GPU only: on the CPU the table says
+                       it is skipped and why)
 Gradients are fixed random tensors (no forward/backward: this times the update only). GB/s is
 the traffic of the fused algorithm (SGD with momentum: grad read, param and buffer read+write,
 teacher read+write; AdamW: grad, param, exp_avg, exp_avg_sq, teacher) over each method's time.
@@ -137,15 +137,14 @@ def run_case(model_name, table, optim_name, device, param_dtype="fp32"):
     o3 = ours_cls(s3.parameters(), teacher=t3, **kwargs)
     methods["eman_fused"] = o3.step
     skipped = {}
-    if optim_name != "lars":  # the Triton kernels (SGD, AdamW), measured where they compile
-        triton = eman_fused.backends()["triton"]
-        if device.type == "cuda" and triton.available:
-            s6 = make(table, device, dt)
-            t6 = eman_fused.EMATeacher(s6, momentum=M, eman=False)
-            methods["eman_fused_triton"] = ours_cls(s6.parameters(), teacher=t6, backend="triton", **kwargs).step
-        else:
-            skipped["eman_fused_triton"] = ("Triton kernels need a GPU (on the CPU only the interpreter "
-                                            "runs them, for tests)" if device.type == "cpu" else triton.detail)
+    triton = eman_fused.backends()["triton"]  # the Triton kernels, measured where they compile
+    if device.type == "cuda" and triton.available:
+        s6 = make(table, device, dt)
+        t6 = eman_fused.EMATeacher(s6, momentum=M, eman=False)
+        methods["eman_fused_triton"] = ours_cls(s6.parameters(), teacher=t6, backend="triton", **kwargs).step
+    else:
+        skipped["eman_fused_triton"] = ("Triton kernels need a GPU (on the CPU only the interpreter "
+                                        "runs them, for tests)" if device.type == "cpu" else triton.detail)
     param_bytes = sum(p.nbytes for p in s3.parameters())
     nbytes = passes * param_bytes + 3 * sum(b.nbytes for b in s3.buffers() if b.is_floating_point())
     rows = {}

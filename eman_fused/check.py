@@ -10,7 +10,7 @@ For eman_norm ('norm'), per backend, ResNet-50 activation site (batch 2), layout
 the output and the gradients of x, weight, bias and residual against the eager reference's
 autograd (output tolerance per dtype; gradient sums relative 1e-3).
 
-For the fused optimizers ('optim'), per backend (Triton: SGD and AdamW), model and optimizer (SGD with
+For the fused optimizers ('optim'), per backend, model and optimizer (SGD with
 momentum + nesterov + weight decay, AdamW with amsgrad, LARS): 3 steps with the teacher fused,
 against torch.optim.SGD / AdamW (LARS: eman_fused.reference.lars_step_) followed by the reference
 EMA update; params and teacher within relative 1e-4.
@@ -207,8 +207,6 @@ def run(args) -> int:
         for name, table in (shapes.load_table(spec) for spec in args.models.split(",")):
             for optim_name in OPTIM_CASES:
                 for backend in names:
-                    if backend == "triton" and optim_name == "lars":
-                        continue  # no Triton LARS kernel (eman_fused/triton/optim.py says why)
                     rows.append(check_optim(backend, name, table, optim_name, device))
     print(f"{'op':<5} {'backend':<8} {'model':<14} {'dtypes':<16} {'max abs err':>12} "
           f"{'max rel err':>12}  {'m=1 same':<9} {'m=0 copy':<9} {'counters':<9} result")

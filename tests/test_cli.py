@@ -88,17 +88,14 @@ def test_bench_refuses_unknown_ops():
 
 
 def test_check_covers_the_fused_optimizers_and_fails_when_wrong(tiny_json):
-    triton = "triton" in backends_for(torch.device("cpu"))  # the interpreter: SGD and AdamW
+    n = len(backends_for(torch.device("cpu")))  # the C++ kernels, and the Triton interpreter
     ok = cli("check", "--model", f"{tiny_json},tiny_model:make", "--device", "cpu", "--ops", "optim")
     assert ok.returncode == 0, ok.stdout + ok.stderr
-    assert f"{6 + 4 * triton} passed, 0 failed" in ok.stdout  # 2 models x (sgd, adamw, lars) per backend
-    bad = cli("check", "--model", str(tiny_json), "--device", "cpu", "--ops", "optim",
-              env={"EMAN_FUSED_CHECK_FAULT": "cpu"})
-    assert bad.returncode == 1 and f"{2 * triton} passed, 3 failed" in bad.stdout
-    if triton:
+    assert f"{6 * n} passed, 0 failed" in ok.stdout  # 2 models x (sgd, adamw, lars) per backend
+    for broken in backends_for(torch.device("cpu")):
         bad = cli("check", "--model", str(tiny_json), "--device", "cpu", "--ops", "optim",
-                  env={"EMAN_FUSED_CHECK_FAULT": "triton"})
-        assert bad.returncode == 1 and "3 passed, 2 failed" in bad.stdout
+                  env={"EMAN_FUSED_CHECK_FAULT": broken})
+        assert bad.returncode == 1 and f"{3 * (n - 1)} passed, 3 failed" in bad.stdout
 
 
 def test_bench_optim(tiny_json, tmp_path):

@@ -9,9 +9,10 @@ param from the value just computed. The teacher's other tensors (BatchNorm buffe
 without a grad this step, tensors its include/exclude copies) get the teacher's own fused call
 in the same step, so `teacher.update()` must not be called as well.
 
-Backends (`backend=`): the C++ kernels on the CPU, the CUDA C++ kernels, and for SGD and AdamW
-(not capturable) a Triton kernel (eman_fused/triton/optim.py) that computes the same bits as
-the C++ kernels from the same C++-built table; 'auto' picks C++ for CPU params and CUDA C++,
+Backends (`backend=`): the C++ kernels on the CPU, the CUDA C++ kernels, and (not capturable)
+Triton kernels (eman_fused/triton/optim.py) that read the same C++-built table: SGD and AdamW
+compute the C++ kernels' bits, LARS agrees to float32 rounding (its norms are summed in
+another order); 'auto' picks C++ for CPU params and CUDA C++,
 else Triton, for CUDA params.
 
 Params may be float32, bfloat16 or float16; grads and state have the param's dtype (as in
@@ -334,10 +335,10 @@ class LARS(_FusedStep, torch.optim.Optimizer):
     Two passes per step (documented cost): per-tensor norms of p and d, then the update.
     capturable=True: lr (a 0-dim tensor to schedule it) and the teacher's momentum (the teacher
     must be capturable too) are device scalars read by the kernels, as for SGD.
-    backend: 'auto', 'cpu' or 'cuda' (no Triton LARS yet).
+    backend: as for SGD (Triton: two launches, as the two passes).
     """
 
-    _op = "lars_ema_step_"
+    _op, _triton_op = "lars_ema_step_", "lars_ema_step_triton_"
 
     def __init__(self, params, lr: float = 0.1, momentum: float = 0.9, weight_decay: float = 0.0,
                  trust_coefficient: float = 0.001, *, maximize: bool = False, exclude=None,
@@ -364,8 +365,9 @@ class LARS(_FusedStep, torch.optim.Optimizer):
                 params, grads, bufs, teacher, adapt, first, self._lr_tensor(group, device), *hyper,
                 self._teacher_momentum_tensor(m, device))
         else:
-            torch.ops.eman_fused.lars_ema_step_(params, grads, bufs, teacher, adapt, first,
-                                                float(group["lr"]), *hyper, float(m))
+            op = (torch.ops.eman_fused.lars_ema_step_triton_
+                  if self._backend_for(params[0].device) == "triton" else torch.ops.eman_fused.lars_ema_step_)
+            op(params, grads, bufs, teacher, adapt, first, float(group["lr"]), *hyper, float(m))
 
 
 def _one_dim(p: torch.Tensor) -> bool:

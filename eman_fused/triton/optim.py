@@ -10,9 +10,12 @@ in float32, with IEEE-rounded sqrt and division; params, state and teacher are r
 store. Hyper-parameters arrive as float32 values rounded on the host as the C++ kernels round
 them.
 
-Not built here: LARS (per-tensor norms then the update) and the capturable variants (lr,
-teacher momentum and step counts read from device tensors); those run on the CPU and CUDA C++
-kernels. Tuning: BLOCK=1024 elements, 4 warps, not measured on a GPU yet.
+LARS takes two launches, as the C++ kernels take two passes: per-chunk sums of squares into a
+float64 buffer, then the update, each chunk summing its tensor's chunk sums in chunk order.
+Its norms are summed in another order than the C++ kernels' (float32 blocks of BLOCK elements
+added into float64), so its trust ratios agree with theirs to float32 rounding, not bit for bit.
+Not built here: the capturable variants (lr, teacher momentum and step counts read from
+device tensors); those run on the CPU and CUDA C++ kernels. Tuning: BLOCK=1024 elements, 4 warps, not measured on a GPU yet.
 """
 from __future__ import annotations
 
@@ -33,6 +36,7 @@ OPTIM_CHUNK_ELEMS = 16384  # kOptimChunkElems
 OPTIM_ENTRY_WORDS = 13  # OptimEntry: 6 pointers, numel, first_chunk, num_chunks, flags, 2 doubles, step
 OPTIM_CHUNK_WORDS = 2  # OptimChunk: tensor index, start
 OPTIM_FIRST = 1  # kOptimFirst
+OPTIM_ADAPT = 2  # kOptimAdapt
 _DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 
 
@@ -57,6 +61,7 @@ def _table_fake(params, *args):
 # Shapes only, so torch.compile and opcheck can trace the ops below with fake tensors.
 torch.library.register_fake("eman_fused::_sgd_ema_table")(_table_fake)
 torch.library.register_fake("eman_fused::_adamw_ema_table")(_table_fake)
+torch.library.register_fake("eman_fused::_lars_ema_table")(_table_fake)
 
 
 @triton.jit
@@ -150,6 +155,76 @@ def _adamw_kernel(table, num_entries, decay, w1, w1c, b2, w2, eps, sign, mt, wt,
             _teacher_update(t_addr, idx, mask, stored, mt, wt, TT)
 
 
+@triton.jit
+def _lars_sumsq_kernel(table, num_entries, partial, wd, sign, PT: tl.constexpr, BLOCK: tl.constexpr,
+                       CHUNK: tl.constexpr, ENTRY_WORDS: tl.constexpr, CHUNK_WORDS: tl.constexpr,
+                       ADAPT: tl.constexpr):
+    """Pass 1: this chunk's sums of p^2 and d^2 (d = sign*g + wd*p), float32 per block added
+    into float64, written to partial[2k], partial[2k + 1] (0 for tensors not adapted)."""
+    entry, start = _chunk_entry(table, num_entries, ENTRY_WORDS, CHUNK_WORDS)
+    k = tl.program_id(0).to(tl.int64)
+    p_ptr = tl.load(entry).to(tl.pointer_type(PT))
+    g_ptr = tl.load(entry + 1).to(tl.pointer_type(PT))
+    numel = tl.load(entry + 6)
+    adapt = (tl.load(entry + 9) & ADAPT) != 0
+    sp = tl.zeros((), dtype=tl.float64)
+    sd = tl.zeros((), dtype=tl.float64)
+    if adapt:
+        for off in range(0, tl.minimum(numel - start, CHUNK), BLOCK):
+            idx = start + off + tl.arange(0, BLOCK)
+            mask = idx < numel
+            pi = tl.load(p_ptr + idx, mask=mask, other=0.0).to(tl.float32)
+            d = sign * tl.load(g_ptr + idx, mask=mask, other=0.0).to(tl.float32) + wd * pi
+            sp += tl.sum(pi * pi, axis=0).to(tl.float64)
+            sd += tl.sum(d * d, axis=0).to(tl.float64)
+    tl.store(partial + 2 * k, sp)
+    tl.store(partial + 2 * k + 1, sd)
+
+
+@triton.jit
+def _lars_kernel(table, num_entries, partial, lr, mom, wd, trust_coefficient, sign, mt, wt,
+                 PT: tl.constexpr, TT: tl.constexpr, HAS_TEACHER: tl.constexpr, BLOCK: tl.constexpr,
+                 CHUNK: tl.constexpr, ENTRY_WORDS: tl.constexpr, CHUNK_WORDS: tl.constexpr,
+                 FIRST: tl.constexpr, ADAPT: tl.constexpr):
+    """Pass 2: the tensor's trust ratio from its chunks' sums (in chunk order: every chunk of a
+    tensor computes the same value), then the C++ lars_loop's update and the teacher."""
+    entry, start = _chunk_entry(table, num_entries, ENTRY_WORDS, CHUNK_WORDS)
+    p_ptr = tl.load(entry).to(tl.pointer_type(PT))
+    g_ptr = tl.load(entry + 1).to(tl.pointer_type(PT))
+    b_ptr = tl.load(entry + 2).to(tl.pointer_type(PT))
+    t_addr = tl.load(entry + 5)
+    numel = tl.load(entry + 6)
+    first_chunk = tl.load(entry + 7)
+    num_chunks = tl.load(entry + 8)
+    flags = tl.load(entry + 9)
+    adapt = (flags & ADAPT) != 0
+    first_flag = flags & FIRST
+    first = first_flag != 0
+    p2 = tl.zeros((), dtype=tl.float64)
+    d2 = tl.zeros((), dtype=tl.float64)
+    for c in range(first_chunk, first_chunk + num_chunks):
+        p2 += tl.load(partial + 2 * c)
+        d2 += tl.load(partial + 2 * c + 1)
+    pn = tl.sqrt(p2)  # float64: sqrt and division are IEEE-rounded (the _rn forms are float32-only)
+    dn = tl.sqrt(d2)
+    scaled = adapt & (pn > 0.0) & (dn > 0.0)  # else 1, and no 0/0 computed
+    trust = tl.where(scaled, tl.cast(trust_coefficient, tl.float64) * pn / tl.where(scaled, dn, 1.0), 1.0)
+    trust = trust.to(tl.float32, fp_downcast_rounding="rtne")
+    for off in range(0, tl.minimum(numel - start, CHUNK), BLOCK):
+        idx = start + off + tl.arange(0, BLOCK)
+        mask = idx < numel
+        pi = tl.load(p_ptr + idx, mask=mask).to(tl.float32)
+        d = sign * tl.load(g_ptr + idx, mask=mask).to(tl.float32)
+        d = tl.where(adapt, (d + wd * pi) * trust, d)
+        b = tl.load(b_ptr + idx, mask=mask & (first_flag == 0)).to(tl.float32)
+        b = tl.where(first, d, mom * b + d)
+        tl.store(b_ptr + idx, round_to(b, PT), mask=mask)
+        stored = round_to(pi - lr * b, PT)
+        tl.store(p_ptr + idx, stored, mask=mask)
+        if HAS_TEACHER:
+            _teacher_update(t_addr, idx, mask, stored, mt, wt, TT)
+
+
 def _common(params, teacher):
     """(param element type, teacher element type, has teacher, grid) of a call."""
     pt = _DTYPES[params[0].dtype]
@@ -208,3 +283,31 @@ def adamw_ema_step_triton_(params: list[torch.Tensor], grads: list[torch.Tensor]
         PT=pt, TT=tt, HAS_TEACHER=has_teacher, AMSGRAD=bool(max_exp_avg_sqs),
         LERP_SMALL=abs(w1) < 0.5, BLOCK=BLOCK, CHUNK=OPTIM_CHUNK_ELEMS,
         ENTRY_WORDS=OPTIM_ENTRY_WORDS, CHUNK_WORDS=OPTIM_CHUNK_WORDS, num_warps=NUM_WARPS)
+
+
+@triton_op("eman_fused::lars_ema_step_triton_", mutates_args={"params", "momentum_buffers", "teacher"})
+def lars_ema_step_triton_(params: list[torch.Tensor], grads: list[torch.Tensor],
+                          momentum_buffers: list[torch.Tensor], teacher: list[torch.Tensor],
+                          adapt: list[int], first: list[int], lr: float, momentum: float,
+                          weight_decay: float, trust_coefficient: float, maximize: bool,
+                          teacher_momentum: float) -> None:
+    """Two launches (as the C++ kernels: two passes): per-chunk sums of squares, then the update."""
+    table = torch.ops.eman_fused._lars_ema_table(
+        params, grads, momentum_buffers, teacher, adapt, first, lr, momentum, weight_decay,
+        trust_coefficient, maximize, teacher_momentum)
+    if not params or optim_counts(params)[1] == 0:
+        return
+    pt, tt, has_teacher, grid = _common(params, teacher)
+    mt, wt = _teacher_weights(teacher_momentum)
+    table = table.to(params[0].device)
+    partial = torch.empty(2 * grid[0], dtype=torch.float64, device=params[0].device)
+    sign = -1.0 if maximize else 1.0
+    wrap_triton(_lars_sumsq_kernel)[grid](
+        table, len(params), partial, f32(weight_decay), sign, PT=pt, BLOCK=BLOCK,
+        CHUNK=OPTIM_CHUNK_ELEMS, ENTRY_WORDS=OPTIM_ENTRY_WORDS, CHUNK_WORDS=OPTIM_CHUNK_WORDS,
+        ADAPT=OPTIM_ADAPT, num_warps=NUM_WARPS)
+    wrap_triton(_lars_kernel)[grid](
+        table, len(params), partial, f32(lr), f32(momentum), f32(weight_decay), trust_coefficient,
+        sign, mt, wt, PT=pt, TT=tt, HAS_TEACHER=has_teacher, BLOCK=BLOCK, CHUNK=OPTIM_CHUNK_ELEMS,
+        ENTRY_WORDS=OPTIM_ENTRY_WORDS, CHUNK_WORDS=OPTIM_CHUNK_WORDS, FIRST=OPTIM_FIRST,
+        ADAPT=OPTIM_ADAPT, num_warps=NUM_WARPS)
