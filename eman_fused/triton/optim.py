@@ -1,6 +1,7 @@
-"""Triton backend of the fused optimizer steps (SGD, AdamW + EMA teacher): one launch per call
-over the whole param list, driven by the table the C++ kernels read (csrc/optim_plan_types.h),
-built and validated by the same C++ code (`_sgd_ema_table` / `_adamw_ema_table`).
+"""Triton backend of the fused optimizer steps (SGD, AdamW, LARS + EMA teacher): one launch per
+call over the whole param list (LARS: two), driven by the table the C++ kernels read
+(csrc/optim_plan_types.h), built and validated by the same C++ code (`_sgd_ema_table`,
+`_adamw_ema_table`, `_lars_ema_table`), before anything is written.
 
 Program p handles chunk p: it reads (tensor, start) from the chunk table, the tensor's entry
 (param, grad, state and teacher addresses, numel, flags, AdamW's per-param step size and
@@ -15,7 +16,8 @@ float64 buffer, then the update, each chunk summing its tensor's chunk sums in c
 Its norms are summed in another order than the C++ kernels' (float32 blocks of BLOCK elements
 added into float64), so its trust ratios agree with theirs to float32 rounding, not bit for bit.
 Not built here: the capturable variants (lr, teacher momentum and step counts read from
-device tensors); those run on the CPU and CUDA C++ kernels. Tuning: BLOCK=1024 elements, 4 warps, not measured on a GPU yet.
+device tensors); those run on the CPU and CUDA C++ kernels.
+Tuning: BLOCK=1024 elements, 4 warps, not measured on a GPU yet.
 """
 from __future__ import annotations
 
@@ -225,16 +227,25 @@ def _lars_kernel(table, num_entries, partial, lr, mom, wd, trust_coefficient, si
             _teacher_update(t_addr, idx, mask, stored, mt, wt, TT)
 
 
-def _common(params, teacher):
-    """(param element type, teacher element type, has teacher, grid) of a call."""
-    pt = _DTYPES[params[0].dtype]
-    tt = _DTYPES[teacher[0].dtype] if teacher else tl.float32
-    return pt, tt, bool(teacher), (optim_counts(params)[1],)
+class _Launch:
+    """What every step's launch needs after the C++ checks built `table`: the table on the
+    params' device, element types, teacher flag, grid, and the teacher weights in float32."""
+
+    def __init__(self, table, params, teacher, teacher_momentum: float):
+        self.table = table.to(params[0].device)
+        self.pt = _DTYPES[params[0].dtype]
+        self.tt = _DTYPES[teacher[0].dtype] if teacher else tl.float32
+        self.has_teacher = bool(teacher)
+        self.grid = (optim_counts(params)[1],)
+        self.mt = f32(teacher_momentum)
+        self.wt = f32(1.0 - self.mt)
 
 
-def _teacher_weights(teacher_momentum: float) -> tuple[float, float]:
-    mt = f32(teacher_momentum)
-    return mt, f32(1.0 - mt)
+def _launch(table, params, teacher, teacher_momentum) -> _Launch | None:
+    """None when there is nothing to launch (no params, or only empty ones)."""
+    if not params or optim_counts(params)[1] == 0:
+        return None
+    return _Launch(table, params, teacher, teacher_momentum)
 
 
 @triton_op("eman_fused::sgd_ema_step_triton_", mutates_args={"params", "momentum_buffers", "teacher"})
@@ -246,14 +257,12 @@ def sgd_ema_step_triton_(params: list[torch.Tensor], grads: list[torch.Tensor],
     table = torch.ops.eman_fused._sgd_ema_table(
         params, grads, momentum_buffers, teacher, first, lr, momentum, dampening, nesterov,
         weight_decay, maximize, teacher_momentum)
-    if not params or optim_counts(params)[1] == 0:
+    if (go := _launch(table, params, teacher, teacher_momentum)) is None:
         return
-    pt, tt, has_teacher, grid = _common(params, teacher)
-    mt, wt = _teacher_weights(teacher_momentum)
-    wrap_triton(_sgd_kernel)[grid](
-        table.to(params[0].device), len(params), f32(lr), f32(momentum), f32(1.0 - f32(dampening)),
-        f32(weight_decay), -1.0 if maximize else 1.0, mt, wt,
-        PT=pt, TT=tt, HAS_TEACHER=has_teacher, DECAY=weight_decay != 0.0,
+    wrap_triton(_sgd_kernel)[go.grid](
+        go.table, len(params), f32(lr), f32(momentum), f32(1.0 - f32(dampening)),
+        f32(weight_decay), -1.0 if maximize else 1.0, go.mt, go.wt,
+        PT=go.pt, TT=go.tt, HAS_TEACHER=go.has_teacher, DECAY=weight_decay != 0.0,
         HAS_BUF=bool(momentum_buffers), NESTEROV=nesterov, BLOCK=BLOCK, CHUNK=OPTIM_CHUNK_ELEMS,
         ENTRY_WORDS=OPTIM_ENTRY_WORDS, CHUNK_WORDS=OPTIM_CHUNK_WORDS, FIRST=OPTIM_FIRST,
         num_warps=NUM_WARPS)
@@ -271,16 +280,14 @@ def adamw_ema_step_triton_(params: list[torch.Tensor], grads: list[torch.Tensor]
         params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, teacher, step_sizes,
         bias_correction2_sqrts, lr, beta1, beta2, eps, weight_decay, amsgrad, maximize,
         teacher_momentum)
-    if not params or optim_counts(params)[1] == 0:
+    if (go := _launch(table, params, teacher, teacher_momentum)) is None:
         return
-    pt, tt, has_teacher, grid = _common(params, teacher)
-    mt, wt = _teacher_weights(teacher_momentum)
     w1 = f32(1.0 - f32(beta1))
     b2 = f32(beta2)
-    wrap_triton(_adamw_kernel)[grid](
-        table.to(params[0].device), len(params), f32(1.0 - f32(lr * weight_decay)), w1,
-        f32(1.0 - w1), b2, f32(1.0 - b2), f32(eps), -1.0 if maximize else 1.0, mt, wt,
-        PT=pt, TT=tt, HAS_TEACHER=has_teacher, AMSGRAD=bool(max_exp_avg_sqs),
+    wrap_triton(_adamw_kernel)[go.grid](
+        go.table, len(params), f32(1.0 - f32(lr * weight_decay)), w1,
+        f32(1.0 - w1), b2, f32(1.0 - b2), f32(eps), -1.0 if maximize else 1.0, go.mt, go.wt,
+        PT=go.pt, TT=go.tt, HAS_TEACHER=go.has_teacher, AMSGRAD=bool(max_exp_avg_sqs),
         LERP_SMALL=abs(w1) < 0.5, BLOCK=BLOCK, CHUNK=OPTIM_CHUNK_ELEMS,
         ENTRY_WORDS=OPTIM_ENTRY_WORDS, CHUNK_WORDS=OPTIM_CHUNK_WORDS, num_warps=NUM_WARPS)
 
@@ -295,19 +302,16 @@ def lars_ema_step_triton_(params: list[torch.Tensor], grads: list[torch.Tensor],
     table = torch.ops.eman_fused._lars_ema_table(
         params, grads, momentum_buffers, teacher, adapt, first, lr, momentum, weight_decay,
         trust_coefficient, maximize, teacher_momentum)
-    if not params or optim_counts(params)[1] == 0:
+    if (go := _launch(table, params, teacher, teacher_momentum)) is None:
         return
-    pt, tt, has_teacher, grid = _common(params, teacher)
-    mt, wt = _teacher_weights(teacher_momentum)
-    table = table.to(params[0].device)
-    partial = torch.empty(2 * grid[0], dtype=torch.float64, device=params[0].device)
+    partial = torch.empty(2 * go.grid[0], dtype=torch.float64, device=params[0].device)
     sign = -1.0 if maximize else 1.0
-    wrap_triton(_lars_sumsq_kernel)[grid](
-        table, len(params), partial, f32(weight_decay), sign, PT=pt, BLOCK=BLOCK,
+    wrap_triton(_lars_sumsq_kernel)[go.grid](
+        go.table, len(params), partial, f32(weight_decay), sign, PT=go.pt, BLOCK=BLOCK,
         CHUNK=OPTIM_CHUNK_ELEMS, ENTRY_WORDS=OPTIM_ENTRY_WORDS, CHUNK_WORDS=OPTIM_CHUNK_WORDS,
         ADAPT=OPTIM_ADAPT, num_warps=NUM_WARPS)
-    wrap_triton(_lars_kernel)[grid](
-        table, len(params), partial, f32(lr), f32(momentum), f32(weight_decay), trust_coefficient,
-        sign, mt, wt, PT=pt, TT=tt, HAS_TEACHER=has_teacher, BLOCK=BLOCK, CHUNK=OPTIM_CHUNK_ELEMS,
-        ENTRY_WORDS=OPTIM_ENTRY_WORDS, CHUNK_WORDS=OPTIM_CHUNK_WORDS, FIRST=OPTIM_FIRST,
+    wrap_triton(_lars_kernel)[go.grid](
+        go.table, len(params), partial, f32(lr), f32(momentum), f32(weight_decay), trust_coefficient,
+        sign, go.mt, go.wt, PT=go.pt, TT=go.tt, HAS_TEACHER=go.has_teacher, BLOCK=BLOCK,
+        CHUNK=OPTIM_CHUNK_ELEMS, ENTRY_WORDS=OPTIM_ENTRY_WORDS, CHUNK_WORDS=OPTIM_CHUNK_WORDS, FIRST=OPTIM_FIRST,
         ADAPT=OPTIM_ADAPT, num_warps=NUM_WARPS)
