@@ -12,8 +12,7 @@ in the same step, so `teacher.update()` must not be called as well.
 Backends (`backend=`): the C++ kernels on the CPU, the CUDA C++ kernels, and (not capturable)
 Triton kernels (eman_fused/triton/optim.py) that read the same C++-built table: SGD and AdamW
 compute the C++ kernels' bits, LARS agrees to float32 rounding (its norms are summed in
-another order); 'auto' picks C++ for CPU params and CUDA C++,
-else Triton, for CUDA params.
+another order). 'auto' picks C++ for CPU params and CUDA C++, else Triton, for CUDA params.
 
 Params may be float32, bfloat16 or float16; grads and state have the param's dtype (as in
 torch.optim), the math is float32 and each stored value is rounded once (as torch's fused=True
@@ -119,9 +118,14 @@ class _FusedStep:
         Triton), 'cpu', 'cuda' or 'triton'. Resolved per device now, so a missing backend is
         reported at construction, with its reason."""
         self._backend, self._resolved = backend, {}
-        for group in self.param_groups:
+        self._resolve_params(self.param_groups)
+
+    def _resolve_params(self, groups) -> None:
+        # Params on other devices (e.g. meta, before materialization) are refused at step().
+        for group in groups:
             for p in group["params"]:
-                self._backend_for(p.device)
+                if p.device.type in ("cpu", "cuda"):
+                    self._backend_for(p.device)
 
     def _backend_for(self, device) -> str:
         name = self._resolved.get(device)
@@ -132,6 +136,11 @@ class _FusedStep:
             if name == "triton":
                 from ..triton import optim as _  # noqa: F401  (registers the Triton ops)
         return name
+
+    def _step_op(self, device):
+        """The non-capturable step op of this optimizer for params on `device`."""
+        triton = self._backend_for(device) == "triton"
+        return getattr(torch.ops.eman_fused, self._triton_op if triton else self._op)
 
     def _init_teacher(self, teacher, teacher_momentum):
         self._device_scalars: dict = {}
@@ -162,8 +171,7 @@ class _FusedStep:
     def add_param_group(self, param_group):
         super().add_param_group(param_group)
         if getattr(self, "_resolved", None) is not None:
-            for p in self.param_groups[-1]["params"]:
-                self._backend_for(p.device)
+            self._resolve_params(self.param_groups[-1:])
         if getattr(self, "_link", None) is not None:
             self._link.check_params(self.param_groups[-1:])
 
@@ -260,9 +268,8 @@ class SGD(_FusedStep, torch.optim.SGD):
                 params, grads, bufs, teacher, first, self._lr_tensor(group, device), *hyper,
                 self._teacher_momentum_tensor(m, device))
         else:
-            op = (torch.ops.eman_fused.sgd_ema_step_triton_
-                  if self._backend_for(params[0].device) == "triton" else torch.ops.eman_fused.sgd_ema_step_)
-            op(params, grads, bufs, teacher, first, float(group["lr"]), *hyper, float(m))
+            self._step_op(params[0].device)(params, grads, bufs, teacher, first, float(group["lr"]),
+                                            *hyper, float(m))
 
 
 class AdamW(_FusedStep, torch.optim.AdamW):
@@ -317,9 +324,8 @@ class AdamW(_FusedStep, torch.optim.AdamW):
         for k in torch.stack(steps).tolist():
             step_sizes.append(lr / (1 - beta1 ** k))
             bc2_sqrts.append(math.sqrt(1 - beta2 ** k))
-        op = (torch.ops.eman_fused.adamw_ema_step_triton_
-              if self._backend_for(params[0].device) == "triton" else torch.ops.eman_fused.adamw_ema_step_)
-        op(params, grads, exp_avgs, exp_avg_sqs, max_sqs, teacher, step_sizes, bc2_sqrts, lr,
+        self._step_op(params[0].device)(
+            params, grads, exp_avgs, exp_avg_sqs, max_sqs, teacher, step_sizes, bc2_sqrts, lr,
             float(beta1), float(beta2), float(group["eps"]), float(group["weight_decay"]),
             bool(group["amsgrad"]), bool(group["maximize"]), float(m))
 
@@ -365,9 +371,8 @@ class LARS(_FusedStep, torch.optim.Optimizer):
                 params, grads, bufs, teacher, adapt, first, self._lr_tensor(group, device), *hyper,
                 self._teacher_momentum_tensor(m, device))
         else:
-            op = (torch.ops.eman_fused.lars_ema_step_triton_
-                  if self._backend_for(params[0].device) == "triton" else torch.ops.eman_fused.lars_ema_step_)
-            op(params, grads, bufs, teacher, adapt, first, float(group["lr"]), *hyper, float(m))
+            self._step_op(params[0].device)(params, grads, bufs, teacher, adapt, first,
+                                            float(group["lr"]), *hyper, float(m))
 
 
 def _one_dim(p: torch.Tensor) -> bool:
