@@ -202,12 +202,42 @@ std::vector<int64_t> lars_flags(c10::ArrayRef<int64_t> adapt, c10::ArrayRef<int6
   return flags;
 }
 
+// Each op's checks and table (nothing written): the kernels' prologue below, and the table ops
+// of the backends that launch from Python (Triton), whose custom ops bump versions themselves.
+namespace {
+OptimTable checked_sgd_table(at::TensorList params, at::TensorList grads, at::TensorList bufs,
+                             at::TensorList teacher, c10::ArrayRef<int64_t> first,
+                             const SgdArgs& a, bool pinned) {
+  check_sgd_ema(params, grads, bufs, teacher, first, a);
+  return build_optim_table(params, grads, {bufs}, teacher, first, {}, {}, pinned);
+}
+
+OptimTable checked_adamw_table(at::TensorList params, at::TensorList grads,
+                               at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
+                               at::TensorList max_exp_avg_sqs, at::TensorList teacher,
+                               c10::ArrayRef<double> step_sizes,
+                               c10::ArrayRef<double> bias_correction2_sqrts, const AdamWArgs& a,
+                               bool pinned) {
+  check_adamw_ema(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, teacher, step_sizes,
+                  bias_correction2_sqrts, a);
+  return build_optim_table(params, grads, {exp_avgs, exp_avg_sqs, max_exp_avg_sqs}, teacher, {},
+                           step_sizes, bias_correction2_sqrts, pinned);
+}
+
+OptimTable checked_lars_table(at::TensorList params, at::TensorList grads, at::TensorList bufs,
+                              at::TensorList teacher, c10::ArrayRef<int64_t> adapt,
+                              c10::ArrayRef<int64_t> first, const LarsArgs& a, bool pinned) {
+  check_lars_ema(params, grads, bufs, teacher, adapt, first, a);
+  return build_optim_table(params, grads, {bufs}, teacher, lars_flags(adapt, first), {}, {}, pinned);
+}
+}  // namespace
+
 OptimTable prepare_sgd(at::TensorList params, at::TensorList grads, at::TensorList bufs,
                        at::TensorList teacher, c10::ArrayRef<int64_t> first, const SgdArgs& a,
                        bool pinned) {
-  check_sgd_ema(params, grads, bufs, teacher, first, a);
+  OptimTable table = checked_sgd_table(params, grads, bufs, teacher, first, a, pinned);
   bump_versions({params, bufs, teacher});
-  return build_optim_table(params, grads, {bufs}, teacher, first, {}, {}, pinned);
+  return table;
 }
 
 OptimTable prepare_adamw(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
@@ -215,19 +245,47 @@ OptimTable prepare_adamw(at::TensorList params, at::TensorList grads, at::Tensor
                          at::TensorList teacher, c10::ArrayRef<double> step_sizes,
                          c10::ArrayRef<double> bias_correction2_sqrts, const AdamWArgs& a,
                          bool pinned) {
-  check_adamw_ema(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, teacher, step_sizes,
-                  bias_correction2_sqrts, a);
+  OptimTable table = checked_adamw_table(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs,
+                                         teacher, step_sizes, bias_correction2_sqrts, a, pinned);
   bump_versions({params, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, teacher});
-  return build_optim_table(params, grads, {exp_avgs, exp_avg_sqs, max_exp_avg_sqs}, teacher, {},
-                           step_sizes, bias_correction2_sqrts, pinned);
+  return table;
 }
 
 OptimTable prepare_lars(at::TensorList params, at::TensorList grads, at::TensorList bufs,
                         at::TensorList teacher, c10::ArrayRef<int64_t> adapt,
                         c10::ArrayRef<int64_t> first, const LarsArgs& a, bool pinned) {
-  check_lars_ema(params, grads, bufs, teacher, adapt, first, a);
+  OptimTable table = checked_lars_table(params, grads, bufs, teacher, adapt, first, a, pinned);
   bump_versions({params, bufs, teacher});
-  return build_optim_table(params, grads, {bufs}, teacher, lars_flags(adapt, first), {}, {}, pinned);
+  return table;
+}
+
+at::Tensor sgd_ema_table(at::TensorList params, at::TensorList grads, at::TensorList bufs,
+                         at::TensorList teacher, c10::ArrayRef<int64_t> first, double lr,
+                         double momentum, double dampening, bool nesterov, double weight_decay,
+                         bool maximize, double teacher_momentum) {
+  const SgdArgs a{lr, momentum, dampening, nesterov, weight_decay, maximize, teacher_momentum};
+  return checked_sgd_table(params, grads, bufs, teacher, first, a, false).host;
+}
+
+at::Tensor adamw_ema_table(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
+                           at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs,
+                           at::TensorList teacher, c10::ArrayRef<double> step_sizes,
+                           c10::ArrayRef<double> bias_correction2_sqrts, double lr, double beta1,
+                           double beta2, double eps, double weight_decay, bool amsgrad,
+                           bool maximize, double teacher_momentum) {
+  const AdamWArgs a{lr, beta1, beta2, eps, weight_decay, amsgrad, maximize, teacher_momentum};
+  return checked_adamw_table(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, teacher,
+                             step_sizes, bias_correction2_sqrts, a, false)
+      .host;
+}
+
+at::Tensor lars_ema_table(at::TensorList params, at::TensorList grads, at::TensorList bufs,
+                          at::TensorList teacher, c10::ArrayRef<int64_t> adapt,
+                          c10::ArrayRef<int64_t> first, double lr, double momentum,
+                          double weight_decay, double trust_coefficient, bool maximize,
+                          double teacher_momentum) {
+  const LarsArgs a{lr, momentum, weight_decay, trust_coefficient, maximize, teacher_momentum};
+  return checked_lars_table(params, grads, bufs, teacher, adapt, first, a, false).host;
 }
 
 void check_capturable_scalars(const char* op, at::TensorList params, const at::Tensor& lr,
@@ -274,51 +332,6 @@ int teacher_tag(at::TensorList teacher) {
 
 int param_tag(at::TensorList params) {
   return params.empty() ? 1 : float_tag(params[0].scalar_type());
-}
-
-}  // namespace eman_fused
-
-namespace eman_fused {
-
-// The checks and the table of a step, without writing anything: for backends that launch from
-// Python (Triton). Same validation as the C++ kernels' prologue; the caller's custom op bumps
-// the versions of what it mutates.
-at::Tensor sgd_ema_table(at::TensorList params, at::TensorList grads, at::TensorList bufs,
-                         at::TensorList teacher, c10::ArrayRef<int64_t> first, double lr,
-                         double momentum, double dampening, bool nesterov, double weight_decay,
-                         bool maximize, double teacher_momentum) {
-  const SgdArgs a{lr, momentum, dampening, nesterov, weight_decay, maximize, teacher_momentum};
-  check_sgd_ema(params, grads, bufs, teacher, first, a);
-  return build_optim_table(params, grads, {bufs}, teacher, first, {}, {}, false).host;
-}
-
-at::Tensor adamw_ema_table(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
-                           at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs,
-                           at::TensorList teacher, c10::ArrayRef<double> step_sizes,
-                           c10::ArrayRef<double> bias_correction2_sqrts, double lr, double beta1,
-                           double beta2, double eps, double weight_decay, bool amsgrad,
-                           bool maximize, double teacher_momentum) {
-  const AdamWArgs a{lr, beta1, beta2, eps, weight_decay, amsgrad, maximize, teacher_momentum};
-  check_adamw_ema(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, teacher, step_sizes,
-                  bias_correction2_sqrts, a);
-  return build_optim_table(params, grads, {exp_avgs, exp_avg_sqs, max_exp_avg_sqs}, teacher, {},
-                           step_sizes, bias_correction2_sqrts, false)
-      .host;
-}
-
-}  // namespace eman_fused
-
-namespace eman_fused {
-
-at::Tensor lars_ema_table(at::TensorList params, at::TensorList grads, at::TensorList bufs,
-                          at::TensorList teacher, c10::ArrayRef<int64_t> adapt,
-                          c10::ArrayRef<int64_t> first, double lr, double momentum,
-                          double weight_decay, double trust_coefficient, bool maximize,
-                          double teacher_momentum) {
-  const LarsArgs a{lr, momentum, weight_decay, trust_coefficient, maximize, teacher_momentum};
-  check_lars_ema(params, grads, bufs, teacher, adapt, first, a);
-  return build_optim_table(params, grads, {bufs}, teacher, lars_flags(adapt, first), {}, {}, false)
-      .host;
 }
 
 }  // namespace eman_fused

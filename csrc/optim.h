@@ -62,8 +62,8 @@ OptimTable build_optim_table(at::TensorList params, at::TensorList grads,
                              std::initializer_list<at::TensorList> states, at::TensorList teacher,
                              c10::ArrayRef<int64_t> flags, c10::ArrayRef<double> scalar0,
                              c10::ArrayRef<double> scalar1, bool pinned);
-// Each op's checks, version bumps and table, in that order (the shared prologue of the CPU and
-// CUDA kernels): nothing is written unless every check passed.
+// Each op's checks, table and version bumps (the shared prologue of the CPU and CUDA kernels):
+// nothing is written unless every check passed.
 OptimTable prepare_sgd(at::TensorList params, at::TensorList grads, at::TensorList bufs,
                        at::TensorList teacher, c10::ArrayRef<int64_t> first, const SgdArgs& a,
                        bool pinned);
@@ -75,8 +75,8 @@ OptimTable prepare_adamw(at::TensorList params, at::TensorList grads, at::Tensor
 OptimTable prepare_lars(at::TensorList params, at::TensorList grads, at::TensorList bufs,
                         at::TensorList teacher, c10::ArrayRef<int64_t> adapt,
                         c10::ArrayRef<int64_t> first, const LarsArgs& a, bool pinned);
-// Checks and table only (nothing written), for backends that launch from Python (Triton):
-// the host int64 table of optim_plan_types.h.
+// The same checks and table without the bumps, for backends that launch from Python (Triton;
+// their custom ops bump versions): the host int64 table of optim_plan_types.h.
 at::Tensor sgd_ema_table(at::TensorList params, at::TensorList grads, at::TensorList bufs,
                          at::TensorList teacher, c10::ArrayRef<int64_t> first, double lr,
                          double momentum, double dampening, bool nesterov, double weight_decay,
