@@ -1,10 +1,7 @@
 """The EMA benchmark: `python benchmarks/bench_ema.py [options]` is `python -m eman_fused bench`
-(see eman_fused/bench.py for what is measured and how)."""
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from eman_fused.bench import main  # noqa: E402
+(eman_fused/bench/ema.py says what is measured and how).
+Run with eman_fused importable (installed, or `PYTHONPATH=.` from the repository root)."""
+from eman_fused.bench.cli import main
 
 if __name__ == "__main__":
     main()

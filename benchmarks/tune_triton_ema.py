@@ -2,21 +2,20 @@
 ResNet-50 and ViT-B/16 shapes (fp32 teacher and student). Prints a table and writes JSON.
 The chosen values go into eman_fused/triton/ema.py (BLOCK, NUM_WARPS) with this table.
 
-  python benchmarks/tune_triton_ema.py [--json out.json]
+  python benchmarks/tune_triton_ema.py [--json out.json]   (eman_fused importable: installed or PYTHONPATH=.)
 """
 from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import eman_fused  # noqa: E402
-from eman_fused.bench import make_model_tensors, measure  # noqa: E402
-from eman_fused import shapes  # noqa: E402
+import eman_fused
+from eman_fused.bench import shapes
+from eman_fused.bench.common import measure
+from eman_fused.bench.shapes import make_model_tensors
 
 
 def main(argv=None):

@@ -8,7 +8,12 @@
 #include <torch/csrc/autograd/python_variable.h>
 #include <torch/csrc/utils/pybind.h>
 
+#include <cstddef>
 #include <vector>
+
+#include "common/dtype.h"
+#include "ema/layout.h"
+#include "optim/layout.h"
 
 namespace {
 
@@ -68,10 +73,58 @@ PyObject* ema_update_lists(PyObject* /*self*/, PyObject* args) {
   END_HANDLE_TH_ERRORS
 }
 
+// The table layouts as Python sees them (the Triton kernels and the fake kernels read the same
+// int64 tables as the C++ kernels): sizes, flags and each entry field's word offset, taken from
+// the structs themselves so the two sides cannot drift apart.
+#define EMAN_FUSED_FIELD(dict, Struct, field) \
+  dict[#field] = static_cast<int64_t>(offsetof(Struct, field) / sizeof(int64_t))
+
+PyObject* table_layout(PyObject* /*self*/, PyObject* /*args*/) {
+  using namespace eman_fused;
+  HANDLE_TH_ERRORS
+  namespace py = pybind11;
+  py::dict tags;
+  tags["float32"] = static_cast<int64_t>(kF32), tags["bfloat16"] = static_cast<int64_t>(kBF16);
+  tags["float16"] = static_cast<int64_t>(kF16), tags["float64"] = static_cast<int64_t>(kF64);
+  tags["absent"] = static_cast<int64_t>(kAbsent);
+  py::dict ema_fields, optim_fields;
+  EMAN_FUSED_FIELD(ema_fields, EmaTensorEntry, teacher);
+  EMAN_FUSED_FIELD(ema_fields, EmaTensorEntry, student);
+  EMAN_FUSED_FIELD(ema_fields, EmaTensorEntry, numel);
+  EMAN_FUSED_FIELD(ema_fields, EmaTensorEntry, kind);
+  EMAN_FUSED_FIELD(optim_fields, OptimEntry, param);
+  EMAN_FUSED_FIELD(optim_fields, OptimEntry, grad);
+  EMAN_FUSED_FIELD(optim_fields, OptimEntry, state0);
+  EMAN_FUSED_FIELD(optim_fields, OptimEntry, state1);
+  EMAN_FUSED_FIELD(optim_fields, OptimEntry, state2);
+  EMAN_FUSED_FIELD(optim_fields, OptimEntry, teacher);
+  EMAN_FUSED_FIELD(optim_fields, OptimEntry, numel);
+  EMAN_FUSED_FIELD(optim_fields, OptimEntry, first_chunk);
+  EMAN_FUSED_FIELD(optim_fields, OptimEntry, num_chunks);
+  EMAN_FUSED_FIELD(optim_fields, OptimEntry, flags);
+  EMAN_FUSED_FIELD(optim_fields, OptimEntry, scalar0);
+  EMAN_FUSED_FIELD(optim_fields, OptimEntry, scalar1);
+  EMAN_FUSED_FIELD(optim_fields, OptimEntry, step);
+  py::dict ema, optim, out;
+  ema["chunk_elems"] = kEmaChunkElems, ema["entry_words"] = kEmaEntryWords;
+  ema["chunk_words"] = kChunkWords, ema["kind_copy_bytes"] = kKindCopyBytes;
+  ema["num_float_tags"] = kNumFloatTags, ema["fields"] = ema_fields;
+  optim["chunk_elems"] = kOptimChunkElems, optim["entry_words"] = kOptimEntryWords;
+  optim["chunk_words"] = kChunkWords, optim["flag_first"] = kOptimFirst;
+  optim["flag_adapt"] = kOptimAdapt, optim["fields"] = optim_fields;
+  out["float_tags"] = tags, out["ema"] = ema, out["optim"] = optim;
+  return out.release().ptr();
+  END_HANDLE_TH_ERRORS
+}
+#undef EMAN_FUSED_FIELD
+
 PyMethodDef methods[] = {
     {"ema_update_lists", ema_update_lists, METH_VARARGS,
      "ema_update_lists(teacher, student, momentum): torch.ops.eman_fused.ema_update_ without "
      "per-tensor boxing; eager only (torch.compile traces the op itself)."},
+    {"table_layout", table_layout, METH_NOARGS,
+     "table_layout(): the EMA and optimizer tables' sizes, flags and entry field offsets (in "
+     "int64 words), as the C++ kernels define them."},
     {nullptr, nullptr, 0, nullptr}};
 
 }  // namespace

@@ -1,17 +1,14 @@
 """eman_fused: fused EMA teacher updates and EMAN normalization for PyTorch.
 
 Public names: EMATeacher, ema_update_, FusedEMA, eman_norm, backends, reference; nn (EMAN modules),
-schedules (momentum schedules), optim (optimizers with the teacher update fused in).
+schedules (momentum schedules), optim (optimizers with the teacher update fused in). Benchmarks
+and the command line (`python -m eman_fused`) live in eman_fused.bench, imported only by them.
 """
-from . import _backends, nn, optim, reference, schedules
+from . import _backends, ops, reference, schedules  # noqa: F401  (ops: registers every op)
+from . import nn, optim  # noqa: I001  (after ops: they use its registered ops)
 from ._backends import Backend, backends
-from .ema import FusedEMA
-from .norm import eman_norm
-from .ops import ema_update_
+from .ops import FusedEMA, ema_update_, eman_norm
 from .teacher import EMATeacher, StructureMismatchError
-
-if _backends._AVAILABLE["triton"]:  # register the Triton ops now, not inside a traced step
-    from .triton import ema as _triton_ema  # noqa: F401
 
 __all__ = ["Backend", "EMATeacher", "FusedEMA", "StructureMismatchError", "backends", "ema_update_",
            "eman_norm", "nn", "optim", "reference", "schedules"]

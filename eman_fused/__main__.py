@@ -12,7 +12,7 @@ import torch
 
 def info(args) -> int:
     import eman_fused
-    from eman_fused import bench
+    from eman_fused.bench.common import device_name
 
     try:
         from eman_fused import _build_info as build
@@ -24,7 +24,7 @@ def info(args) -> int:
         versions["triton"] = importlib.metadata.version("triton")
     except importlib.metadata.PackageNotFoundError:
         versions["triton"] = None
-    devices = ["cpu: " + bench.environment(torch.device("cpu"))["device_name"]]
+    devices = ["cpu: " + device_name(torch.device("cpu"))]
     if torch.cuda.is_available():
         devices += [f"cuda:{i}: {torch.cuda.get_device_name(i)}" for i in range(torch.cuda.device_count())]
     report = {"versions": versions, "devices": devices,
@@ -47,7 +47,7 @@ def info(args) -> int:
 
 
 def main(argv=None) -> int:
-    from eman_fused import bench, check
+    from eman_fused.bench import check, cli
 
     ap = argparse.ArgumentParser(prog="python -m eman_fused", description=__doc__)
     sub = ap.add_subparsers(dest="command", required=True)
@@ -56,13 +56,13 @@ def main(argv=None) -> int:
     p_check = sub.add_parser("check", help="every available backend against eman_fused.reference")
     check.add_arguments(p_check)
     p_bench = sub.add_parser("bench", help="eman_fused vs the alternatives, one run")
-    bench.add_arguments(p_bench)
+    cli.add_arguments(p_bench)
     args = ap.parse_args(argv)
     if args.command == "info":
         return info(args)
     if args.command == "check":
         return check.run(args)
-    bench.run(args)
+    cli.run(args)
     return 0
 
 

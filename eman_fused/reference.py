@@ -7,6 +7,7 @@ from __future__ import annotations
 from typing import Sequence
 
 import torch
+from torch import nn
 
 # How far a kernel may stand from this reference, by the teacher's dtype. Kernels and
 # reference both compute in fp32 (fp64 with a double side) and round once to the teacher's
@@ -39,6 +40,26 @@ def ema_update_(teacher: Sequence[torch.Tensor], student: Sequence[torch.Tensor]
             else:
                 acc = torch.float64 if torch.float64 in (t.dtype, s.dtype) else torch.float32
                 t.copy_(t.to(acc).mul_(m).add_(s.to(acc), alpha=1.0 - m))
+
+
+def official_eman_update_(teacher: nn.Module | Sequence[torch.Tensor],
+                          student: nn.Module | Sequence[torch.Tensor], momentum: float) -> None:
+    """The teacher update as the official EMAN code writes it (Cai et al., CVPR 2021): one loop
+    over both state_dicts, t.copy_(t * m + (1 - m) * s) per entry in the tensors' own dtype,
+    num_batches_tracked copied. Also takes two tensor lists (integer tensors copied). The
+    baseline the tests and benchmarks compare EMATeacher and the fused optimizers with."""
+    if isinstance(teacher, nn.Module):
+        pairs = [(t, s, "num_batches_tracked" in k) for (k, t), s in
+                 zip(teacher.state_dict().items(), student.state_dict().values(), strict=True)]
+    else:
+        pairs = [(t, s, not t.is_floating_point()) for t, s in zip(teacher, student, strict=True)]
+    m = momentum
+    with torch.no_grad():
+        for t, s, copied in pairs:
+            if copied:
+                t.copy_(s)
+            else:
+                t.copy_(t * m + (1.0 - m) * s)
 
 
 def eman_norm(x: torch.Tensor, running_mean: torch.Tensor, running_var: torch.Tensor,

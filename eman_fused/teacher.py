@@ -10,7 +10,7 @@ from typing import Callable, Iterable, Union
 import torch
 from torch import nn
 
-from . import ops
+from .ops import ema as ops
 from .nn import convert_to_eman
 from .schedules import Constant, Schedule
 

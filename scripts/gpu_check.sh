@@ -23,10 +23,10 @@ stamp="ema_${name}_$(date +%Y-%m-%d)"
   | tee "$RESULTS/check_${name}_$(date +%Y-%m-%d).log" || status=1
 "$PYTHON" -m eman_fused bench --device cuda --ops ema,norm --model resnet50,vit_b16,many_small --dtypes fp32:fp32,fp32:bf16,bf16:bf16 --compile \
   --json "$RESULTS/$stamp.json" --markdown "$RESULTS/$stamp.md" --plot "$RESULTS/$stamp.png"
-"$PYTHON" benchmarks/bench_optim.py --device cuda --param-dtype fp32,bf16 --json "$RESULTS/optim_${name}_$(date +%Y-%m-%d).json" \
+PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" "$PYTHON" benchmarks/bench_optim.py --device cuda --param-dtype fp32,bf16 --json "$RESULTS/optim_${name}_$(date +%Y-%m-%d).json" \
   --markdown "$RESULTS/optim_${name}_$(date +%Y-%m-%d).md" || status=1
-"$PYTHON" benchmarks/bench_teacher.py --device cuda --json "$RESULTS/teacher_${name}_$(date +%Y-%m-%d).json" \
+PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" "$PYTHON" benchmarks/bench_teacher.py --device cuda --json "$RESULTS/teacher_${name}_$(date +%Y-%m-%d).json" \
   --markdown "$RESULTS/teacher_${name}_$(date +%Y-%m-%d).md" || status=1
-"$PYTHON" benchmarks/tune_triton_ema.py --json "$RESULTS/tune_triton_ema_${name}_$(date +%Y-%m-%d).json"
-"$PYTHON" benchmarks/results/render.py
+PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" "$PYTHON" benchmarks/tune_triton_ema.py --json "$RESULTS/tune_triton_ema_${name}_$(date +%Y-%m-%d).json"
+PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" "$PYTHON" benchmarks/results/render.py
 exit $status

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from eman_fused import shapes
-from eman_fused.check import backends_for
+from eman_fused.bench import shapes
+from eman_fused.bench.check import backends_for
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = [{"name": "w", "shape": [64, 3, 3, 3]}, {"name": "b", "shape": [64]},
@@ -136,5 +136,6 @@ def test_model_specs():
 
 def test_readme_performance_tables_are_rendered_from_committed_results():
     out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "results" / "render.py"), "--check"],
-                         capture_output=True, text=True, timeout=120)
+                         capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert out.returncode == 0, out.stderr

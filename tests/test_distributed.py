@@ -14,6 +14,8 @@ import pytest
 import torch
 from torch import nn
 
+from eman_fused.reference import official_eman_update_ as official_eman_update
+
 from dist_harness import RankFailed, run_ranks
 
 WORLD = 2
@@ -31,12 +33,6 @@ def make_model() -> nn.Module:
 def batch(step: int):
     g = torch.Generator().manual_seed(100 + step)
     return torch.randn(4 * WORLD, 6, generator=g), torch.randn(4 * WORLD, 3, generator=g)
-
-
-def official_eman_update(teacher, student, m):
-    with torch.no_grad():
-        for (k, t), s in zip(teacher.state_dict().items(), student.state_dict().values()):
-            t.copy_(s) if "num_batches_tracked" in k else t.copy_(t * m + (1 - m) * s)
 
 
 def reference_teacher(steps: int, average_buffers: bool) -> dict:

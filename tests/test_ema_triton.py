@@ -9,7 +9,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import eman_fused
-from eman_fused import _plan, reference
+from eman_fused import reference
+from eman_fused.ops import layout
 from conftest import AVAILABLE, HAS_GPU, assert_close_to, bits, needs_cuda_backend
 from test_ema import make_lists, random_lists
 
@@ -24,18 +25,18 @@ def test_python_plan_mirror_matches_the_cpp_planner():
     sdtypes = [torch.bfloat16, torch.float16, torch.float32, torch.float64, torch.float16, torch.int64]
     teacher, student = make_lists(shapes, dtypes, sdtypes, "cpu")
     table = eman_fused.ops.ema_plan(teacher, student).tolist()
-    entries, chunks = _plan.plan_counts(teacher)
+    entries, chunks = layout.plan_counts(teacher)
     assert (entries, chunks) == (5, 1 + 3 + 1 + 1 + 1)
-    assert len(table) == entries * _plan.ENTRY_WORDS + chunks * _plan.CHUNK_WORDS
+    assert len(table) == entries * layout.EMA["entry_words"] + chunks * layout.EMA["chunk_words"]
     nonempty = [(t, s) for t, s in zip(teacher, student) if t.numel()]
     for i, (t, s) in enumerate(nonempty):
         t_ptr, s_ptr, numel, kind = table[i * 4:(i + 1) * 4]
         assert (t_ptr, s_ptr) == (t.data_ptr(), s.data_ptr())
         if t.is_floating_point():
             assert numel == t.numel()
-            assert kind == _plan.FLOAT_TAGS[t.dtype] * 4 + _plan.FLOAT_TAGS[s.dtype]
+            assert kind == layout.FLOAT_TAGS[t.dtype] * 4 + layout.FLOAT_TAGS[s.dtype]
         else:
-            assert (numel, kind) == (t.numel() * t.element_size(), _plan.KIND_COPY_BYTES)
+            assert (numel, kind) == (t.numel() * t.element_size(), layout.EMA["kind_copy_bytes"])
     chunk_rows = [table[entries * 4 + 2 * c: entries * 4 + 2 * c + 2] for c in range(chunks)]
     assert chunk_rows == [[0, 0], [1, 0], [1, 32768], [1, 65536], [2, 0], [3, 0], [4, 0]]
 

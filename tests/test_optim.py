@@ -7,6 +7,7 @@ from torch import nn
 
 import eman_fused
 from eman_fused import EMATeacher, optim, schedules
+from eman_fused.reference import official_eman_update_ as official_eman_update
 
 from conftest import assert_same_bits_or_both_nan, bits, needs_cuda_backend
 
@@ -24,12 +25,6 @@ def make_model():
 def groups(model, **second):
     return [{"params": [*model[0].parameters(), *model[1].parameters()]},
             {"params": [*model[3].parameters(), *model[4].parameters(), *model[6].parameters()], **second}]
-
-
-def official_eman_update(teacher, student, m):
-    with torch.no_grad():
-        for (k, t), s in zip(teacher.state_dict().items(), student.state_dict().values()):
-            t.copy_(s) if "num_batches_tracked" in k else t.copy_(t * m + (1 - m) * s)
 
 
 def batches(n=STEPS):

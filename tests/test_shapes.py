@@ -1,7 +1,7 @@
 """The embedded shape tables match the published models' parameter counts."""
 import math
 
-from eman_fused import shapes
+from eman_fused.bench import shapes
 
 
 def count(table, kind):

@@ -9,18 +9,9 @@ from torch import nn
 
 from eman_fused import EMATeacher, StructureMismatchError, schedules
 from eman_fused.nn import EMANBatchNorm
+from eman_fused.reference import official_eman_update_ as official_eman_update
 
 from conftest import TOLERANCES, bits, needs_gpu
-
-
-def official_eman_update(teacher: nn.Module, student: nn.Module, m: float) -> None:
-    """The EMAN paper's code: a loop over the state_dict; num_batches_tracked copied."""
-    with torch.no_grad():
-        for (k, v_t), v_s in zip(teacher.state_dict().items(), student.state_dict().values()):
-            if "num_batches_tracked" in k:
-                v_t.copy_(v_s)
-            else:
-                v_t.copy_(v_t * m + (1.0 - m) * v_s)
 
 
 def small_resnet() -> nn.Module:

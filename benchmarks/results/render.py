@@ -5,6 +5,7 @@ with its device, date, versions and commit; GPU results first.
 
   python benchmarks/results/render.py          # rewrite the block in README.md
   python benchmarks/results/render.py --check  # exit 1 if README.md is out of date
+(eman_fused importable: installed, or PYTHONPATH=. from the repository root)
 """
 from __future__ import annotations
 
@@ -13,17 +14,12 @@ import json
 import sys
 from pathlib import Path
 
+from eman_fused.bench.ema import markdown
+from eman_fused.bench.norm import markdown as norm_markdown
+from eman_fused.bench.optim import markdown as optim_markdown
+from eman_fused.bench.teacher import markdown as teacher_markdown
+
 ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT))
-from eman_fused.bench import markdown  # noqa: E402
-from eman_fused.bench_norm import markdown as norm_markdown  # noqa: E402
-from eman_fused.bench_optim import markdown as optim_markdown  # noqa: E402
-
-
-def teacher_markdown(data: dict) -> str:
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    from bench_teacher import markdown as teacher_md
-    return teacher_md(data)
 
 START = "<!-- perf-tables:start (rendered by benchmarks/results/render.py) -->"
 END = "<!-- perf-tables:end -->"

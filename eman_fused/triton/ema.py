@@ -6,8 +6,8 @@ tensor's entry (teacher and student addresses, numel, kind), casts the int64 add
 typed pointers and walks the chunk in BLOCK-element steps. Math in fp32 (fp64 with a double
 side), like the CUDA kernel; integer pairs are copied as bytes.
 
-Tuning: BLOCK=2048 elements, 4 warps. Not measured on a GPU yet (no GPU was available to the
-session that wrote this); benchmarks/bench_ema.py has the Triton column for that.
+Tuning: BLOCK=2048 elements, 4 warps (see README for what has been measured on a GPU;
+benchmarks/tune_triton_ema.py sweeps both).
 """
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
-from .._plan import CHUNK_ELEMS, CHUNK_WORDS, ENTRY_WORDS, KIND_COPY_BYTES, plan_counts
+from ..ops.layout import EMA, plan_counts
 from ._common import round_to
 
 BLOCK = 2048
@@ -109,8 +109,8 @@ def _launch(teacher, student, momentum: float, m_tensor):
     wrap_triton(_ema_update_kernel)[(chunks,)](
         table, entries, *_split(momentum), *_split(1.0 - momentum),
         table if m_tensor is None else m_tensor,
-        MOMENTUM_FROM_PTR=m_tensor is not None, BLOCK=BLOCK, CHUNK=CHUNK_ELEMS,
-        ENTRY_WORDS=ENTRY_WORDS, CHUNK_WORDS=CHUNK_WORDS, KIND_COPY=KIND_COPY_BYTES,
+        MOMENTUM_FROM_PTR=m_tensor is not None, BLOCK=BLOCK, CHUNK=EMA["chunk_elems"],
+        ENTRY_WORDS=EMA["entry_words"], CHUNK_WORDS=EMA["chunk_words"], KIND_COPY=EMA["kind_copy_bytes"],
         num_warps=NUM_WARPS)
 
 

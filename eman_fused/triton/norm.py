@@ -1,6 +1,6 @@
 """Triton twin of eman_norm (forward and backward), same math and validation as the C++ op.
 
-The input is walked as [outer, C, inner] in memory order (see csrc/norm.h):
+The input is walked as [outer, C, inner] in memory order (see csrc/norm/geometry.h):
 - inner > 1 (contiguous N,C,*S): program (row, k-block) handles one (n, c) row segment with
   scalar channel parameters;
 - inner == 1 (channels_last, or N,C): program (row-block, c-block) handles a tile of rows x
@@ -18,6 +18,7 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
+from ..ops.layout import norm_memory_format
 from ._common import round_to
 
 ROW_BLOCK = 1024  # elements of one row segment (inner > 1)
@@ -94,9 +95,8 @@ def _norm_bwd(g, x, out, gx, gr, sums, mean, var, w, eps, outer, C, inner, HAS_W
 
 
 def _geometry(x: torch.Tensor):
-    """(outer, C, inner, memory format), as csrc/norm.cpp computes it."""
-    from ..norm import _memory_format
-    fmt = _memory_format(x)
+    """(outer, C, inner, memory format), as csrc/norm/geometry.cpp computes it."""
+    fmt = norm_memory_format(x)
     spatial = x[0, 0].numel()
     if fmt == torch.contiguous_format:
         return x.shape[0], x.shape[1], spatial, fmt

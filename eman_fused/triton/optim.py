@@ -1,12 +1,12 @@
 """Triton backend of the fused optimizer steps (SGD, AdamW, LARS + EMA teacher): one launch per
 call over the whole param list (LARS: two), driven by the table the C++ kernels read
-(csrc/optim_plan_types.h), built and validated by the same C++ code (`_sgd_ema_table`,
+(csrc/optim/layout.h), built and validated by the same C++ code (`_sgd_ema_table`,
 `_adamw_ema_table`, `_lars_ema_table`), before anything is written.
 
 Program p handles chunk p: it reads (tensor, start) from the chunk table, the tensor's entry
 (param, grad, state and teacher addresses, numel, flags, AdamW's per-param step size and
 sqrt(bias correction 2)), casts the int64 addresses to typed pointers and walks the chunk in
-BLOCK-element steps. The math is the C++ kernels' (csrc/cpu/optim_loops.inc) in the same order,
+BLOCK-element steps. The math is the C++ kernels' (csrc/optim/cpu_loops.inc) in the same order,
 in float32, with IEEE-rounded sqrt and division; params, state and teacher are rounded once per
 store. Hyper-parameters arrive as float32 values rounded on the host as the C++ kernels round
 them.
@@ -17,11 +17,10 @@ Its norms are summed in another order than the C++ kernels' (float32 blocks of B
 added into float64), so its trust ratios agree with theirs to float32 rounding, not bit for bit.
 Not built here: the capturable variants (lr, teacher momentum and step counts read from
 device tensors); those run on the CPU and CUDA C++ kernels.
-Tuning: BLOCK=1024 elements, 4 warps, not measured on a GPU yet.
+Tuning: BLOCK=1024 elements, 4 warps.
 """
 from __future__ import annotations
 
-import math
 import struct
 
 import torch
@@ -29,41 +28,23 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
+from ..ops.layout import OPTIM, optim_counts
 from ._common import round_to
 
 BLOCK = 1024
 NUM_WARPS = 4
-# Mirror of csrc/optim_plan_types.h (tests/test_optim_triton.py checks it against C++ tables).
-OPTIM_CHUNK_ELEMS = 16384  # kOptimChunkElems
-OPTIM_ENTRY_WORDS = 13  # OptimEntry: 6 pointers, numel, first_chunk, num_chunks, flags, 2 doubles, step
-OPTIM_CHUNK_WORDS = 2  # OptimChunk: tensor index, start
-OPTIM_FIRST = 1  # kOptimFirst
-OPTIM_ADAPT = 2  # kOptimAdapt
+# csrc/optim/layout.h, as the C++ structs define it.
+OPTIM_CHUNK_ELEMS = OPTIM["chunk_elems"]
+OPTIM_ENTRY_WORDS = OPTIM["entry_words"]
+OPTIM_CHUNK_WORDS = OPTIM["chunk_words"]
+OPTIM_FIRST = OPTIM["flag_first"]
+OPTIM_ADAPT = OPTIM["flag_adapt"]
 _DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
-
-
-def optim_counts(params) -> tuple[int, int]:
-    """(entries, chunks) of the table for `params`, from shapes alone (works on fake tensors)."""
-    return len(params), sum(math.ceil(p.numel() / OPTIM_CHUNK_ELEMS) for p in params)
 
 
 def f32(x: float) -> float:
     """x rounded to float32 (to nearest even), as the C++ kernels' static_cast<float>."""
     return struct.unpack("f", struct.pack("f", x))[0]
-
-
-def _table_fake(params, *args):
-    entries, chunks = optim_counts(params)
-    size = entries * OPTIM_ENTRY_WORDS + chunks * OPTIM_CHUNK_WORDS
-    if params:
-        return params[0].new_empty(size, dtype=torch.int64, device="cpu")
-    return torch.empty(0, dtype=torch.int64)
-
-
-# Shapes only, so torch.compile and opcheck can trace the ops below with fake tensors.
-torch.library.register_fake("eman_fused::_sgd_ema_table")(_table_fake)
-torch.library.register_fake("eman_fused::_adamw_ema_table")(_table_fake)
-torch.library.register_fake("eman_fused::_lars_ema_table")(_table_fake)
 
 
 @triton.jit

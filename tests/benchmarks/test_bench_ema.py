@@ -7,8 +7,8 @@ import pytest
 import torch
 
 import eman_fused
-from eman_fused.bench import make_model_tensors
-from eman_fused.shapes import resnet50
+from eman_fused.bench.shapes import make_model_tensors, resnet50
+from eman_fused.reference import official_eman_update_
 
 pytestmark = pytest.mark.benchmark
 # ResNet-50's tensor list at 1/64 of the channels: 320 tensors, the same structure.
@@ -42,7 +42,4 @@ def test_foreach_lerp(benchmark, lists):
 def test_official_eman_loop(benchmark, lists):
     teacher, student = lists
 
-    def step():
-        for t, s in zip(teacher, student):
-            t.copy_(t * M + (1 - M) * s) if t.is_floating_point() else t.copy_(s)
-    benchmark(step)
+    benchmark(official_eman_update_, teacher, student, M)

@@ -1,0 +1,70 @@
+// CPU backend of ema_update_: the shared plan, parallel over chunks, one tight loop per
+// dtype pair that the compiler vectorizes.
+#include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstring>
+
+#include "common/dtype.h"
+#include "ema/plan.h"
+#include "common/convert.h"
+#include "common/isa.h"
+
+namespace eman_fused {
+namespace {
+
+#define EMAN_FUSED_LOOPS "ema/cpu_loops.inc"
+#include "common/isa_loops.h"
+
+// First chunk of the part-th of `parts` equal shares of the plan's work.
+int64_t share_start(const EmaPlan& plan, int64_t part, int64_t parts) {
+  const auto& prefix = plan.work_prefix;
+  const int64_t target = prefix.back() / parts * part;
+  return std::lower_bound(prefix.begin(), prefix.end(), target) - prefix.begin();
+}
+
+void run_plan(const EmaPlan& plan, double m) {
+  if (plan.num_chunks == 0) return;
+  const EmaTensorEntry* entries = plan.entries();
+  const TensorChunk* chunks = plan.chunks();
+  const int64_t parts = std::min<int64_t>(at::get_num_threads(), plan.num_chunks);
+  const auto run = EMAN_FUSED_ISA_FN(run_chunk);
+  at::parallel_for(0, parts, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t part = begin; part < end; ++part) {
+      const int64_t last = part + 1 == parts ? plan.num_chunks : share_start(plan, part + 1, parts);
+      for (int64_t c = share_start(plan, part, parts); c < last; ++c) {
+        run(entries[chunks[c].tensor], chunks[c].start, m);
+      }
+    }
+  });
+}
+
+void update(at::TensorList teacher, at::TensorList student, double momentum) {
+  check_momentum_value(momentum);
+  check_teacher_grad_mode(teacher);
+  auto plan = get_ema_plan(teacher, student);
+  bump_teacher_versions(teacher);
+  run_plan(*plan, momentum);
+}
+
+void ema_update_cpu(at::TensorList teacher, at::TensorList student, double momentum) {
+  update(teacher, student, momentum);
+}
+
+void ema_update_tensor_cpu(at::TensorList teacher, at::TensorList student,
+                           const at::Tensor& momentum) {
+  if (!teacher.empty()) check_momentum_tensor(momentum, teacher[0].device());
+  update(teacher, student, momentum.item<double>());
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(eman_fused, CPU, m) {
+  m.impl("ema_update_", &ema_update_cpu);
+  m.impl("ema_update_.tensor", &ema_update_tensor_cpu);
+}
+
+}  // namespace eman_fused
