@@ -3,7 +3,6 @@ result (JSON, markdown, plot). Each op's benchmark lives in its own module of th
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -12,7 +11,7 @@ import torch
 import eman_fused
 from eman_fused.bench import ema as bench_ema
 from eman_fused.bench import shapes
-from eman_fused.bench.common import copy_bandwidth, environment, prepare
+from eman_fused.bench.common import copy_bandwidth, environment, prepare, write_result
 
 OPS = {"ema": "the fused EMA teacher update", "norm": "eman_norm (BN with running stats + add + ReLU)",
        "optim": "optimizer step + teacher update (SGD, AdamW, LARS) vs torch's optimizer + a separate EMA"}
@@ -83,14 +82,7 @@ def run(args) -> dict:
             optim["cases"].append(bench_optim.run_case(name, table, o, device))
         result["optim"] = optim
         texts.append(bench_optim.markdown(optim))
-    text = "\n".join(texts)
-    print(text)
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=1))
-    if args.markdown:
-        args.markdown.parent.mkdir(parents=True, exist_ok=True)
-        args.markdown.write_text(text)
+    write_result(result, "\n".join(texts), args.json, args.markdown)
     if args.plot and result["cases"]:
         bench_ema.plot(result, args.plot)
     return result

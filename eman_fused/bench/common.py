@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ctypes
 import datetime
+import json
 import math
 import platform
 import statistics
@@ -108,3 +109,21 @@ def device_name(device) -> str:
     model = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines()
              if line.startswith("model name")] if cpuinfo.exists() else []
     return model[0] if model else platform.processor()
+
+
+def header(title: str, result: dict) -> str:
+    """The first line of a results table: what, where, which versions, and the yardstick."""
+    env = result["environment"]
+    return (f"{title}, {env['device_name']} ({env['device']}, {env['threads']} threads), "
+            f"torch {env['torch']}, {env['date']}, commit {env.get('commit', '?')}. "
+            f"Copy bandwidth measured in the same run: {result['copy_GBps']:.1f} GB/s."
+            f"{allocator_note(env)}")
+
+
+def write_result(result: dict, text: str, json_path: Path | None, markdown_path: Path | None) -> None:
+    """Print a benchmark's markdown and write the files asked for (JSON, markdown)."""
+    print(text)
+    for path, content in ((json_path, lambda: json.dumps(result, indent=1)), (markdown_path, lambda: text)):
+        if path:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(content())

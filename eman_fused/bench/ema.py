@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 import eman_fused
-from eman_fused.bench.common import DTYPES, allocator_note, measure
+from eman_fused.bench.common import DTYPES, header, measure
 from eman_fused.bench.shapes import make_model_tensors
 from eman_fused.reference import official_eman_update_
 
@@ -96,11 +96,7 @@ def run_case(name, table, t_dtype, s_dtype, device, use_compile):
 
 
 def markdown(result):
-    env = result["environment"]
-    lines = [f"EMA update, {env['device_name']} ({env['device']}, {env['threads']} threads), "
-             f"torch {env['torch']}, {env['date']}, commit {env.get('commit', '?')}. "
-             f"Copy bandwidth measured in the same run: {result['copy_GBps']:.1f} GB/s."
-             f"{allocator_note(env)}", ""]
+    lines = [header("EMA update", result), ""]
     methods = ["eman_fused", "eman_fused_triton", "foreach_lerp", "foreach_compile", "official_eman",
                "flat_lerp"]
     lines.append("| case | tensors | MB/step | " + " | ".join(methods) + " |")

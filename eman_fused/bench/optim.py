@@ -25,7 +25,6 @@ teacher read+write; AdamW: grad, param, exp_avg, exp_avg_sq, teacher) over each 
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 import torch
@@ -34,7 +33,7 @@ from torch import nn
 import eman_fused
 from eman_fused import reference
 from eman_fused.bench import shapes
-from eman_fused.bench.common import DTYPES, allocator_note, copy_bandwidth, environment, measure, prepare
+from eman_fused.bench.common import DTYPES, copy_bandwidth, environment, header, measure, prepare, write_result
 from eman_fused.bench.shapes import ShapeModel, make
 
 M = 0.999
@@ -134,14 +133,10 @@ def run_case(model_name, table, optim_name, device, param_dtype="fp32"):
 
 
 def markdown(result) -> str:
-    env = result["environment"]
     names = ["eman_fused", "eman_fused_triton", "torch_fused+EMATeacher", "torch_foreach+EMATeacher",
              "torch+EMATeacher", "torch+foreach_lerp", "eager_lars+EMATeacher"]
     names = [n for n in names if any(n in c["methods"] for c in result["cases"])]
-    lines = [f"Optimizer step + EMA teacher update, {env['device_name']} ({env['device']}, "
-             f"{env['threads']} threads), torch {env['torch']}, {env['date']}, commit "
-             f"{env.get('commit', '?')}. Copy bandwidth in the same run: {result['copy_GBps']:.1f} GB/s."
-             f"{allocator_note(env)}", "",
+    lines = [header("Optimizer step + EMA teacher update", result), "",
              "| case | MB/step | " + " | ".join(names) + " |", "|---|---:|" + "---:|" * len(names)]
     for c in result["cases"]:
         cells = []
@@ -179,10 +174,5 @@ def main(argv=None) -> dict:
                 cases.append(run_case(name, table, optim_name, device, dtype))
     result = {"op": "optim", "environment": environment(device),
               "copy_GBps": copy_bandwidth(device, 1 << 28), "momentum": M, "cases": cases}
-    text = markdown(result)
-    print(text)
-    if args.json:
-        args.json.write_text(json.dumps(result, indent=1))
-    if args.markdown:
-        args.markdown.write_text(text)
+    write_result(result, markdown(result), args.json, args.markdown)
     return result

@@ -19,13 +19,12 @@ from __future__ import annotations
 import argparse
 import copy
 import importlib
-import json
 from pathlib import Path
 
 import torch
 
 import eman_fused
-from eman_fused.bench.common import allocator_note, copy_bandwidth, environment, measure, prepare
+from eman_fused.bench.common import allocator_note, copy_bandwidth, environment, measure, prepare, write_result
 from eman_fused.reference import official_eman_update_
 
 MOMENTUM = 0.999
@@ -124,12 +123,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--markdown", type=Path)
     args = ap.parse_args(argv)
     result = run(args)
-    text = markdown(result)
-    print(text)
-    if args.json:
-        args.json.write_text(json.dumps(result, indent=1))
-    if args.markdown:
-        args.markdown.write_text(text)
+    write_result(result, markdown(result), args.json, args.markdown)
     return result
 
 
