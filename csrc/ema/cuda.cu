@@ -8,6 +8,7 @@
 
 #include "common/dtype.h"
 #include "common/convert.cuh"
+#include "common/launch.cuh"
 #include "ema/cuda.h"
 
 namespace eman_fused {
@@ -108,7 +109,7 @@ cudaError_t launch_ema_update(const EmaTensorEntry* entries, const TensorChunk* 
                               bool momentum_is_double, cudaStream_t stream) {
   if (num_chunks == 0) return cudaSuccess;
   if (num_chunks > INT32_MAX) return cudaErrorInvalidConfiguration;
-  ema_update_kernel<<<static_cast<unsigned>(num_chunks), kThreads, 0, stream>>>(
+  EMAN_FUSED_LAUNCH(static_cast<unsigned>(num_chunks), kThreads, 0, stream, ema_update_kernel)(
       entries, chunks, momentum, momentum_ptr, momentum_is_double);
   return cudaGetLastError();
 }

@@ -8,6 +8,7 @@
 #include <cstdint>
 
 #include "common/convert.cuh"
+#include "common/launch.cuh"
 #include "norm/cuda.h"
 
 namespace eman_fused {
@@ -208,13 +209,13 @@ cudaError_t launch_eman_norm_forward(const NormForwardArgs& a, cudaStream_t stre
     const auto *w = static_cast<const S*>(a.weight), *b = static_cast<const S*>(a.bias);
     if (s.inner > 1) {
       const dim3 grid(static_cast<unsigned>(s.outer * s.channels), static_cast<unsigned>(row_groups(s)));
-      forward_rows<T, S, Acc><<<grid, kThreads, 0, stream>>>(x, r, y, mean, var, w, b, a.eps,
-                                                             s.channels, s.inner, a.relu);
+      EMAN_FUSED_LAUNCH(grid, kThreads, 0, stream, forward_rows<T, S, Acc>)(
+          x, r, y, mean, var, w, b, a.eps, s.channels, s.inner, a.relu);
     } else {
       const dim3 grid(static_cast<unsigned>((s.channels + kThreads - 1) / kThreads),
                       static_cast<unsigned>(channel_row_groups(s)));
-      forward_channels<T, S, Acc><<<grid, kThreads, 0, stream>>>(x, r, y, mean, var, w, b, a.eps,
-                                                                 s.outer, s.channels, a.relu);
+      EMAN_FUSED_LAUNCH(grid, kThreads, 0, stream, forward_channels<T, S, Acc>)(
+          x, r, y, mean, var, w, b, a.eps, s.outer, s.channels, a.relu);
     }
   });
 }
@@ -240,18 +241,18 @@ cudaError_t launch_eman_norm_backward(const NormBackwardArgs& a, cudaStream_t st
     if (s.outer * s.channels * s.inner > 0) {
       if (rows) {
         const dim3 grid(static_cast<unsigned>(s.outer * s.channels), static_cast<unsigned>(groups));
-        backward_rows<T, S, Acc><<<grid, kThreads, 0, stream>>>(g, x, out, gx, gr, mean, var, w,
-                                                                a.eps, s.channels, s.inner, partial);
+        EMAN_FUSED_LAUNCH(grid, kThreads, 0, stream, backward_rows<T, S, Acc>)(
+            g, x, out, gx, gr, mean, var, w, a.eps, s.channels, s.inner, partial);
       } else {
         const dim3 grid(static_cast<unsigned>((s.channels + kThreads - 1) / kThreads),
                         static_cast<unsigned>(groups));
-        backward_channels<T, S, Acc><<<grid, kThreads, 0, stream>>>(g, x, out, gx, gr, mean, var, w,
-                                                                    a.eps, s.outer, s.channels, partial);
+        EMAN_FUSED_LAUNCH(grid, kThreads, 0, stream, backward_channels<T, S, Acc>)(
+            g, x, out, gx, gr, mean, var, w, a.eps, s.outer, s.channels, partial);
       }
     }
     if (sums) {
       const unsigned blocks = static_cast<unsigned>((s.channels + kThreads - 1) / kThreads);
-      finalize_sums<S, Acc><<<blocks, kThreads, 0, stream>>>(
+      EMAN_FUSED_LAUNCH(blocks, kThreads, 0, stream, finalize_sums<S, Acc>)(
           partial, var, a.eps, s.outer, s.channels, s.outer * s.channels * s.inner > 0 ? groups : 0,
           rows, static_cast<S*>(a.grad_weight), static_cast<S*>(a.grad_bias));
     }

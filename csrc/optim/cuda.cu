@@ -11,6 +11,7 @@
 
 #include "common/convert.cuh"
 #include "common/dtype.h"
+#include "common/launch.cuh"
 #include "optim/cuda.h"
 
 namespace eman_fused {
@@ -208,7 +209,8 @@ cudaError_t launch_sgd_ema(const OptimEntry* entries, const TensorChunk* chunks,
   return with_types(param_tag, teacher_tag, [&](auto* ptag, auto* ttag) {
     using PT = std::remove_pointer_t<decltype(ptag)>;
     using TT = std::remove_pointer_t<decltype(ttag)>;
-    sgd_kernel<PT, TT><<<static_cast<unsigned>(num_chunks), kThreads, 0, stream>>>(entries, chunks, h);
+    EMAN_FUSED_LAUNCH(static_cast<unsigned>(num_chunks), kThreads, 0, stream, sgd_kernel<PT, TT>)(
+        entries, chunks, h);
     return cudaGetLastError();
   });
 }
@@ -221,7 +223,8 @@ cudaError_t launch_adamw_ema(const OptimEntry* entries, const TensorChunk* chunk
   return with_types(param_tag, teacher_tag, [&](auto* ptag, auto* ttag) {
     using PT = std::remove_pointer_t<decltype(ptag)>;
     using TT = std::remove_pointer_t<decltype(ttag)>;
-    adamw_kernel<PT, TT><<<static_cast<unsigned>(num_chunks), kThreads, 0, stream>>>(entries, chunks, h);
+    EMAN_FUSED_LAUNCH(static_cast<unsigned>(num_chunks), kThreads, 0, stream, adamw_kernel<PT, TT>)(
+        entries, chunks, h);
     return cudaGetLastError();
   });
 }
@@ -235,10 +238,12 @@ cudaError_t launch_lars_ema(const OptimEntry* entries, const TensorChunk* chunks
   return with_types(param_tag, teacher_tag, [&](auto* ptag, auto* ttag) {
     using PT = std::remove_pointer_t<decltype(ptag)>;
     using TT = std::remove_pointer_t<decltype(ttag)>;
-    lars_norms_kernel<PT><<<blocks, kThreads, 0, stream>>>(entries, chunks, h, partials);
+    EMAN_FUSED_LAUNCH(blocks, kThreads, 0, stream, lars_norms_kernel<PT>)(
+        entries, chunks, h, partials);
     const cudaError_t err = cudaGetLastError();
     if (err != cudaSuccess) return err;
-    lars_update_kernel<PT, TT><<<blocks, kThreads, 0, stream>>>(entries, chunks, h, partials);
+    EMAN_FUSED_LAUNCH(blocks, kThreads, 0, stream, lars_update_kernel<PT, TT>)(
+        entries, chunks, h, partials);
     return cudaGetLastError();
   });
 }
