@@ -1,0 +1,68 @@
+"""Fixtures of the emulated CUDA tests (`pytest -m emulated`): the emulator, built once per
+session, a clean context and fresh buffers per test, the thread orders, and the coverage line
+printed at the end of any session that loaded the emulator."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from . import build, coverage, harness
+
+# How many emulated tests -k / -m deselected (the coverage check needs a full run).
+DESELECTED = pytest.StashKey[int]()
+
+# Sequential thread order, then random orders between barriers (seeds).
+ORDERS = ["sequential", 1, 2]
+
+
+@pytest.fixture(scope="session")
+def emu_session() -> harness.Emulator:
+    try:
+        emu = harness.emulator()
+    except build.EmulatorUnavailable as e:
+        pytest.skip(f"emulated CUDA tests: {e}")
+    coverage.start(emu)
+    return emu
+
+
+@pytest.fixture
+def emu(emu_session):
+    """The emulator with a fresh context (no sticky fault) in sequential order; buffers made
+    during the test are unmapped after it."""
+    emu_session.reset()
+    emu_session.set_order("sequential")
+    # The references and copies are small: one intra-op thread avoids OpenMP hand-offs that
+    # cost more than the work on a shared 2-core machine.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield emu_session
+    finally:
+        torch.set_num_threads(threads)
+        emu_session.free_all()
+        emu_session.reset()
+
+
+@pytest.fixture(params=ORDERS, ids=lambda o: o if o == "sequential" else f"random{o}")
+def order(request, emu):
+    emu.set_order(request.param)
+    return request.param
+
+
+def pytest_collection_modifyitems(config, items):
+    # The coverage check reads what the other tests executed: it runs last.
+    last = [i for i in items if i.get_closest_marker("emulated_coverage")]
+    items[:] = [i for i in items if i not in last] + last
+
+
+def pytest_deselected(items):
+    n = sum(1 for i in items if i.get_closest_marker("emulated"))
+    if n and items:
+        cfg = items[0].config
+        cfg.stash[DESELECTED] = cfg.stash.get(DESELECTED, 0) + n
+
+
+def pytest_terminal_summary(terminalreporter):
+    emu = harness.loaded()
+    if emu is not None:  # exactly one line, in every session that ran emulated kernels
+        terminalreporter.write_line(coverage.summary_line(emu))
