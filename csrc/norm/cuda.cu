@@ -250,7 +250,7 @@ cudaError_t launch_eman_norm_backward(const NormBackwardArgs& a, cudaStream_t st
             g, x, out, gx, gr, mean, var, w, a.eps, s.outer, s.channels, partial);
       }
     }
-    if (sums) {
+    if (sums && s.channels > 0) {  // C = 0: no sum to write, and a 0-block grid is an error
       const unsigned blocks = static_cast<unsigned>((s.channels + kThreads - 1) / kThreads);
       EMAN_FUSED_LAUNCH(blocks, kThreads, 0, stream, finalize_sums<S, Acc>)(
           partial, var, a.eps, s.outer, s.channels, s.outer * s.channels * s.inner > 0 ? groups : 0,
