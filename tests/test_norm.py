@@ -165,6 +165,32 @@ def test_gradients_match_eager_autograd(rank, layout, dtype, backend, device):
         torch.testing.assert_close(a, e, **tol)
 
 
+EMPTY_CASES = [((0, 3, 4, 4), "contiguous"), ((2, 0, 4, 4), "contiguous"), ((0, 3, 4, 4), "channels_last"),
+               ((2, 0, 4, 4), "channels_last"), ((0, 0, 2, 2), "contiguous"), ((0, 3), "contiguous"),
+               ((3, 0), "contiguous")]
+
+
+@pytest.mark.parametrize("shape,layout", EMPTY_CASES,
+                         ids=["x".join(map(str, s)) + f"-{l}" for s, l in EMPTY_CASES])
+@NORM_BACKENDS
+def test_empty_batch_or_no_channels(shape, layout, backend, device):
+    """N = 0 or C = 0: empty outputs and, as eager autograd gives, zero weight / bias gradients."""
+    def grads(fn):
+        x = torch.randn(shape)
+        if layout != "contiguous":
+            x = x.to(memory_format=torch.channels_last)
+        x = x.to(device).requires_grad_()
+        mean, var, w, b = (t.to(device) for t in stats(shape[1]))
+        w.requires_grad_(), b.requires_grad_()
+        y = fn(x, mean, var, w, b, 1e-5, None, True)
+        assert y.shape == x.shape
+        y.sum().backward()
+        return x.grad, w.grad, b.grad
+    # the reference's plain tensor ops (F.batch_norm itself refuses C = 0)
+    for a, e in zip(grads(lambda *a: eman_fused.eman_norm(*a, backend=backend)), grads(reference.eman_norm)):
+        assert a.shape == e.shape and torch.equal(a.cpu(), e.cpu())
+
+
 @NORM_BACKENDS
 def test_gradient_uses_frozen_statistics_not_batch_statistics(backend, device):
     # Some public BN kernels apply the batch-statistics backward even in eval mode. Ours must be

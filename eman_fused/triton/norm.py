@@ -13,6 +13,8 @@ Block sizes are not tuned on a GPU yet.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import triton
 import triton.language as tl
@@ -97,7 +99,7 @@ def _norm_bwd(g, x, out, gx, gr, sums, mean, var, w, eps, outer, C, inner, HAS_W
 def _geometry(x: torch.Tensor):
     """(outer, C, inner, memory format), as csrc/norm/geometry.cpp computes it."""
     fmt = norm_memory_format(x)
-    spatial = x[0, 0].numel()
+    spatial = math.prod(x.shape[2:])  # not x[0, 0]: N = 0 or C = 0 has no such element
     if fmt == torch.contiguous_format:
         return x.shape[0], x.shape[1], spatial, fmt
     return x.shape[0] * spatial, x.shape[1], 1, fmt
