@@ -11,8 +11,8 @@ from . import build, coverage, harness
 # How many emulated tests -k / -m deselected (the coverage check needs a full run).
 DESELECTED = pytest.StashKey[int]()
 
-# Sequential thread order, then random orders between barriers (seeds).
-ORDERS = ["sequential", 1, 2]
+# Thread order, then seeded random orders between barriers: uniform picks, and warp priorities.
+ORDERS = ["sequential", ("random", 1), ("random", 2), ("warps", 1), ("warps", 2)]
 
 
 @pytest.fixture(scope="session")
@@ -43,7 +43,7 @@ def emu(emu_session):
         emu_session.reset()
 
 
-@pytest.fixture(params=ORDERS, ids=lambda o: o if o == "sequential" else f"random{o}")
+@pytest.fixture(params=ORDERS, ids=lambda o: o if o == "sequential" else f"{o[0]}{o[1]}")
 def order(request, emu):
     emu.set_order(request.param)
     return request.param

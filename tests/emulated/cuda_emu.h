@@ -7,7 +7,8 @@
 // - threadIdx / blockIdx / blockDim / gridDim read the running fiber's context.
 // - __syncthreads and __shfl_down_sync suspend the fiber until the block (or warp) has arrived.
 // - EMAN_FUSED_LAUNCH (csrc/common/launch.cuh) becomes emu::launch: driver's configuration
-//   checks, then every block, each of its threads a fiber (sequential or seeded random order).
+//   checks, then every block, each of its threads a fiber (thread order, or a seeded random
+//   order: uniform, or by warp priorities).
 // - reinterpret_cast to a pointer checks the target type's alignment inside kernels (16 bytes
 //   for the vector packs), as the GPU faults on a misaligned access.
 #pragma once

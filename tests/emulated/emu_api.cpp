@@ -15,13 +15,17 @@ using namespace eman_fused;
 
 EMU_API int64_t emu_layout(const char* name) {
   const std::string n = name;
-  if (n == "ema_entry_words") return sizeof(EmaTensorEntry) / sizeof(int64_t);
-  if (n == "ema_chunk_words") return sizeof(EmaChunk) / sizeof(int64_t);
-  if (n == "ema_chunk_elems") return kChunkElems;
-  if (n == "optim_entry_words") return sizeof(OptimEntry) / sizeof(int64_t);
-  if (n == "optim_chunk_words") return sizeof(OptimChunk) / sizeof(int64_t);
+  if (n == "ema_entry_words") return kEmaEntryWords;
+  if (n == "ema_chunk_elems") return kEmaChunkElems;
+  if (n == "chunk_words") return kChunkWords;
+  if (n == "optim_entry_words") return kOptimEntryWords;
   if (n == "optim_chunk_elems") return kOptimChunkElems;
-  return -1;
+  if (n == "tag_float32") return kF32;
+  if (n == "tag_bfloat16") return kBF16;
+  if (n == "tag_float16") return kF16;
+  if (n == "tag_float64") return kF64;
+  if (n == "tag_absent") return kAbsent;
+  return -100;
 }
 
 // Capturable AdamW: entry i reads its float32 step count from `step` (device memory).
@@ -34,7 +38,7 @@ EMU_API void emu_optim_set_step(void* entries, int64_t i, const void* step) {
 EMU_API int emu_ema_update(const void* entries, const void* chunks, int64_t num_chunks,
                            double momentum, const void* momentum_ptr, int momentum_is_double) {
   return launch_ema_update(static_cast<const EmaTensorEntry*>(entries),
-                           static_cast<const EmaChunk*>(chunks), num_chunks, momentum,
+                           static_cast<const TensorChunk*>(chunks), num_chunks, momentum,
                            momentum_ptr, momentum_is_double != 0, nullptr);
 }
 
@@ -57,7 +61,7 @@ EMU_API int emu_norm_forward(const void* x, const void* residual, void* y, const
   a.bias = bias;
   a.eps = eps;
   a.relu = relu != 0;
-  a.dtype = static_cast<NormDtype>(dtype);
+  a.dtype = static_cast<FloatTag>(dtype);
   a.shape = NormShape{outer, channels, inner};
   return launch_eman_norm_forward(a, nullptr);
 }
@@ -77,7 +81,7 @@ EMU_API int emu_norm_backward(const void* grad, const void* x, const void* out, 
   a.var = var;
   a.weight = weight;
   a.eps = eps;
-  a.dtype = static_cast<NormDtype>(dtype);
+  a.dtype = static_cast<FloatTag>(dtype);
   a.shape = NormShape{outer, channels, inner};
   a.grad_weight = grad_weight;
   a.grad_bias = grad_bias;
@@ -102,8 +106,9 @@ EMU_API int emu_sgd(const void* entries, const void* chunks, int64_t num_chunks,
   h.lr_ptr = lr_ptr;
   h.teacher_momentum_ptr = teacher_momentum_ptr;
   return launch_sgd_ema(static_cast<const OptimEntry*>(entries),
-                        static_cast<const OptimChunk*>(chunks), num_chunks, param_tag,
-                        teacher_tag, h, nullptr);
+                        static_cast<const TensorChunk*>(chunks), num_chunks,
+                        static_cast<FloatTag>(param_tag), static_cast<FloatTag>(teacher_tag), h,
+                        nullptr);
 }
 
 EMU_API int emu_adamw(const void* entries, const void* chunks, int64_t num_chunks, int param_tag,
@@ -121,8 +126,9 @@ EMU_API int emu_adamw(const void* entries, const void* chunks, int64_t num_chunk
   h.lr_ptr = lr_ptr;
   h.teacher_momentum_ptr = teacher_momentum_ptr;
   return launch_adamw_ema(static_cast<const OptimEntry*>(entries),
-                          static_cast<const OptimChunk*>(chunks), num_chunks, param_tag,
-                          teacher_tag, h, nullptr);
+                          static_cast<const TensorChunk*>(chunks), num_chunks,
+                          static_cast<FloatTag>(param_tag), static_cast<FloatTag>(teacher_tag), h,
+                          nullptr);
 }
 
 EMU_API int emu_lars(const void* entries, const void* chunks, int64_t num_chunks, int param_tag,
@@ -139,6 +145,7 @@ EMU_API int emu_lars(const void* entries, const void* chunks, int64_t num_chunks
   h.lr_ptr = lr_ptr;
   h.teacher_momentum_ptr = teacher_momentum_ptr;
   return launch_lars_ema(static_cast<const OptimEntry*>(entries),
-                         static_cast<const OptimChunk*>(chunks), num_chunks, param_tag,
-                         teacher_tag, h, partials, nullptr);
+                         static_cast<const TensorChunk*>(chunks), num_chunks,
+                         static_cast<FloatTag>(param_tag), static_cast<FloatTag>(teacher_tag), h,
+                         partials, nullptr);
 }

@@ -2,10 +2,10 @@
 // guarded buffers the tests hand to the kernels. Test-only; compiled by tests/emulated/build.py.
 //
 // One launch runs its blocks one after another on the calling OS thread (in a seeded random
-// order in random mode). The threads of a block are fibers with their own stacks; a fiber runs
-// until it reaches __syncthreads, a warp shuffle or its end, then the scheduler picks the next
-// runnable fiber: in thread order (sequential mode) or at random (random mode), so code that
-// relies on an order the GPU does not promise gives different results between modes.
+// order in the random modes). The threads of a block are fibers with their own stacks; a fiber
+// runs until it reaches __syncthreads, a warp shuffle or its end, then the scheduler picks the
+// next runnable fiber: in thread order, uniformly at random, or by random warp priorities (see
+// Order), so code that relies on an order the GPU does not promise gives different results.
 //
 // Nothing here is thread_local: the module's TLS block then holds only the kernels' __shared__
 // arrays (cuda_emu.h makes them thread_local), and the runtime can poison all of it (0xFF bytes,
@@ -124,7 +124,13 @@ const std::function<void()>* body = nullptr;
 Fault sticky;                        // a kernel fault: every later launch fails, as on a GPU
 cudaError_t last_error = cudaSuccess;  // cudaGetLastError: returned once, then cleared
 std::string message;                   // what the last failed launch said
-bool random_order = false;
+// kSequential: thread order. kRandom: any runnable thread, uniformly. kWarps: warps in a random
+// priority order (reshuffled at every barrier), the highest-priority runnable warp first, so one
+// warp can run far ahead of another as on a GPU (a uniform pick almost never lets all 32 lanes
+// of one warp pass several shuffles before some other thread's next step).
+enum class Order { kSequential, kRandom, kWarps };
+Order order_mode = Order::kSequential;
+std::vector<int> warp_rank;
 uint64_t seed = 0;
 uint64_t launch_count = 0;
 std::mt19937_64 rng;
@@ -303,15 +309,29 @@ void poison_shared_memory() {
 
 // ---- one block --------------------------------------------------------------------------------
 
+void rank_warps() {
+  if (order_mode != Order::kWarps) return;
+  warp_rank.resize(warps.size());
+  for (size_t w = 0; w < warp_rank.size(); ++w) warp_rank[w] = static_cast<int>(w);
+  std::shuffle(warp_rank.begin(), warp_rank.end(), rng);
+}
+
 int pick() {
   size_t k = 0;
-  if (random_order) k = std::uniform_int_distribution<size_t>(0, runnable.size() - 1)(rng);
+  if (order_mode == Order::kRandom) {
+    k = std::uniform_int_distribution<size_t>(0, runnable.size() - 1)(rng);
+  } else if (order_mode == Order::kWarps) {  // highest-priority warp, then lane order
+    auto key = [](int f) { return warp_rank[f / 32] * 32 + f % 32; };
+    for (size_t j = 1; j < runnable.size(); ++j) {
+      if (key(runnable[j]) < key(runnable[k])) k = j;
+    }
+  }
   const int f = runnable[k];
-  if (random_order) {
+  if (order_mode == Order::kSequential) {
+    runnable.erase(runnable.begin());
+  } else {
     runnable[k] = runnable.back();
     runnable.pop_back();
-  } else {
-    runnable.erase(runnable.begin());
   }
   return f;
 }
@@ -338,6 +358,7 @@ bool run_block(int n) {
   for (int w = 0; w < static_cast<int>(warps.size()); ++w) warps[w].lanes = std::min(32, n - 32 * w);
   runnable.clear();
   for (int i = 0; i < n; ++i) runnable.push_back(i);
+  rank_warps();
   poison_shared_memory();
   for (;;) {
     while (!runnable.empty()) {
@@ -371,6 +392,7 @@ bool run_block(int n) {
       fibers[i].state = State::kRunnable;
       runnable.push_back(i);
     }
+    rank_warps();
   }
 }
 
@@ -485,7 +507,7 @@ void launch(const LaunchSpec& s, const std::function<void()>& kernel_body) {
   rng.seed(seed * 0x9E3779B97F4A7C15ull + launch_count);
   std::vector<uint64_t> order(uint64_t{g.x} * g.y * g.z);
   for (uint64_t i = 0; i < order.size(); ++i) order[i] = i;
-  if (random_order) std::shuffle(order.begin(), order.end(), rng);
+  if (order_mode != Order::kSequential) std::shuffle(order.begin(), order.end(), rng);
   ensure_fibers(threads);
   shared_block = shared_memory();
   body = &kernel_body;
@@ -521,8 +543,10 @@ cudaError_t emu_cudaGetLastError(void) {
   return e;
 }
 
-__attribute__((visibility("default"))) void emu_set_order(int random, uint64_t seed) {
-  emu::random_order = random != 0;
+// mode 0: sequential, 1: uniformly random, 2: random warp priorities (see Order).
+__attribute__((visibility("default"))) void emu_set_order(int mode, uint64_t seed) {
+  emu::order_mode = mode == 1 ? emu::Order::kRandom : mode == 2 ? emu::Order::kWarps
+                                                                : emu::Order::kSequential;
   emu::seed = seed;
   emu::launch_count = 0;  // the same seed gives the same orders for the same launches
 }

@@ -48,12 +48,9 @@ _SIGNATURES = {
     "emu_self_vector_copy": (c_int, [P, P]),
     "emu_self_early_exit": (c_int, [P]),
     "emu_self_unwritten_shared": (c_int, [P, c_int]),
+    "emu_self_two_sums": (c_int, [P, P, c_int, c_int]),
     "emu_self_configuration": (c_int, [c_uint] * 6),
 }
-
-# NormDtype (csrc norm launcher header) and the optimizer launchers' dtype tags.
-NORM_DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2, torch.float64: 3}
-PARAM_TAGS = {torch.float32: 1, torch.bfloat16: 2, torch.float16: 3}
 
 
 class EmulatedCudaError(RuntimeError):
@@ -87,12 +84,15 @@ class Emulator:
         self._buffers: list[Buffer] = []
 
     # ---- order and errors ----
-    def set_order(self, order: str | int) -> None:
-        """'sequential' (thread order) or an int seed (random order between barriers)."""
+    def set_order(self, order) -> None:
+        """'sequential' (thread order); ('random', seed): any runnable thread next, uniformly;
+        ('warps', seed): warps by random priorities, reshuffled at each barrier (one warp runs
+        ahead of the others). Blocks run in a random order in both random modes."""
         if order == "sequential":
             self.lib.emu_set_order(0, 0)
         else:
-            self.lib.emu_set_order(1, int(order))
+            mode, seed = order
+            self.lib.emu_set_order({"random": 1, "warps": 2}[mode], int(seed))
 
     def reset(self) -> None:
         self.lib.emu_reset()
@@ -106,9 +106,14 @@ class Emulator:
                                     self.lib.emu_error_string(rc).decode(), self.message())
 
     def layout(self, name: str) -> int:
+        """A constant of the kernels' headers (table sizes, dtype tags), from the C++ build."""
         v = self.lib.emu_layout(name.encode())
-        assert v >= 0, name
+        assert v != -100, f"emu_layout has no {name!r}"
         return v
+
+    def tag(self, dtype: torch.dtype | None) -> int:
+        """The launchers' FloatTag of dtype (None: an absent list, e.g. no teacher)."""
+        return self.layout("tag_absent" if dtype is None else "tag_" + str(dtype).replace("torch.", ""))
 
     # ---- memory ----
     def buffer(self, numel: int, dtype: torch.dtype, offset: int = 0, at_start: bool = False) -> Buffer:

@@ -48,6 +48,27 @@ __global__ void unwritten_shared_kernel(float* out) {
   out[blockIdx.x * blockDim.x + threadIdx.x] = shared[threadIdx.x];
 }
 
+// Two block sums through one shared array, as the norm backward does; without the first
+// barrier a warp that runs ahead overwrites shared[warp] before warp 0 has read the first sum.
+__device__ float block_sum(float v, float* shared, bool reuse_barrier) {
+  for (int off = 16; off > 0; off /= 2) v += __shfl_down_sync(0xffffffffu, v, off);
+  if (reuse_barrier) __syncthreads();
+  if (threadIdx.x % 32 == 0) shared[threadIdx.x / 32] = v;
+  __syncthreads();
+  v = threadIdx.x < blockDim.x / 32 ? shared[threadIdx.x] : 0.0f;
+  if (threadIdx.x < 32) {
+    for (int off = 16; off > 0; off /= 2) v += __shfl_down_sync(0xffffffffu, v, off);
+  }
+  return v;
+}
+
+__global__ void two_sums_kernel(const float* in, float* out, bool reuse_barrier) {
+  __shared__ float shared[32];
+  const float a = block_sum(in[threadIdx.x], shared, reuse_barrier);
+  const float b = block_sum(2.0f * in[threadIdx.x], shared, reuse_barrier);
+  if (threadIdx.x == 0) out[0] = a, out[1] = b;
+}
+
 __global__ void nothing_kernel() {}
 
 }  // namespace
@@ -81,6 +102,11 @@ EMU_API int emu_self_early_exit(float* out) {
 
 EMU_API int emu_self_unwritten_shared(float* out, int blocks) {
   EMAN_FUSED_LAUNCH(blocks, kThreads, 0, nullptr, unwritten_shared_kernel)(out);
+  return cudaGetLastError();
+}
+
+EMU_API int emu_self_two_sums(const float* in, float* out, int threads, int reuse_barrier) {
+  EMAN_FUSED_LAUNCH(1, threads, 0, nullptr, two_sums_kernel)(in, out, reuse_barrier != 0);
   return cudaGetLastError();
 }
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from conftest import FLOAT_DTYPES, FLOAT_PAIRS, assert_same_bits_or_both_nan, bits
-from eman_fused._plan import plan_counts
+from eman_fused.ops.layout import plan_counts
 
 pytestmark = pytest.mark.emulated
 COVERS = {"ema_update_kernel"}
@@ -51,11 +51,12 @@ def reference(teacher_cpu, student_cpu, momentum):
     return t
 
 
-def test_layout_matches_the_python_mirror(emu):
-    from eman_fused import _plan
-    assert emu.layout("ema_entry_words") == _plan.ENTRY_WORDS
-    assert emu.layout("ema_chunk_words") == _plan.CHUNK_WORDS
-    assert emu.layout("ema_chunk_elems") == _plan.CHUNK_ELEMS
+def test_layout_is_the_one_python_reads(emu):
+    from eman_fused.ops import layout
+    assert emu.layout("ema_entry_words") == layout.EMA["entry_words"]
+    assert emu.layout("chunk_words") == layout.EMA["chunk_words"]
+    assert emu.layout("ema_chunk_elems") == layout.EMA["chunk_elems"]
+    assert {d: emu.tag(d) for d in layout.FLOAT_TAGS} == layout.FLOAT_TAGS
 
 
 @pytest.mark.parametrize("tdt,sdt", FLOAT_PAIRS, ids=lambda d: str(d).replace("torch.", ""))
@@ -72,7 +73,7 @@ def test_every_pair_size_and_alignment(emu, tdt, sdt, offsets):
         assert_same_bits_or_both_nan(g, e)
 
 
-@pytest.mark.parametrize("order_", ["sequential", 1, 2, 3])
+@pytest.mark.parametrize("order_", ["sequential", ("random", 1), ("random", 2), ("warps", 1)], ids=str)
 def test_thread_orders_give_the_same_bits(emu, order_):
     emu.set_order(order_)
     gen = torch.Generator().manual_seed(5)

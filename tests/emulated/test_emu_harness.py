@@ -31,7 +31,7 @@ def test_missing_barrier_changes_the_result(emu):
     out = emu.buffer(3 * THREADS, torch.float32)
     expected = torch.tensor([(t + 1) % THREADS + 1 for t in range(THREADS)] * 3, dtype=torch.float32)
     results = []
-    for order in ["sequential", 1, 2]:
+    for order in ["sequential", ("random", 1), ("random", 2), ("warps", 1)]:
         emu.set_order(order)
         emu.check(emu.lib.emu_self_neighbour(out.ptr, 3, 0))
         results.append(out.tensor.clone())
@@ -40,6 +40,28 @@ def test_missing_barrier_changes_the_result(emu):
     assert results[0][:THREADS - 1].isnan().all()
     # random orders: some reads come before, some after the write, differently per seed
     assert not torch.equal(results[1].nan_to_num(-1), results[2].nan_to_num(-1))
+
+
+def test_reused_shared_memory_needs_its_barrier(emu):
+    """Two block sums through one shared array: with the barrier before the reuse every order
+    gives the sums; without it, a warp that runs ahead (warp-priority order) overwrites a partial
+    sum warp 0 has not read yet. Thread order and uniform picks almost never produce that
+    schedule: the warp-priority mode is there for it."""
+    x = torch.arange(256, dtype=torch.float32) / 7
+    inp, out = emu.copy_in(x), emu.buffer(2, torch.float32)
+    exact = []
+    for order in ["sequential", ("random", 1), ("warps", 1), ("warps", 2), ("warps", 3)]:
+        emu.set_order(order)
+        emu.check(emu.lib.emu_self_two_sums(inp.ptr, out.ptr, 256, 1))
+        exact.append(out.tensor.clone())
+        assert torch.equal(exact[-1], exact[0])
+    torch.testing.assert_close(exact[0], torch.stack([x.sum(), 2 * x.sum()]))
+    wrong = 0
+    for seed in range(1, 6):
+        emu.set_order(("warps", seed))
+        emu.check(emu.lib.emu_self_two_sums(inp.ptr, out.ptr, 256, 0))
+        wrong += not torch.equal(out.tensor, exact[0])
+    assert wrong >= 3, f"only {wrong} of 5 warp orders exposed the missing barrier"
 
 
 def test_shared_memory_starts_poisoned_in_every_block(emu):

@@ -10,8 +10,6 @@ import torch
 
 from conftest import assert_same_bits_or_both_nan
 
-from .harness import NORM_DTYPES
-
 pytestmark = pytest.mark.emulated
 COVERS = {"forward_rows", "forward_channels", "backward_rows", "backward_channels", "finalize_sums"}
 ops = torch.ops.eman_fused
@@ -31,7 +29,7 @@ SHAPES = {
     "n0": ((0, 3, 2, 2), False),
     "n0_nhwc": ((0, 3, 2, 2), True),
 }
-DTYPES = list(NORM_DTYPES)
+DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
 SUM_TOL = {torch.float64: dict(rtol=1e-10, atol=1e-10)}
 
 
@@ -90,7 +88,7 @@ def test_forward(emu, name, dtype, opts):
     rb = emu.copy_in(memory_order(r)) if has_r else None
     ptr = lambda t: None if t is None else emu.copy_in(t).ptr  # noqa: E731
     emu.check(emu.lib.emu_norm_forward(xb.ptr, rb.ptr if rb else None, yb.ptr, ptr(mean), ptr(var),
-                                       ptr(w), ptr(b), EPS, int(relu), NORM_DTYPES[dtype],
+                                       ptr(w), ptr(b), EPS, int(relu), emu.tag(dtype),
                                        outer, C, inner))
     assert_same_bits_or_both_nan(yb.tensor, memory_order(expected))
 
@@ -125,7 +123,7 @@ def test_misaligned_pointers(emu, offset):
         yb = emu.buffer(x.numel(), torch.float16, offset=offset)
         emu.check(emu.lib.emu_norm_forward(xb.ptr, None, yb.ptr, emu.copy_in(mean).ptr,
                                            emu.copy_in(var).ptr, emu.copy_in(w).ptr,
-                                           emu.copy_in(b).ptr, EPS, 1, NORM_DTYPES[torch.float16],
+                                           emu.copy_in(b).ptr, EPS, 1, emu.tag(torch.float16),
                                            outer, C, inner))
         assert_same_bits_or_both_nan(yb.tensor, memory_order(ops.eman_norm(x, mean, var, w, b, EPS,
                                                                            None, True)))
@@ -153,7 +151,7 @@ def check_backward(emu, name, dtype, relu, mask, has_w, offset=0):
     p = lambda b: None if b is None else b.ptr  # noqa: E731
     emu.check(emu.lib.emu_norm_backward(
         gb_.ptr, xb.ptr, p(ob), p(gx), p(gr), emu.copy_in(mean).ptr, emu.copy_in(var).ptr,
-        None if w is None else emu.copy_in(w).ptr, EPS, NORM_DTYPES[dtype], outer, C, inner,
+        None if w is None else emu.copy_in(w).ptr, EPS, emu.tag(dtype), outer, C, inner,
         p(gw), p(gbias), p(ws)))
     if mask[0]:
         assert_same_bits_or_both_nan(gx.tensor, memory_order(exp[0]))
@@ -175,3 +173,12 @@ def test_configurations_beyond_the_grid_are_refused(emu):
         rc = emu.lib.emu_norm_backward(None, None, None, None, None, None, None, None, EPS, 0, outer, C,
                                        inner, None, None, None)
         assert emu.lib.emu_error_name(rc) == b"cudaErrorInvalidConfiguration"
+
+
+def test_unknown_dtype_is_refused(emu):
+    for tag in (emu.tag(None), 7):  # no activation type: refused before any launch
+        rc = emu.lib.emu_norm_forward(None, None, None, None, None, None, None, EPS, 0, tag, 2, 3, 4)
+        assert emu.lib.emu_error_name(rc) == b"cudaErrorInvalidValue"
+        rc = emu.lib.emu_norm_backward(None, None, None, None, None, None, None, None, EPS, tag, 2, 3, 4,
+                                       None, None, None)
+        assert emu.lib.emu_error_name(rc) == b"cudaErrorInvalidValue"

@@ -13,8 +13,6 @@ import torch
 
 from conftest import bits
 
-from .harness import PARAM_TAGS
-
 pytestmark = pytest.mark.emulated
 COVERS = {"sgd_kernel", "adamw_kernel", "lars_norms_kernel", "lars_update_kernel"}
 ops = torch.ops.eman_fused
@@ -23,7 +21,6 @@ ops = torch.ops.eman_fused
 SIZES = [0, 1, 3, 4097, 16383, 16385, 33000]
 PARAM_DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 TEACHER_DTYPES = [None, torch.float32, torch.bfloat16, torch.float16]
-TEACHER_TAGS = {None: 0, **PARAM_TAGS}
 
 
 def name(d):
@@ -58,7 +55,7 @@ class Emulated:
         self.entries = self.table_buf.ptr
         self.chunks = self.entries + 8 * n * self.emu.layout("optim_entry_words")
         self.num_chunks = (t.numel() - n * self.emu.layout("optim_entry_words")) // self.emu.layout(
-            "optim_chunk_words")
+            "chunk_words")
         return self
 
     def scalar(self, value, dtype=torch.float32):
@@ -82,11 +79,11 @@ def assert_close(got_lists, exp_lists):
             torch.testing.assert_close(a, b, **tol)
 
 
-def test_layout_matches_the_python_mirror(emu):
-    from eman_fused.triton import optim as topt
-    assert emu.layout("optim_entry_words") == topt.OPTIM_ENTRY_WORDS
-    assert emu.layout("optim_chunk_words") == topt.OPTIM_CHUNK_WORDS
-    assert emu.layout("optim_chunk_elems") == topt.OPTIM_CHUNK_ELEMS
+def test_layout_is_the_one_python_reads(emu):
+    from eman_fused.ops import layout
+    assert emu.layout("optim_entry_words") == layout.OPTIM["entry_words"]
+    assert emu.layout("chunk_words") == layout.OPTIM["chunk_words"]
+    assert emu.layout("optim_chunk_elems") == layout.OPTIM["chunk_elems"]
 
 
 # momentum, dampening, nesterov, weight_decay, maximize
@@ -111,8 +108,8 @@ def sgd(emu, dtype, teacher_dtype, opts, offset=0, capturable=False, seed=0):
                                            nesterov, wd, maximize, tm)
     lr_ptr = e.scalar(lr) if capturable else None
     tm_ptr = e.scalar(tm) if capturable else None
-    emu.check(emu.lib.emu_sgd(e.entries, e.chunks, e.num_chunks, PARAM_TAGS[dtype],
-                              TEACHER_TAGS[teacher_dtype], 0.0 if capturable else lr, momentum,
+    emu.check(emu.lib.emu_sgd(e.entries, e.chunks, e.num_chunks, emu.tag(dtype),
+                              emu.tag(teacher_dtype), 0.0 if capturable else lr, momentum,
                               dampening, wd, -1.0 if maximize else 1.0, 0.0 if capturable else tm,
                               int(nesterov), lr_ptr, tm_ptr))
     return e.lists, exp
@@ -165,8 +162,8 @@ def adamw(emu, dtype, teacher_dtype, opts, offset=0, capturable=False, seed=0):
         lr_ptr, tm_ptr = e.scalar(lr), e.scalar(tm)
         for i, k in enumerate(steps):
             emu.lib.emu_optim_set_step(e.entries, i, e.scalar(k))
-    emu.check(emu.lib.emu_adamw(e.entries, e.chunks, e.num_chunks, PARAM_TAGS[dtype],
-                                TEACHER_TAGS[teacher_dtype], 0.0 if capturable else lr, beta1, beta2,
+    emu.check(emu.lib.emu_adamw(e.entries, e.chunks, e.num_chunks, emu.tag(dtype),
+                                emu.tag(teacher_dtype), 0.0 if capturable else lr, beta1, beta2,
                                 eps, wd, -1.0 if maximize else 1.0, 0.0 if capturable else tm,
                                 lr_ptr, tm_ptr))
     return e.lists, exp
@@ -218,8 +215,8 @@ def lars(emu, dtype, teacher_dtype, opts, offset=0, capturable=False, seed=0, si
     partials = emu.buffer(2 * max(1, e.num_chunks), torch.float64)
     lr_ptr = e.scalar(lr) if capturable else None
     tm_ptr = e.scalar(tm) if capturable else None
-    emu.check(emu.lib.emu_lars(e.entries, e.chunks, e.num_chunks, PARAM_TAGS[dtype],
-                               TEACHER_TAGS[teacher_dtype], 0.0 if capturable else lr, momentum, wd,
+    emu.check(emu.lib.emu_lars(e.entries, e.chunks, e.num_chunks, emu.tag(dtype),
+                               emu.tag(teacher_dtype), 0.0 if capturable else lr, momentum, wd,
                                trust, -1.0 if maximize else 1.0, 0.0 if capturable else tm, lr_ptr,
                                tm_ptr, partials.ptr))
     return e.lists, exp
@@ -257,7 +254,8 @@ def test_bad_launches_are_refused(emu, kernel):
         for t in fn.argtypes[5:]:
             args.append(None if t is ctypes.c_void_p else 0 if t is ctypes.c_int else 0.0)
         return emu.lib.emu_error_name(fn(*args)).decode()
-    assert call(0, 1, 0) == "cudaSuccess"  # nothing to do: no launch
-    assert call(2**31, 1, 0) == "cudaErrorInvalidConfiguration"
-    assert call(1, 4, 0) == "cudaErrorInvalidValue"  # unknown param tag
-    assert call(1, 1, 7) == "cudaErrorInvalidValue"  # unknown teacher tag
+    f32, f64 = emu.tag(torch.float32), emu.tag(torch.float64)
+    assert call(0, f32, f32) == "cudaSuccess"  # nothing to do: no launch
+    assert call(2**31, f32, f32) == "cudaErrorInvalidConfiguration"
+    assert call(1, f64, f32) == "cudaErrorInvalidValue"  # float64 params: no kernel
+    assert call(1, f32, 7) == "cudaErrorInvalidValue"  # unknown teacher tag
