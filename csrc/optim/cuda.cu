@@ -83,17 +83,18 @@ __global__ void __launch_bounds__(kThreads)
   float step_size = static_cast<float>(e.scalar0), bc2 = static_cast<float>(e.scalar1);
   if (e.step != 0) {  // capturable: the bias corrections from the device step count, in double
     const double k = *reinterpret_cast<const float*>(e.step);
-    step_size = static_cast<float>(static_cast<double>(lr) / (1.0 - pow(static_cast<double>(h.beta1), k)));
-    bc2 = static_cast<float>(sqrt(1.0 - pow(static_cast<double>(h.beta2), k)));
+    step_size = static_cast<float>(static_cast<double>(lr) / (1.0 - pow(h.beta1, k)));
+    bc2 = static_cast<float>(sqrt(1.0 - pow(h.beta2, k)));
   }
-  const float decay = 1.0f - lr * h.weight_decay, w1 = 1.0f - h.beta1, w2 = 1.0f - h.beta2;
+  const float b1 = static_cast<float>(h.beta1), b2 = static_cast<float>(h.beta2);
+  const float decay = 1.0f - lr * h.weight_decay, w1 = 1.0f - b1, w2 = 1.0f - b2;
   const bool small = fabsf(w1) < 0.5f;
   for (int64_t i = c.start + threadIdx.x; i < end; i += blockDim.x) {
     const float gi = h.sign * ld(g, i);
     const float pi = ld(p, i) * decay;
     const float m0 = ld(m, i);
     const float mi = small ? m0 + w1 * (gi - m0) : gi - (gi - m0) * (1.0f - w1);
-    const float vi = ld(v, i) * h.beta2 + w2 * gi * gi;
+    const float vi = ld(v, i) * b2 + w2 * gi * gi;
     st(m, i, mi);
     st(v, i, vi);
     float s = vi;

@@ -16,9 +16,12 @@ struct SgdHyper {
   const float* lr_ptr;
   const float* teacher_momentum_ptr;
 };
-// Entries with a step pointer (capturable) get their bias corrections from that device count.
+// Entries with a step pointer (capturable) get their bias corrections from that device count,
+// formed in double from the exact betas (the float32 math rounds them once, as the CPU loops).
 struct AdamWHyper {
-  float lr, beta1, beta2, eps, weight_decay, sign, teacher_momentum;
+  float lr;
+  double beta1, beta2;
+  float eps, weight_decay, sign, teacher_momentum;
   const float* lr_ptr;
   const float* teacher_momentum_ptr;
 };

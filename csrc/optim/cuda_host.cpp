@@ -105,8 +105,8 @@ void adamw_ema_step_cuda(at::TensorList params, at::TensorList grads, at::Tensor
                                         teacher, step_sizes, bias_correction2_sqrts, a, true);
   const c10::cuda::CUDAGuard guard(params[0].device());
   const OptimPlan d = to_device("adamw_ema_step_", host, params[0].device());
-  const AdamWHyper h{static_cast<float>(lr), static_cast<float>(beta1), static_cast<float>(beta2),
-                     static_cast<float>(eps), static_cast<float>(weight_decay), sign_of(maximize),
+  const AdamWHyper h{static_cast<float>(lr), beta1, beta2, static_cast<float>(eps),
+                     static_cast<float>(weight_decay), sign_of(maximize),
                      static_cast<float>(teacher_momentum), nullptr, nullptr};
   C10_CUDA_CHECK(launch_adamw_ema(d.entries(), d.chunks(), d.num_chunks, param_tag(params),
                                   teacher_tag(teacher), h,
@@ -173,9 +173,9 @@ void adamw_ema_step_capturable_cuda(at::TensorList params, at::TensorList grads,
   set_step_pointers(host, steps);
   const c10::cuda::CUDAGuard guard(params[0].device());
   const OptimPlan d = cached_device_table("adamw_ema_step_", host, params[0].device());
-  const AdamWHyper h{0.0f, static_cast<float>(beta1), static_cast<float>(beta2),
-                     static_cast<float>(eps), static_cast<float>(weight_decay), sign_of(maximize),
-                     0.0f, lr.const_data_ptr<float>(), teacher_momentum.const_data_ptr<float>()};
+  const AdamWHyper h{0.0f, beta1, beta2, static_cast<float>(eps), static_cast<float>(weight_decay),
+                     sign_of(maximize), 0.0f, lr.const_data_ptr<float>(),
+                     teacher_momentum.const_data_ptr<float>()};
   C10_CUDA_CHECK(launch_adamw_ema(d.entries(), d.chunks(), d.num_chunks, param_tag(params),
                                   teacher_tag(teacher), h,
                                   c10::cuda::getCurrentCUDAStream().stream()));

@@ -112,7 +112,7 @@ EMU_API int emu_sgd(const void* entries, const void* chunks, int64_t num_chunks,
 }
 
 EMU_API int emu_adamw(const void* entries, const void* chunks, int64_t num_chunks, int param_tag,
-                      int teacher_tag, float lr, float beta1, float beta2, float eps,
+                      int teacher_tag, float lr, double beta1, double beta2, float eps,
                       float weight_decay, float sign, float teacher_momentum, const float* lr_ptr,
                       const float* teacher_momentum_ptr) {
   AdamWHyper h{};

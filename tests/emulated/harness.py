@@ -38,7 +38,7 @@ _SIGNATURES = {
                                   c_int64, P, P, P]),
     "emu_sgd": (c_int, [P, P, c_int64, c_int, c_int, c_float, c_float, c_float, c_float, c_float,
                         c_float, c_int, P, P]),
-    "emu_adamw": (c_int, [P, P, c_int64, c_int, c_int, c_float, c_float, c_float, c_float,
+    "emu_adamw": (c_int, [P, P, c_int64, c_int, c_int, c_float, c_double, c_double, c_float,
                           c_float, c_float, c_float, P, P]),
     "emu_lars": (c_int, [P, P, c_int64, c_int, c_int, c_float, c_float, c_float, c_float,
                          c_float, c_float, P, P, P]),
