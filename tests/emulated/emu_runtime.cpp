@@ -110,7 +110,6 @@ struct Alloc {
 
 struct Fault {
   cudaError_t code = cudaSuccess;
-  std::string message;
 };
 
 std::mutex launch_mutex;
@@ -244,10 +243,10 @@ void segv_handler(int sig, siginfo_t* info, void* uctx) {
   char who[96];
   const Fiber* f;
   if (in_stack_guard(a, &f)) {
-    sticky = {cudaErrorIllegalAddress, ""};
+    sticky = {cudaErrorIllegalAddress};
     set_message("stack overflow of the fiber of %s", describe_thread(who, sizeof who));
   } else {
-    sticky = {cudaErrorIllegalAddress, ""};
+    sticky = {cudaErrorIllegalAddress};
     set_message("out-of-bounds access: %s, by %s", locate(a).c_str(),
                 describe_thread(who, sizeof who));
   }
@@ -337,7 +336,7 @@ int pick() {
 }
 
 bool block_fault(cudaError_t code, const char* what) {
-  sticky = {code, ""};
+  sticky = {code};
   set_message("%s in block (%u,%u,%u)", what, block_ctx.block_idx.x, block_ctx.block_idx.y,
               block_ctx.block_idx.z);
   return false;
@@ -444,7 +443,7 @@ uint64_t warp_exchange(unsigned mask, uint64_t deposit, int delta, int width) {
 
 void fault(cudaError_t code, const char* what, const char* file, int line) {
   char who[96];
-  sticky = {code, ""};
+  sticky = {code};
   if (line > 0) {
     set_message("%s at %s:%d, by %s", what, file, line, describe_thread(who, sizeof who));
   } else {
@@ -474,7 +473,7 @@ bool check_canaries() {
         continue;
       }
       if (static_cast<unsigned char>(*c) != kPoison) {
-        sticky = {cudaErrorIllegalAddress, ""};
+        sticky = {cudaErrorIllegalAddress};
         set_message("out-of-bounds write: %s (its guard bytes changed)",
                     locate(reinterpret_cast<uintptr_t>(c)).c_str());
         std::memset(lo, kPoison, al.data - lo);  // reported once
