@@ -25,8 +25,10 @@ def ema_update_(teacher: Sequence[torch.Tensor], student: Sequence[torch.Tensor]
                 momentum: float | torch.Tensor) -> None:
     """teacher <- m*teacher + (1-m)*student per floating pair, teacher <- student per integer pair.
 
-    Math in float32 (float64 when either side is float64), written back in the teacher's
-    dtype. momentum 1 leaves floating teachers untouched; momentum 0 copies the student.
+    Computed as torch.lerp does, t + w*(s - t) (s - (s - t)*(1 - w) for w >= 1/2), w = 1 - m:
+    unbiased, unlike m*t + w*s with m and w each rounded. Math in float32 (float64 when either
+    side is float64), written back in the teacher's dtype. momentum 1 leaves floating teachers
+    untouched; momentum 0 copies the student.
     """
     m = float(momentum)
     with torch.no_grad():
@@ -37,9 +39,11 @@ def ema_update_(teacher: Sequence[torch.Tensor], student: Sequence[torch.Tensor]
                 continue
             elif m == 0.0:
                 t.copy_(s)
-            else:
+            else:  # torch.lerp's two forms, with w = 1 - m rounded to the math dtype
                 acc = torch.float64 if torch.float64 in (t.dtype, s.dtype) else torch.float32
-                t.copy_(t.to(acc).mul_(m).add_(s.to(acc), alpha=1.0 - m))
+                w = torch.tensor(1.0 - m, dtype=acc)
+                ta, sa = t.to(acc), s.to(acc)
+                t.copy_(ta + w * (sa - ta) if w < 0.5 else sa - (sa - ta) * (1 - w))
 
 
 def official_eman_update_(teacher: nn.Module | Sequence[torch.Tensor],

@@ -23,9 +23,12 @@ struct alignas(16) Pack {
 };
 
 // mode 0: t = m*t + w*s; mode 1: t = s (momentum 0, exact conversion).
+// t + w·(s − t), or s − (s − t)·v with v = 1 − w for w >= 1/2 (torch.lerp's forms, as the CPU
+// kernel): an unbiased update, where m·t + w·s with rounded m, w is not.
 template <typename TT, typename ST, typename Acc>
-__device__ __forceinline__ TT combine(TT t, ST s, Acc m, Acc w, bool copy) {
-  return copy ? from_acc<TT>(to_acc<Acc>(s)) : from_acc<TT>(m * to_acc<Acc>(t) + w * to_acc<Acc>(s));
+__device__ __forceinline__ TT combine(TT t, ST s, Acc w, Acc v, bool small, bool copy) {
+  const Acc ta = to_acc<Acc>(t), sa = to_acc<Acc>(s);
+  return copy ? from_acc<TT>(sa) : from_acc<TT>(small ? ta + w * (sa - ta) : sa - (sa - ta) * v);
 }
 
 template <typename TT, typename ST>
@@ -33,8 +36,9 @@ __device__ void lerp_chunk(TT* __restrict__ t, const ST* __restrict__ s, int64_t
                            bool copy) {
   using Acc = acc_t<TT, ST>;
   constexpr int kVec = 16 / (sizeof(TT) < sizeof(ST) ? sizeof(TT) : sizeof(ST));
-  const Acc mm = static_cast<Acc>(m);
   const Acc ww = static_cast<Acc>(1.0 - m);
+  const Acc vv = static_cast<Acc>(1) - ww;
+  const bool small = ww < static_cast<Acc>(0.5);
   const bool aligned =
       ((reinterpret_cast<uintptr_t>(t) | reinterpret_cast<uintptr_t>(s)) & 15) == 0;
   const int64_t vec_end = aligned ? n / kVec * kVec : 0;
@@ -55,12 +59,13 @@ __device__ void lerp_chunk(TT* __restrict__ t, const ST* __restrict__ s, int64_t
       const int64_t i = base + k * stride;
       if (i < vec_end) {
 #pragma unroll
-        for (int j = 0; j < kVec; ++j) tv[k].v[j] = combine(tv[k].v[j], sv[k].v[j], mm, ww, copy);
+        for (int j = 0; j < kVec; ++j) tv[k].v[j] = combine(tv[k].v[j], sv[k].v[j], ww, vv, small, copy);
         *reinterpret_cast<Pack<TT, kVec>*>(t + i) = tv[k];
       }
     }
   }
-  for (int64_t i = vec_end + threadIdx.x; i < n; i += blockDim.x) t[i] = combine(t[i], s[i], mm, ww, copy);
+  for (int64_t i = vec_end + threadIdx.x; i < n; i += blockDim.x)
+    t[i] = combine(t[i], s[i], ww, vv, small, copy);
 }
 
 __device__ void copy_bytes_chunk(uint8_t* __restrict__ t, const uint8_t* __restrict__ s,

@@ -43,17 +43,19 @@ def _lerp_chunk(t_addr, s_addr, start, numel, m, w, copy, TT: tl.constexpr, ST: 
     t_ptr = _typed_ptr(t_addr, TT)
     s_ptr = _typed_ptr(s_addr, ST)
     if TT == 3 or ST == 3:
-        mm = m.to(tl.float64)
         ww = w.to(tl.float64)
     else:
-        mm = m.to(tl.float32)
         ww = w.to(tl.float32)
+    vv = 1.0 - ww
+    small = ww < 0.5
     for off in range(0, tl.minimum(numel - start, CHUNK), BLOCK):  # a small tensor: one step
         idx = start + off + tl.arange(0, BLOCK)
         mask = idx < numel
-        t = tl.load(t_ptr + idx, mask=mask).to(mm.dtype)
-        s = tl.load(s_ptr + idx, mask=mask).to(mm.dtype)
-        out = tl.where(copy, s, mm * t + ww * s)  # where, not arithmetic: a NaN teacher is replaced at m = 0
+        t = tl.load(t_ptr + idx, mask=mask).to(ww.dtype)
+        s = tl.load(s_ptr + idx, mask=mask).to(ww.dtype)
+        # torch.lerp's two forms, as the C++ kernels: unbiased (m*t + w*s with rounded m, w is not)
+        out = tl.where(small, t + ww * (s - t), s - (s - t) * vv)
+        out = tl.where(copy, s, out)  # where, not arithmetic: a NaN teacher is replaced at m = 0
         tl.store(t_ptr + idx, round_to(out, t_ptr.dtype.element_ty), mask=mask)
 
 
