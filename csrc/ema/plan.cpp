@@ -216,12 +216,24 @@ void check_momentum_tensor(const at::Tensor& momentum, const at::Device& device)
   if (momentum.device().is_cpu()) check_momentum_value(momentum.item<double>());
 }
 
+// The update is not recorded by autograd (it has no differentiable output; students are read as
+// constants). So, under grad mode, a teacher that autograd tracks is refused, as torch's own
+// in-place ops refuse a leaf or a view of a leaf that requires grad; a non-leaf teacher with
+// history is refused too, since its recorded history would no longer describe its value.
 void check_teacher_grad_mode(at::TensorList teacher) {
   if (!at::GradMode::is_enabled()) return;
   for (size_t i = 0; i < teacher.size(); ++i) {
-    TORCH_CHECK(!(teacher[i].requires_grad() && teacher[i].is_leaf()), "ema_update_: teacher[", i,
-                "] is a leaf tensor that requires grad; update under torch.no_grad() or call ",
-                "requires_grad_(False) on the teacher");
+    const at::Tensor& t = teacher[i];
+    if (!t.requires_grad()) continue;
+    TORCH_CHECK(!t.is_leaf(), "ema_update_: teacher[", i, "] is a leaf tensor that requires grad; ",
+                "update under torch.no_grad() or call requires_grad_(False) on the teacher");
+    TORCH_CHECK(!(t.is_view() && t._base().is_leaf()), "ema_update_: teacher[", i, "] is a view of ",
+                "a leaf Variable that requires grad (torch's in-place ops refuse it too: \"a view of ",
+                "a leaf Variable that requires grad is being used in an in-place operation\"); ",
+                "update under torch.no_grad()");
+    TORCH_CHECK(false, "ema_update_: teacher[", i, "] requires grad and has autograd history; ",
+                "ema_update_ is not recorded by autograd, so a backward through the updated tensor ",
+                "would be wrong: update under torch.no_grad() or update a detached tensor");
   }
 }
 

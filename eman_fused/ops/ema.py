@@ -32,6 +32,7 @@ def ema_update_(teacher: Sequence[torch.Tensor], student: Sequence[torch.Tensor]
     device = (teacher or student)[0].device
     name = _backends.resolve(backend, device)
     if name == "reference":
+        _check_teacher_autograd(teacher)  # the kernels' rule (check_teacher_grad_mode in C++)
         reference.ema_update_(teacher, student, momentum)
         return
     if not isinstance(momentum, torch.Tensor):
@@ -47,6 +48,24 @@ def ema_update_(teacher: Sequence[torch.Tensor], student: Sequence[torch.Tensor]
             _ops.ema_update_.default(teacher, student, momentum)
     else:  # the same op through the dispatcher, without boxing every tensor
         _backends._C.ema_update_lists(teacher, student, momentum)
+
+
+def _check_teacher_autograd(teacher) -> None:
+    # Under grad mode the update refuses teachers autograd tracks, as torch's in-place ops do
+    # for leaves and views of leaves; a non-leaf's recorded history would no longer hold.
+    if not torch.is_grad_enabled():
+        return
+    for i, t in enumerate(teacher):
+        if not t.requires_grad:
+            continue
+        if t.is_leaf:
+            raise RuntimeError(f"ema_update_: teacher[{i}] is a leaf tensor that requires grad; update "
+                               "under torch.no_grad() or call requires_grad_(False) on the teacher")
+        if t._base is not None and t._base.is_leaf:
+            raise RuntimeError(f"ema_update_: teacher[{i}] is a view of a leaf Variable that requires grad "
+                               "(torch's in-place ops refuse it too); update under torch.no_grad()")
+        raise RuntimeError(f"ema_update_: teacher[{i}] requires grad and has autograd history; ema_update_ "
+                           "is not recorded by autograd: update under torch.no_grad() or a detached tensor")
 
 
 def _triton_update_(teacher, student, momentum) -> None:
