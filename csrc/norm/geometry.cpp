@@ -46,7 +46,8 @@ NormGeometry check_eman_norm(const at::Tensor& x, const at::Tensor& mean, const 
   check_channel_vector(var, "running_var", x, stats_dtype);
   if (weight) check_channel_vector(*weight, "weight", x, stats_dtype);
   if (bias) check_channel_vector(*bias, "bias", x, stats_dtype);
-  TORCH_CHECK_VALUE(std::isfinite(eps) && eps > 0, "eman_norm: eps must be a finite number > 0, ",
+  // eps = 0 is legal in torch's BatchNorm (a zero variance then gives inf, as there).
+  TORCH_CHECK_VALUE(std::isfinite(eps) && eps >= 0, "eman_norm: eps must be a finite number >= 0, ",
                     "got ", eps);
   if (residual) {
     TORCH_CHECK_VALUE(residual->sizes() == x.sizes(), "eman_norm: residual must have x's shape ",

@@ -52,6 +52,52 @@ def _backward(ctx, grad):
     return gx, None, None, gw, gb, None, gr, None
 
 
+def _setup_backward_context(ctx, inputs, output):
+    grad, x, out, mean, var, weight, eps, relu, _mask = inputs
+    ctx.save_for_backward(grad, x, out if relu else None, mean, var, weight)
+    ctx.eps, ctx.relu = eps, relu
+
+
+def _double_backward(ctx, ggx, ggr, ggw, ggb):
+    """Gradients of the backward's outputs (gx = g·m·scale, gr = g·m, gw = Σ g·m·x̂, gb = Σ g·m,
+    with m the ReLU mask, x̂ = (x - μ)·rsqrt(σ² + ε)) w.r.t. grad, x and weight, in eager ops
+    (themselves differentiable). The mask is piecewise constant and the statistics are
+    constants, so they get no gradient. Used for create_graph=True backwards (Hessian-vector
+    products, gradient penalties); the first backward is always the fused kernel."""
+    grad, x, out, mean, var, weight = ctx.saved_tensors
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    shape = (1, -1) + (1,) * (x.dim() - 2)
+    dims = [d for d in range(x.dim()) if d != 1]
+    inv = torch.rsqrt(var.to(acc) + ctx.eps)
+    scale = inv if weight is None else weight.to(acc) * inv
+    mask = (out > 0).to(acc) if ctx.relu else None
+
+    def given(g, like):  # a gradient for an output that was used, in the accumulation dtype
+        return None if g is None or g.shape != like.shape else g.to(acc)
+
+    ggx, ggr = given(ggx, x), given(ggr, x)
+    ggw, ggb = given(ggw, var), given(ggb, var)
+    need = ctx.needs_input_grad
+    g_grad = g_x = g_w = None
+    if need[0]:
+        t = torch.zeros((), dtype=acc, device=x.device)
+        if ggx is not None:
+            t = t + ggx * scale.reshape(shape)
+        if ggr is not None:
+            t = t + ggr
+        if ggw is not None:
+            t = t + ggw.reshape(shape) * ((x.to(acc) - mean.to(acc).reshape(shape)) * inv.reshape(shape))
+        if ggb is not None:
+            t = t + ggb.reshape(shape)
+        g_grad = (t if mask is None else t * mask).expand(x.shape).to(grad.dtype)
+    gm = grad.to(acc) if mask is None else grad.to(acc) * mask
+    if need[1] and ggw is not None:
+        g_x = (gm * (ggw * inv).reshape(shape)).to(x.dtype)
+    if need[5] and weight is not None and ggx is not None:
+        g_w = ((ggx * gm).sum(dims) * inv).to(weight.dtype)
+    return g_grad, g_x, None, None, None, g_w, None, None, None
+
+
 def _check_devices(x, **tensors) -> None:
     # The fake kernels also serve the Meta key: a call mixing meta and real tensors lands
     # there and must fail as the real kernels do.
@@ -77,3 +123,5 @@ if _backends._C_ERROR is None:
         return (*like_x, *per_channel)
 
     torch.library.register_autograd("eman_fused::eman_norm", _backward, setup_context=_setup_context)
+    torch.library.register_autograd("eman_fused::eman_norm_backward", _double_backward,
+                                    setup_context=_setup_backward_context)

@@ -21,6 +21,7 @@ import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
 from ..ops.layout import norm_memory_format
+from ..ops.norm import _double_backward, _setup_backward_context
 from ._common import round_to
 
 ROW_BLOCK = 1024  # elements of one row segment (inner > 1)
@@ -181,3 +182,4 @@ def _backward(ctx, grad):
 
 
 eman_norm_triton.register_autograd(_backward, setup_context=_setup_context)
+eman_norm_backward_triton.register_autograd(_double_backward, setup_context=_setup_backward_context)
