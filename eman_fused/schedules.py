@@ -13,7 +13,8 @@ import math
 
 import torch
 
-__all__ = ["Schedule", "Constant", "CosineToOne", "MeanTeacherRamp", "Warmup", "Cyclical"]
+__all__ = ["Schedule", "Constant", "CosineToOne", "MeanTeacherRamp", "Warmup", "Cyclical", "CopyFirst",
+           "TimmDecay"]
 
 
 def _check_momentum(name: str, value: float) -> float:
@@ -140,3 +141,68 @@ class Cyclical(Schedule):
 
     def __repr__(self):
         return f"Cyclical(low={self.low}, high={self.high}, period={self.period})"
+
+
+class CopyFirst(Schedule):
+    """m_k = 0 (the teacher becomes a copy of the student) for the first `updates` updates,
+    then `schedule(k)`. torch's AveragedModel copies the model at its first update:
+    AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(d)) is CopyFirst(Constant(d))."""
+
+    def __init__(self, schedule: Schedule, updates: int = 1):
+        if not isinstance(schedule, Schedule):
+            raise TypeError(f"schedule must be a Schedule, got {type(schedule).__name__}")
+        if isinstance(updates, bool) or int(updates) != updates or updates < 0:
+            raise ValueError(f"updates must be an int >= 0, got {updates!r}")
+        self.schedule, self.updates = schedule, int(updates)
+
+    def value(self, step):
+        return 0.0 if step < self.updates else self.schedule.value(step)
+
+    def _tensor(self, k):
+        return torch.where(k < self.updates, torch.zeros_like(k), self.schedule._tensor(k))
+
+    def __repr__(self):
+        return f"CopyFirst({self.schedule!r}, updates={self.updates})"
+
+
+class TimmDecay(Schedule):
+    """timm's ModelEmaV3.get_decay(step), argument for argument, for `teacher.update(step)` with
+    the step given to timm's `ema.update(model, step)`:
+    j = max(0, step - update_after_step - 1); m = 0 (a copy) if j == 0; otherwise
+    clamp(1 - (1 + j/warmup_gamma)^(-warmup_power), min_decay, decay) with use_warmup,
+    else decay. (timm without a step uses `decay` alone: that is Constant(decay).)"""
+
+    def __init__(self, decay: float = 0.9999, min_decay: float = 0.0, update_after_step: int = 0,
+                 use_warmup: bool = False, warmup_gamma: float = 1.0, warmup_power: float = 2 / 3):
+        self.decay = _check_momentum("decay", decay)
+        self.min_decay = _check_momentum("min_decay", min_decay)
+        if isinstance(update_after_step, bool) or int(update_after_step) != update_after_step \
+                or update_after_step < 0:
+            raise ValueError(f"update_after_step must be an int >= 0, got {update_after_step!r}")
+        if not warmup_gamma > 0 or not warmup_power > 0:
+            raise ValueError(f"warmup_gamma and warmup_power must be > 0, got {warmup_gamma}, {warmup_power}")
+        self.update_after_step, self.use_warmup = int(update_after_step), bool(use_warmup)
+        self.warmup_gamma, self.warmup_power = float(warmup_gamma), float(warmup_power)
+
+    def value(self, step):
+        j = max(0, step - self.update_after_step - 1)
+        if j <= 0:
+            return 0.0
+        if not self.use_warmup:
+            return self.decay
+        m = 1 - (1 + j / self.warmup_gamma) ** -self.warmup_power
+        return max(min(m, self.decay), self.min_decay)
+
+    def _tensor(self, k):
+        j = (k - (self.update_after_step + 1)).clamp(min=0)
+        if self.use_warmup:
+            m = (1 - torch.pow(1 + j / self.warmup_gamma, -self.warmup_power))
+            m = m.clamp(max=self.decay).clamp(min=self.min_decay)
+        else:
+            m = torch.full_like(j, self.decay)
+        return torch.where(j <= 0, torch.zeros_like(m), m)
+
+    def __repr__(self):
+        return (f"TimmDecay(decay={self.decay}, min_decay={self.min_decay}, "
+                f"update_after_step={self.update_after_step}, use_warmup={self.use_warmup}, "
+                f"warmup_gamma={self.warmup_gamma}, warmup_power={self.warmup_power})")
