@@ -9,6 +9,7 @@
 #include <torch/csrc/utils/pybind.h>
 
 #include <cstddef>
+#include <cstring>
 #include <vector>
 
 #include "common/dtype.h"
@@ -118,7 +119,73 @@ PyObject* table_layout(PyObject* /*self*/, PyObject* /*args*/) {
 }
 #undef EMAN_FUSED_FIELD
 
+// watch_changed(tensor_dicts, other_dicts, state): a key of every dict's entries (the objects,
+// and for tensors their storage), compared with the key in `state` (a bytearray), which is
+// overwritten when they differ. EMATeacher passes its student's and its own module dicts
+// (_parameters and _buffers first, then _modules): a tensor or module replaced or added changes
+// an entry; a move, cast or re-layout through nn.Module._apply (`param.data = new`) changes a
+// storage. One C walk over the dicts (PyDict_Next: no hashing), where Python would take ~100 ns
+// per entry.
+// Walks the dicts, giving each key word to `sink`; stops early when the sink returns false.
+template <typename Sink>
+bool walk_watched(PyObject* tensor_dicts, PyObject* other_dicts, PyTypeObject* tensor_type,
+                  Sink&& sink) {
+  for (PyObject* dicts : {tensor_dicts, other_dicts}) {
+    const bool tensors = dicts == tensor_dicts;
+    for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(dicts); ++i) {
+      PyObject* d = PyTuple_GET_ITEM(dicts, i);
+      TORCH_CHECK_TYPE(PyDict_Check(d), "watch_changed: expected tuples of dicts");
+      if (!sink(PyDict_GET_SIZE(d))) return false;
+      Py_ssize_t pos = 0;
+      PyObject *name, *v;
+      while (PyDict_Next(d, &pos, &name, &v)) {
+        if (!sink(reinterpret_cast<intptr_t>(name)) || !sink(reinterpret_cast<intptr_t>(v)))
+          return false;
+        // A C-level type test: THPVariable_Check would call Parameter's Python __instancecheck__.
+        if (tensors && (Py_TYPE(v) == tensor_type || PyType_IsSubtype(Py_TYPE(v), tensor_type))) {
+          const c10::TensorImpl* impl = THPVariable_Unpack(v).unsafeGetTensorImpl();
+          if (!sink(reinterpret_cast<intptr_t>(impl->unsafe_storage().unsafeGetStorageImpl())))
+            return false;
+        }
+      }
+    }
+  }
+  return true;
+}
+
+PyObject* watch_changed(PyObject* /*self*/, PyObject* args) {
+  HANDLE_TH_ERRORS
+  PyObject *tensor_dicts, *other_dicts, *state;
+  if (!PyArg_ParseTuple(args, "O!O!O!", &PyTuple_Type, &tensor_dicts, &PyTuple_Type, &other_dicts,
+                        &PyByteArray_Type, &state))
+    return nullptr;
+  auto* tensor_type = reinterpret_cast<PyTypeObject*>(THPVariableClass);
+  TORCH_CHECK(tensor_type != nullptr, "watch_changed: torch.Tensor is not initialized");
+  // The steady state reads the stored key and compares word by word, writing nothing.
+  const auto* old = reinterpret_cast<const int64_t*>(PyByteArray_AS_STRING(state));
+  const Py_ssize_t n_old = PyByteArray_GET_SIZE(state) / static_cast<Py_ssize_t>(sizeof(int64_t));
+  Py_ssize_t at = 0;
+  const bool same = walk_watched(tensor_dicts, other_dicts, tensor_type, [&](int64_t w) {
+    return at < n_old && old[at++] == w;
+  });
+  if (same && at == n_old) Py_RETURN_FALSE;
+  std::vector<int64_t> key;
+  key.reserve(static_cast<size_t>(n_old) + 64);
+  walk_watched(tensor_dicts, other_dicts, tensor_type, [&](int64_t w) {
+    key.push_back(w);
+    return true;
+  });
+  const Py_ssize_t bytes = static_cast<Py_ssize_t>(key.size() * sizeof(int64_t));
+  if (PyByteArray_Resize(state, bytes) != 0) return nullptr;
+  std::memcpy(PyByteArray_AS_STRING(state), key.data(), bytes);
+  Py_RETURN_TRUE;
+  END_HANDLE_TH_ERRORS
+}
+
 PyMethodDef methods[] = {
+    {"watch_changed", watch_changed, METH_VARARGS,
+     "watch_changed(tensor_dicts, other_dicts, state) -> bool: whether the watched dicts' entries "
+     "(objects, tensor storages) differ from the key in `state`; updates `state`."},
     {"ema_update_lists", ema_update_lists, METH_VARARGS,
      "ema_update_lists(teacher, student, momentum): torch.ops.eman_fused.ema_update_ without "
      "per-tensor boxing; eager only (torch.compile traces the op itself)."},

@@ -26,7 +26,7 @@ import torch
 
 from . import _backends
 from .schedules import Constant, Schedule
-from .teacher import EMATeacher, _generation_now, named_tensors
+from .teacher import EMATeacher
 
 __all__ = ["SGD", "AdamW", "LARS"]
 
@@ -34,14 +34,13 @@ _FUSED_TEACHER_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 class _TeacherLink:
-    """Which teacher tensor each optimizer param feeds, and the teacher's remaining lists."""
+    """Which teacher tensor each optimizer param feeds, through EMATeacher's public interface
+    (refresh, fused_pairs, momentum_for_step, update_rest)."""
 
     def __init__(self, teacher: EMATeacher, momentum: float | Schedule | None, capturable: bool):
         if not isinstance(teacher, EMATeacher):
             raise TypeError(f"teacher must be an eman_fused.EMATeacher, got {type(teacher).__name__}")
-        if teacher._sharded_objs is not None or teacher._host_mirror is not None:
-            raise NotImplementedError("the fused optimizers do not yet take a sharded or other-device "
-                                      "teacher; call teacher.update() after a torch optimizer")
+        self._refuse_unsupported(teacher)
         if teacher.capturable != capturable:
             raise ValueError(f"a capturable={capturable} optimizer needs an EMATeacher(..., "
                              f"capturable={capturable}) (the momentum and step count must live "
@@ -51,34 +50,36 @@ class _TeacherLink:
             momentum = Constant(momentum)
         self.teacher, self.schedule = teacher, momentum
         self._generation = None
-        self._rest_key = None
+
+    @staticmethod
+    def _refuse_unsupported(teacher: EMATeacher) -> None:
+        why = teacher.fused_step_unsupported
+        if why is not None:
+            raise NotImplementedError(f"the fused optimizers cannot update this teacher in their step ({why}); "
+                                      "call teacher.update() after a torch optimizer instead")
 
     def _refresh(self) -> None:
-        t = self.teacher
-        if t._matched_generation != _generation_now():
-            t._match()
-        if self._generation == t._matched_generation:
+        generation = self.teacher.refresh()  # follows moves / casts / swapped layers of either model
+        if generation == self._generation:
             return
-        self.fused = {id(s): tt for tt, s in zip(*t._ema_lists)
-                      if s.is_floating_point() and tt.dtype in _FUSED_TEACHER_DTYPES}
-        self.known = {id(x) for x, _ in named_tensors(t._student).values()}
-        self._generation = t._matched_generation
-        self._rest_key = None
+        self._refuse_unsupported(self.teacher)
+        self.fused = {id(s): t for s, t in self.teacher.fused_pairs() if t.dtype in _FUSED_TEACHER_DTYPES}
+        self._generation = generation
 
     def check_params(self, groups) -> None:
         self._refresh()
         for gi, group in enumerate(groups):
             for pi, p in enumerate(group["params"]):
-                if id(p) not in self.known:
+                if not self.teacher.is_student_tensor(p):
                     raise ValueError(f"param {pi} of param group {gi} (shape {tuple(p.shape)}) is not a "
                                      "parameter of the teacher's student; the teacher does not match "
                                      "this optimizer")
 
     def momentum(self):
-        schedule = self.schedule or self.teacher.schedule
-        if self.capturable:  # a float32 device scalar, computed on the device from the step tensor
-            return schedule.tensor(self.teacher._step).to(torch.float32)
-        return schedule(self.teacher._num_updates)
+        self._refresh()  # first: a re-match may move the teacher (and its step tensor)
+        m = self.teacher.momentum_for_step(self.schedule)
+        # capturable: a float32 device scalar, computed on the device from the step tensor
+        return m.to(torch.float32) if self.capturable else m
 
     def teacher_for(self, params) -> list[torch.Tensor]:
         self._refresh()
@@ -90,22 +91,9 @@ class _TeacherLink:
         inside = [p for p in params if id(p) in self.fused]
         return inside, [p for p in params if id(p) not in self.fused]
 
-    def finish(self, fused_ids: set[int], m: float) -> None:
+    def finish(self, fused_ids: set[int], m) -> None:
         """The teacher's tensors not updated by the optimizer kernels, then count the update."""
-        t = self.teacher
-        key = frozenset(fused_ids)
-        if key != self._rest_key:
-            ema_t, ema_s = t._ema_lists
-            rest = [(a, b) for a, b in zip(ema_t, ema_s) if id(b) not in fused_ids]
-            self._rest = ([a for a, _ in rest], [b for _, b in rest])
-            self._rest_key = key
-        if t.sync_buffers == "mean":
-            t._average_student_buffers()
-        t._apply(m, self._rest[1], t._copy_lists[1], ema_teacher=self._rest[0])
-        if self.capturable:
-            t._step.add_(1)
-        else:
-            t._num_updates += 1
+        self.teacher.update_rest(m, fused_ids)
 
 
 class _FusedStep:

@@ -2,14 +2,17 @@
 from __future__ import annotations
 
 import copy
+import numbers
 import re
-import threading
+import warnings
+import weakref
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Callable, Iterable, Union
+from typing import Callable, Iterable, NamedTuple, Union
 
 import torch
 from torch import nn
 
+from . import _backends
 from .ops import ema as ops
 from .nn import convert_to_eman
 from .schedules import Constant, Schedule
@@ -18,38 +21,14 @@ __all__ = ["EMATeacher", "StructureMismatchError"]
 
 Selector = Union[str, re.Pattern, Callable[[str], bool], Iterable[Union[str, re.Pattern, Callable[[str], bool]]]]
 
+BACKENDS = ("auto", "cpu", "cuda", "triton", "reference")
+_DEFAULT_MOMENTUM = 0.999
+_EXTRA_STATE_KEY = "_extra_state"
+_PROGRESS_FORMAT = 1
+
 
 class StructureMismatchError(ValueError):
     """The student's tensors no longer match the teacher's, name by name and shape by shape."""
-
-
-# Module structure generation: bumped by torch's global registration hooks whenever any module
-# gets a parameter, buffer or submodule assigned. A teacher re-matches names only when it moved,
-# so the per-step cost is one integer comparison, and a swapped layer is never missed.
-_generation = 0
-_hooks_installed = False
-_hooks_lock = threading.Lock()
-
-
-def _bump_generation(*_args):
-    global _generation
-    _generation += 1
-
-
-def _generation_now() -> int:
-    return _generation
-
-
-def _install_structure_hooks() -> None:
-    global _hooks_installed
-    with _hooks_lock:
-        if _hooks_installed:
-            return
-        from torch.nn.modules import module as m
-        m.register_module_parameter_registration_hook(_bump_generation)
-        m.register_module_buffer_registration_hook(_bump_generation)
-        m.register_module_module_registration_hook(_bump_generation)
-        _hooks_installed = True
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -68,14 +47,32 @@ def _clean(name: str) -> str:
     return ".".join(part for part in name.split(".") if part != "_orig_mod")
 
 
+class _Slot(NamedTuple):
+    tensor: torch.Tensor
+    is_buffer: bool
+    owner: nn.Module  # the module whose _parameters / _buffers hold it
+    key: str
+
+
+def _named_slots(model: nn.Module) -> dict[str, _Slot]:
+    """name -> slot for every parameter, then every buffer (named_parameters / named_buffers
+    order, shared tensors once), wrapper prefixes removed."""
+    out: dict[str, _Slot] = {}
+    modules = list(unwrap(model).named_modules())
+    for is_buffer, attr in ((False, "_parameters"), (True, "_buffers")):
+        seen: set[int] = set()
+        for prefix, mod in modules:
+            for key, t in getattr(mod, attr).items():
+                if t is None or id(t) in seen:
+                    continue
+                seen.add(id(t))
+                out[_clean(f"{prefix}.{key}" if prefix else key)] = _Slot(t, is_buffer, mod, key)
+    return out
+
+
 def named_tensors(model: nn.Module) -> dict[str, tuple[torch.Tensor, bool]]:
     """name -> (tensor, is_buffer) for every parameter and buffer, wrapper prefixes removed."""
-    out: dict[str, tuple[torch.Tensor, bool]] = {}
-    for name, p in unwrap(model).named_parameters():
-        out[_clean(name)] = (p, False)
-    for name, b in unwrap(model).named_buffers():
-        out[_clean(name)] = (b, True)
-    return out
+    return {name: (slot.tensor, slot.is_buffer) for name, slot in _named_slots(model).items()}
 
 
 def _is_dtensor(t: torch.Tensor) -> bool:
@@ -87,21 +84,64 @@ def _local(t: torch.Tensor) -> torch.Tensor:
     return t.to_local() if _is_dtensor(t) else t
 
 
-def _matcher(selector: Selector | None) -> Callable[[str], bool] | None:
+def _same_layout(t: torch.Tensor, s: torch.Tensor) -> bool:
+    # The kernels' rule: equal strides on every dimension longer than 1.
+    return all(n <= 1 or a == b for n, a, b in zip(t.shape, t.stride(), s.stride()))
+
+
+def _items(selector: Selector | None) -> list:
     if selector is None:
-        return None
+        return []
     items = [selector] if isinstance(selector, (str, re.Pattern)) or callable(selector) else list(selector)
     tests = []
     for item in items:
         if isinstance(item, str):
             item = re.compile(item)
         if isinstance(item, re.Pattern):
-            tests.append(item.search)
+            tests.append((item.pattern, item.search))
         elif callable(item):
-            tests.append(item)
+            tests.append((getattr(item, "__name__", repr(item)), item))
         else:
             raise TypeError(f"include/exclude items must be regex strings, patterns or callables, got {item!r}")
-    return lambda name: any(bool(t(name)) for t in tests)
+    return tests
+
+
+class _Watch:
+    """Cheap change detection: every entry of the watched module dicts (parameters, buffers and
+    submodules of the student and of the teacher) and each tensor's storage, which
+    nn.Module._apply replaces on a move, cast or re-layout. `changed()` is one C walk over them
+    (_C.watch_changed). The values are held, so a freed object's address cannot come back as a
+    new object's while it is watched."""
+
+    def __init__(self, modules: Iterable[nn.Module], extra: Iterable[dict] = ()):
+        modules = list(modules)
+        self.tensor_dicts = tuple(d for m in modules for d in (m._parameters, m._buffers))
+        self.other_dicts = tuple([m._modules for m in modules] + list(extra))
+        self.values = [v for d in self.tensor_dicts + self.other_dicts for v in d.values()]
+        self.state = bytearray()
+        self._fast = getattr(_backends._C, "watch_changed", None)
+        self._py_key = None
+        self.changed()
+
+    def changed(self) -> bool:
+        if self._fast is not None:
+            return self._fast(self.tensor_dicts, self.other_dicts, self.state)
+        key = self._slow_key()
+        if key == self._py_key:
+            return False
+        self._py_key = key
+        return True
+
+    def _slow_key(self) -> tuple:
+        # What _C.watch_changed compares, for a build without the extension (slower).
+        key = []
+        for d in self.tensor_dicts + self.other_dicts:
+            key.append(len(d))
+            for name, v in d.items():
+                key += [id(name), id(v)]
+                if isinstance(v, torch.Tensor) and not _is_dtensor(v):
+                    key.append(v.untyped_storage()._cdata)
+        return tuple(key)
 
 
 class EMATeacher(nn.Module):
@@ -109,7 +149,8 @@ class EMATeacher(nn.Module):
     fused call per `update()`.
 
     student: the model being trained (DDP / DataParallel / torch.compile wrappers are unwrapped).
-    momentum: a float in [0, 1] or a schedule from eman_fused.schedules (schedule= is the same).
+    momentum: a float in [0, 1] (default 0.999) or a schedule from eman_fused.schedules;
+        schedule= is the same (give one of them, not both).
     eman: True (EMAN, the default): the teacher's BatchNorm layers become EMANBatchNorm, which
         normalize with the running statistics in train and eval mode alike, and those statistics
         are EMA'd from the student's like the weights. False: a classic EMA / Mean Teacher whose
@@ -121,12 +162,17 @@ class EMATeacher(nn.Module):
     include / exclude: which tensors are EMA'd, by name: a regex (re.search), a callable
         name -> bool, or a list of those. A tensor is EMA'd if it matches include (default: all)
         and not exclude. The others are copied from the student (others='copy', default) or
-        left as they are (others='freeze').
+        left as they are (others='freeze'). A pattern that matches no name warns.
     teacher: wrap this module instead of a deep copy of the student (its values are kept; call
         `reset()` to copy the student's). teacher_dtype / device: cast / move the teacher
         (e.g. an fp32 teacher of a bf16 student, or a bf16 teacher to halve its memory).
+        device= keeps the teacher there (a CPU teacher of a CUDA student is staged through
+        pinned memory); without it the teacher follows the student to its device.
     train_mode: the teacher module's mode after construction (None: eval for EMAN, so dropout is
-        off, train for classic so its BatchNorms use their batch); `.train()` / `.eval()` change it.
+        off, train for classic so its BatchNorms use their batch; False gives timm's eval-mode
+        classic teacher); `.train()` / `.eval()` change it.
+    untracked_bn: with eman=True, a BatchNorm with track_running_stats=False has no statistics
+        to normalize with: 'error' (default) raises naming it, 'keep' leaves it as it is.
     capturable: keep the step count and the momentum on the teacher's device, so an update can
         be captured in a CUDA graph or traced by torch.compile(fullgraph=True) without
         recompiling as the schedule moves.
@@ -135,28 +181,43 @@ class EMATeacher(nn.Module):
         rank's teacher gets the same statistics (DDP gives each rank its own after a forward).
         None (default): no collective.
     backend: the EMA kernels' backend ('auto', 'cpu', 'cuda', 'triton', 'reference'); the EMAN
-        norm layers get the same name where it applies.
+        norm layers get the same name.
+
+    Moves and casts (`.to()`, `.half()`, `.to(memory_format=...)`, `to_empty()`, of the teacher,
+    the student or a module holding both) are followed: each update first checks, in one C call
+    over the two models' parameter / buffer / submodule entries, whether a tensor was replaced,
+    moved, cast or re-laid out, and re-matches by name if so. The teacher keeps its own dtype and
+    takes the student's memory format.
 
     Sharded students and teachers (FSDP2 `fully_shard`, DTensor parameters) are updated on their
     local shards, without gathering; shard both models the same way and pass `teacher=`.
 
-    state_dict() / load_state_dict() have the keys of the plain model (no 'module.' prefix),
-    also when the teacher sits inside a larger module.
+    state_dict() has the keys of the plain model (no 'module.' prefix, also when the teacher sits
+    inside a larger module) plus `_extra_state`: the teacher's progress (its update count), so a
+    resumed run continues its schedule. `teacher.module.state_dict()` has the plain keys alone.
     """
 
-    def __init__(self, student: nn.Module, momentum: float | Schedule = 0.999, *, eman: bool = True,
+    def __init__(self, student: nn.Module, momentum: float | Schedule | None = None, *, eman: bool = True,
                  schedule: Schedule | None = None, include: Selector | None = None,
                  exclude: Selector | None = None, others: str = "copy", buffers: str = "ema",
                  teacher: nn.Module | None = None, teacher_dtype: torch.dtype | None = None,
                  device: torch.device | str | None = None, train_mode: bool | None = None,
                  fuse_relu: bool = False, capturable: bool = False, sync_buffers: str | None = None,
-                 process_group=None, backend: str = "auto"):
+                 process_group=None, backend: str = "auto", untracked_bn: str = "error"):
         super().__init__()
-        if schedule is not None and not isinstance(momentum, Schedule) and momentum != 0.999:
+        # Every argument is checked before any copy or conversion.
+        if momentum is not None and schedule is not None:
             raise ValueError("give a momentum or a schedule, not both")
         schedule = schedule if schedule is not None else momentum
-        if not isinstance(schedule, Schedule):
+        if schedule is None:
+            schedule = Constant(_DEFAULT_MOMENTUM)
+        elif not isinstance(schedule, Schedule):
+            if isinstance(schedule, bool) or not isinstance(schedule, numbers.Real):
+                raise TypeError(f"momentum must be a float in [0, 1] or an eman_fused.schedules.Schedule, "
+                                f"got {type(schedule).__name__}")
             schedule = Constant(schedule)
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {', '.join(map(repr, BACKENDS))}, got {backend!r}")
         if others not in ("copy", "freeze"):
             raise ValueError(f"others must be 'copy' or 'freeze', got {others!r}")
         if buffers not in ("ema", "copy", "own"):
@@ -166,15 +227,29 @@ class EMATeacher(nn.Module):
                              "buffers='own' would freeze them (use buffers='ema' or 'copy')")
         if sync_buffers not in (None, "mean"):
             raise ValueError(f"sync_buffers must be None or 'mean', got {sync_buffers!r}")
-        if teacher_dtype is not None and not teacher_dtype.is_floating_point:
+        if untracked_bn not in ("error", "keep"):
+            raise ValueError(f"untracked_bn must be 'error' or 'keep', got {untracked_bn!r}")
+        if teacher_dtype is not None and not (isinstance(teacher_dtype, torch.dtype)
+                                              and teacher_dtype.is_floating_point):
             raise ValueError(f"teacher_dtype must be a floating dtype, got {teacher_dtype}")
+        if not isinstance(student, nn.Module):
+            raise TypeError(f"student must be an nn.Module, got {type(student).__name__}")
+        if teacher is not None and not isinstance(teacher, nn.Module):
+            raise TypeError(f"teacher must be an nn.Module, got {type(teacher).__name__}")
+        device = torch.device(device) if device is not None else None
+        include_tests, exclude_tests = _items(include), _items(exclude)
         student = unwrap(student)
+        _refuse_uninitialized(student, "student")
+
         module = copy.deepcopy(student) if teacher is None else unwrap(teacher)
         if eman:
-            norm_backend = backend if backend in ("auto", "cpu", "cuda", "triton", "reference") else "auto"
-            module = convert_to_eman(module, fuse_relu=fuse_relu, backend=norm_backend)
+            module = convert_to_eman(module, fuse_relu=fuse_relu, backend=backend, untracked_bn=untracked_bn)
         if teacher_dtype is not None or device is not None:
             module = module.to(device=device, dtype=teacher_dtype)
+        if type(unwrap(module)).get_extra_state is not nn.Module.get_extra_state:
+            raise NotImplementedError(f"{type(unwrap(module)).__name__} keeps extra state at its root "
+                                      "('_extra_state'), where the teacher keeps its progress; wrap it in a "
+                                      "container (e.g. nn.Sequential(model)) to build its teacher")
         for p in module.parameters():
             p.requires_grad_(False)
             p.grad = None
@@ -185,78 +260,137 @@ class EMATeacher(nn.Module):
         # submodule of its teacher and settings never reach the state_dict.
         object.__setattr__(self, "_student", student)
         self.schedule, self.eman, self.buffers, self.others = schedule, eman, buffers, others
-        self._include, self._exclude = _matcher(include), _matcher(exclude)
-        self.backend, self.capturable = backend, capturable
+        self._include_tests, self._exclude_tests = include_tests, exclude_tests
+        self.backend, self.capturable = backend, bool(capturable)
         self.sync_buffers, self.process_group = sync_buffers, process_group
         self._num_updates = 0
-        ref = next(iter(named_tensors(module).values()), (torch.empty(0),))[0]
-        self.register_buffer("_step", torch.zeros((), dtype=torch.int64, device=ref.device), persistent=False)
+        ref = next(iter(_named_slots(module).values()), None)
+        self.register_buffer("_step", torch.zeros((), dtype=torch.int64, device=ref.tensor.device if ref else None),
+                             persistent=False)
         self._pending: Future | None = None
-        self._host_mirror: _HostMirror | None = None
-        _install_structure_hooks()
-        self._match()
+        self._mirror: _HostMirror | None = None
+        self._generation = 0
+        self._matched_device: torch.device | None = None
+        # device=, or a given teacher= placed elsewhere than its student, pins the teacher.
+        self._device = device
+        if device is None and teacher is not None:
+            t_dev, s_dev = _device_of(module), _device_of(student)
+            if t_dev is not None and s_dev is not None and t_dev != s_dev:
+                self._device = t_dev
+        self._rematch()
+        self._warn_unmatched_selectors()
         self.register_state_dict_post_hook(_drop_module_prefix)
         self.register_load_state_dict_pre_hook(_add_module_prefix)
 
     # -- matching --------------------------------------------------------------------------
     def _selected(self, name: str) -> bool:
-        return ((self._include is None or self._include(name))
-                and not (self._exclude is not None and self._exclude(name)))
+        return ((not self._include_tests or any(bool(t(name)) for _, t in self._include_tests))
+                and not any(bool(t(name)) for _, t in self._exclude_tests))
 
-    def _match(self) -> None:
-        """Pair teacher and student tensors by name; split them into the EMA and copy lists."""
-        t_named, s_named = named_tensors(self.module), named_tensors(self._student)
-        missing = sorted(set(t_named) - set(s_named))
-        extra = sorted(set(s_named) - set(t_named))
-        problems = []
-        if missing:
-            problems.append(f"in the teacher only: {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
-        if extra:
-            problems.append(f"in the student only: {', '.join(extra[:5])}{' ...' if len(extra) > 5 else ''}")
-        for name in sorted(t_named.keys() & s_named.keys()):
-            t, s = t_named[name][0], s_named[name][0]
-            if _is_dtensor(t) != _is_dtensor(s):
-                problems.append(f"{name}: one side is sharded (DTensor), the other is not")
-            elif _is_dtensor(t) and (t.placements != s.placements or t.device_mesh != s.device_mesh):
-                problems.append(f"{name}: sharded differently (teacher {t.placements}, student {s.placements})")
-            elif t.shape != s.shape:
-                problems.append(f"{name}: teacher shape {tuple(t.shape)} vs student {tuple(s.shape)}")
-            elif t.is_floating_point() != s.is_floating_point():
-                problems.append(f"{name}: teacher {t.dtype} vs student {s.dtype} (floating vs integer)")
-        if problems:
-            raise StructureMismatchError("the student's structure does not match the teacher's: "
-                                         + "; ".join(problems))
-        ema_t, ema_s, copy_t, copy_s = [], [], [], []
-        for name, (t, is_buffer) in t_named.items():
-            s = s_named[name][0]
+    def _warn_unmatched_selectors(self) -> None:
+        for what, tests in (("include", self._include_tests), ("exclude", self._exclude_tests)):
+            for label, test in tests:
+                if not any(bool(test(n)) for n in self.names):
+                    example = ", ".join(self.names[:3])
+                    warnings.warn(f"EMATeacher: {what} pattern {label!r} matches no parameter or buffer "
+                                  f"name (names look like: {example})", stacklevel=3)
+
+    def refresh(self) -> int:
+        """Re-match teacher and student if either changed since the last update: a tensor
+        replaced, moved, cast or re-laid out (`.to()`, `.half()`, `to_empty()`, ...), a layer
+        swapped or added. One C call when nothing changed. Returns the pairing's generation
+        (a number that changes at each re-match), so callers can cache what they derive."""
+        if not torch.compiler.is_compiling() and self._watch.changed():
+            self._rematch()
+        return self._generation
+
+    def _rematch(self) -> None:
+        """Pair teacher and student tensors by name; follow the student's device and memory
+        format where allowed; split them into the EMA and copy lists. Raises before any write."""
+        self.wait()
+        student = self._student
+        t_slots, s_slots = _named_slots(self.module), _named_slots(student)
+        _check_structure(t_slots, s_slots)
+        _refuse_uninitialized(student, "student")
+        s_dev = _single_device(s_slots, "student")
+        t_dev = _single_device(t_slots, "teacher")
+        mirror = False
+        on_meta = "meta" in (getattr(t_dev, "type", None), getattr(s_dev, "type", None))
+        if t_dev is not None and s_dev is not None and t_dev != s_dev and not on_meta:
+            if self._matched_device is not None and t_dev != self._matched_device:
+                self._device = t_dev  # the teacher itself was moved: it stays where it was put
+            if self._device is None:
+                self.to(s_dev)  # follow the student (dtypes kept)
+                t_slots, t_dev = _named_slots(self.module), s_dev
+            elif self._mirror_wanted(t_dev, s_dev):
+                mirror = True
+            else:
+                name = next(iter(s_slots))
+                raise ValueError(f"EMATeacher: the student's '{name}' is on {s_dev} but the teacher is kept on "
+                                 f"{t_dev} (device= or an explicit move); move the teacher "
+                                 f"(teacher.to('{s_dev}')) or the student back. A teacher on another device "
+                                 "than its student is supported for a CPU teacher of a CUDA student only")
+        self._follow_layouts(t_slots, s_slots)
+        if t_dev is not None and t_dev.type in ("cpu", "cuda") and self.backend != "reference":
+            _backends.resolve(self.backend, t_dev)  # a missing backend says so here, with why
+
+        ema_t, ema_s, copy_t, copy_s, mirror_buffer = [], [], [], [], []
+        ema_buf, copy_buf = [], []
+        for name, slot in t_slots.items():
+            t, is_buffer = slot.tensor, slot.is_buffer
+            s = s_slots[name].tensor
             selected = self._selected(name)
             if (is_buffer and self.buffers == "own") or (not selected and self.others == "freeze"):
                 continue  # never written
             if not t.is_floating_point():  # counters: copied exactly, in the EMA launch
-                ema_t.append(t), ema_s.append(s)
+                ema_t.append(t), ema_s.append(s), ema_buf.append(is_buffer)
             elif (is_buffer and self.buffers == "copy") or not selected:
-                copy_t.append(t), copy_s.append(s)
+                copy_t.append(t), copy_s.append(s), copy_buf.append(is_buffer)
             else:
-                ema_t.append(t), ema_s.append(s)
+                ema_t.append(t), ema_s.append(s), ema_buf.append(is_buffer)
         # Sharded (FSDP2) tensors are updated through their local shards: no all-gather. The
         # shards are re-read at each update, so a re-allocated shard is never missed.
         self._sharded_objs = (ema_t, ema_s, copy_t, copy_s) if any(map(_is_dtensor, ema_t + copy_t)) else None
         self._ema_lists = ([_local(x) for x in ema_t], [_local(x) for x in ema_s])
         self._copy_lists = ([_local(x) for x in copy_t], [_local(x) for x in copy_s])
-        ema_t, ema_s = self._ema_lists
-        copy_t, copy_s = self._copy_lists
-        self._student_float_buffers = [s_named[n][0] for n, (b, is_buffer) in s_named.items()
-                                       if is_buffer and b.is_floating_point()]
-        self.names = list(t_named)
-        self._matched_generation = _generation
-        devices = {t.device for t in ema_t + copy_t}
-        s_devices = {s.device for s in ema_s + copy_s}
-        if len(devices) > 1:
-            raise ValueError(f"the teacher's tensors are on several devices: {sorted(map(str, devices))}")
-        if devices and s_devices and devices != s_devices:
-            self._host_mirror = _HostMirror(ema_s + copy_s, next(iter(s_devices)))
+        self._student_float_buffers = [slot.tensor for slot in s_slots.values()
+                                       if slot.is_buffer and slot.tensor.is_floating_point()]
+        self._student_all = [slot.tensor for slot in s_slots.values()]
+        self._student_ids = {id(t) for t in self._student_all}
+        self.names = list(t_slots)
+        self._rest_cache = None
+        if mirror:
+            if self._mirror is None:
+                self._mirror = _HostMirror(s_dev)
+            self._mirror.retarget(self._ema_lists[1] + self._copy_lists[1], ema_buf + copy_buf)
         else:
-            self._host_mirror = None
+            self._mirror = None  # freed with its staging buffers, stream and thread
+        self._matched_device, self._on_meta = t_dev, on_meta
+        self._watch = _Watch([*unwrap(self.module).modules(), *unwrap(student).modules()],
+                             extra=[self._modules])
+        self._generation += 1
+
+    def _mirror_wanted(self, t_dev: torch.device, s_dev: torch.device) -> bool:
+        return t_dev.type == "cpu" and s_dev.type == "cuda"
+
+    def _follow_layouts(self, t_slots: dict[str, _Slot], s_slots: dict[str, _Slot]) -> None:
+        # The kernels pair elements in memory order: the teacher takes the student's strides
+        # (a channels_last student makes a channels_last teacher).
+        for name, slot in t_slots.items():
+            t, s = slot.tensor, s_slots[name].tensor
+            if _is_dtensor(t) or _is_dtensor(s) or t.layout != torch.strided or _same_layout(t, s):
+                continue
+            if not _dense(s):
+                raise ValueError(f"EMATeacher: the student's '{name}' is not dense (strides {s.stride()}); "
+                                 "the update reads dense tensors only")
+            new = torch.empty_strided(s.shape, s.stride(), dtype=t.dtype, device=t.device)
+            with torch.no_grad():
+                new.copy_(t)
+            if isinstance(t, nn.Parameter):
+                t.data = new  # the same Parameter object, as nn.Module._apply does
+            else:
+                slot.owner._buffers[slot.key] = new
+                t_slots[name] = slot._replace(tensor=new)
 
     @property
     def ema_tensors(self) -> list[torch.Tensor]:
@@ -264,9 +398,62 @@ class EMATeacher(nn.Module):
         return list(self._ema_lists[0])
 
     @property
+    def ema_sources(self) -> list[torch.Tensor]:
+        """The student tensors read into `ema_tensors`, in the same order."""
+        return list(self._ema_lists[1])
+
+    @property
     def copied_tensors(self) -> list[torch.Tensor]:
         """The teacher tensors copied from the student at every update."""
         return list(self._copy_lists[0])
+
+    # -- the interface of the fused optimizers (eman_fused.optim) ---------------------------
+    @property
+    def fused_step_unsupported(self) -> str | None:
+        """Why an optimizer cannot update this teacher inside its own kernel (None if it can)."""
+        if self._sharded_objs is not None:
+            return "its tensors are sharded (DTensor)"
+        if self._mirror is not None:
+            return "it is on another device than its student"
+        return None
+
+    def fused_pairs(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """(student tensor, teacher tensor) for every floating pair EMA'd at the update's
+        momentum: the pairs an optimizer may update in its kernel, from the student's new value.
+        Valid until the generation returned by `refresh()` changes."""
+        return [(s, t) for t, s in zip(*self._ema_lists) if s.is_floating_point()]
+
+    def student_tensors(self) -> list[torch.Tensor]:
+        """Every parameter and buffer of the student, as matched (whether written or not)."""
+        return list(self._student_all)
+
+    def is_student_tensor(self, t: torch.Tensor) -> bool:
+        """Whether `t` is one of the student's parameters or buffers (by identity)."""
+        return id(t) in self._student_ids
+
+    def momentum_for_step(self, schedule: Schedule | None = None):
+        """The momentum of the next update: `schedule` (default: the teacher's) at the update
+        count, a float; with capturable=True a 0-dim float64 tensor computed on the teacher's
+        device from its step tensor (no host read)."""
+        schedule = schedule if schedule is not None else self.schedule
+        if self.capturable:
+            return schedule.tensor(self._step)
+        return schedule(self._num_updates)
+
+    @torch.no_grad()
+    def update_rest(self, momentum, fused_student_ids: set[int]) -> None:
+        """Complete an update of which an optimizer did part: every EMA pair whose student is
+        not in `fused_student_ids` (ids of student tensors) at `momentum`, the copied tensors,
+        and then count one update. Call `refresh()` before the optimizer's part, not between."""
+        key = frozenset(fused_student_ids)
+        if self._rest_cache is None or self._rest_cache[0] != key:
+            rest = [(a, b) for a, b in zip(*self._ema_lists) if id(b) not in key]
+            self._rest_cache = (key, [a for a, _ in rest], [b for _, b in rest])
+        _, rest_t, rest_s = self._rest_cache
+        if self.sync_buffers == "mean":
+            self._average_student_buffers()
+        self._ema_call(momentum, rest_s, self._copy_lists[1], ema_teacher=rest_t)
+        self._count(None)
 
     # -- the update ------------------------------------------------------------------------
     @torch.no_grad()
@@ -274,8 +461,10 @@ class EMATeacher(nn.Module):
         """One EMA step: teacher <- m*teacher + (1-m)*student, m = schedule(step) (default: the
         number of updates so far). Integer buffers are copied; with include/exclude the
         unselected tensors are copied (others='copy') in a second call at momentum 0."""
-        if _generation != self._matched_generation:
-            self._match()
+        self.refresh()
+        if self._on_meta:
+            raise ValueError("EMATeacher: the teacher's or the student's tensors are on the meta device "
+                             "(not materialized); call to_empty() and load weights before updating")
         if self._sharded_objs is not None:
             ema_t, ema_s, copy_t, copy_s = self._sharded_objs
             self._ema_lists = ([_local(x) for x in ema_t], [_local(x) for x in ema_s])
@@ -288,14 +477,17 @@ class EMATeacher(nn.Module):
             momentum = self.schedule.tensor(self._step)
         else:
             momentum = self.schedule(self._num_updates if step is None else step)
-        if self._host_mirror is not None:
+        if self._mirror is not None:
             self._update_from_host_mirror(momentum)
         else:
-            self._apply(momentum, self._ema_lists[1], self._copy_lists[1])
+            self._ema_call(momentum, self._ema_lists[1], self._copy_lists[1])
+        self._count(step)
+
+    def _count(self, step: int | None) -> None:
         if self.capturable:  # the count lives on the device only: nothing for a trace to guard on
             self._step.add_(1)
-        else:
-            self._num_updates = (self._num_updates if step is None else step) + 1
+        else:  # straight into __dict__: nn.Module.__setattr__ costs more than the rest of the count
+            self.__dict__["_num_updates"] = (self._num_updates if step is None else step) + 1
 
     def _average_student_buffers(self) -> None:
         # One all_reduce over every floating student buffer, flattened (not one per layer).
@@ -316,10 +508,20 @@ class EMATeacher(nn.Module):
     @property
     def num_updates(self) -> int:
         """How many updates ran (the next update's default step). With capturable=True this
-        reads the device counter (a synchronization)."""
+        reads the device counter (a synchronization). Settable, e.g. to resume from a
+        checkpoint that predates the saved count."""
         return int(self._step.item()) if self.capturable else self._num_updates
 
-    def _apply(self, momentum, ema_student, copy_student, ema_teacher=None) -> None:
+    @num_updates.setter
+    def num_updates(self, value: int) -> None:
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0:
+            raise ValueError(f"num_updates must be an int >= 0, got {value!r}")
+        self.wait()
+        self._num_updates = int(value)
+        with torch.no_grad():
+            self._step.fill_(int(value))
+
+    def _ema_call(self, momentum, ema_student, copy_student, ema_teacher=None) -> None:
         ema_teacher = self._ema_lists[0] if ema_teacher is None else ema_teacher
         if ema_teacher:
             ops.ema_update_(ema_teacher, ema_student, momentum, backend=self.backend)
@@ -329,13 +531,12 @@ class EMATeacher(nn.Module):
     @torch.no_grad()
     def reset(self) -> None:
         """Copy every matched tensor from the student (momentum 0), including the selected ones."""
-        if _generation != self._matched_generation:
-            self._match()
+        self.refresh()
         self.wait()
         for lists in (self._ema_lists, self._copy_lists):
             if lists[0]:
                 src = lists[1]
-                if self._host_mirror is not None:
+                if self._mirror is not None:
                     src = [s.to(lists[0][0].device) for s in src]
                 ops.ema_update_(lists[0], src, 0.0, backend=self.backend)
 
@@ -344,14 +545,15 @@ class EMATeacher(nn.Module):
         self.wait()  # the previous host update still reads the staging buffers
         if isinstance(momentum, torch.Tensor):
             momentum = momentum.to(self._ema_lists[0][0].device if self._ema_lists[0] else "cpu")
-        staged = self._host_mirror.stage()
+        mirror = self._mirror
+        staged = mirror.stage()
         n_ema = len(self._ema_lists[1])
 
         def run():
-            self._host_mirror.wait_staged()
-            self._apply(momentum, staged[:n_ema], staged[n_ema:])
+            mirror.wait_staged()
+            self._ema_call(momentum, staged[:n_ema], staged[n_ema:])
 
-        self._pending = self._host_mirror.executor.submit(run)
+        self._pending = mirror.executor.submit(run)
 
     def wait(self) -> None:
         """Join an update still running in the background (a teacher on another device than the
@@ -359,6 +561,26 @@ class EMATeacher(nn.Module):
         pending, self._pending = self._pending, None
         if pending is not None:
             pending.result()
+
+    # -- checkpoints -----------------------------------------------------------------------
+    # The progress travels as one int64 tensor [format, num_updates] under '_extra_state', the
+    # last key of the teacher's state_dict: every value stays a tensor (safetensors, DCP and
+    # torch.load(weights_only=True) read it), and code that zips the teacher's state_dict with
+    # the student's still pairs the plain keys.
+    def get_extra_state(self) -> torch.Tensor:
+        return torch.tensor([_PROGRESS_FORMAT, self.num_updates], dtype=torch.int64)
+
+    def set_extra_state(self, state) -> None:
+        if state is _NO_PROGRESS:
+            warnings.warn("EMATeacher.load_state_dict: the checkpoint has no teacher progress (an older "
+                          "checkpoint or a plain model's state_dict): the update count is not restored and "
+                          f"stays at {self.num_updates}, so a momentum schedule restarts there. Set "
+                          "teacher.num_updates = k to resume at update k.", stacklevel=4)
+            return
+        if not (isinstance(state, torch.Tensor) and state.shape == (2,) and not state.is_floating_point()
+                and int(state[0]) == _PROGRESS_FORMAT):
+            raise ValueError(f"EMATeacher.load_state_dict: '_extra_state' is not an EMATeacher's progress: {state!r}")
+        self.num_updates = int(state[1])
 
     # -- using the teacher -----------------------------------------------------------------
     def forward(self, *args, **kwargs):
@@ -379,51 +601,185 @@ class EMATeacher(nn.Module):
                 f"ema_tensors={len(self._ema_lists[0])}, copied_tensors={len(self._copy_lists[0])}")
 
 
+def _dense(t: torch.Tensor) -> bool:
+    """Non-overlapping and dense: its elements fill one block of memory, in some dim order."""
+    if t.layout != torch.strided:
+        return False
+    if t.numel() == 0:
+        return True
+    expected = 1
+    for stride, size in sorted((st, n) for n, st in zip(t.shape, t.stride()) if n != 1):
+        if stride != expected:
+            return False
+        expected *= size
+    return True
+
+
+def _device_of(model: nn.Module) -> torch.device | None:
+    for slot in _named_slots(model).values():
+        return slot.tensor.device
+    return None
+
+
+def _single_device(slots: dict[str, _Slot], side: str) -> torch.device | None:
+    first: tuple[str, torch.device] | None = None
+    for name, slot in slots.items():
+        dev = slot.tensor.device
+        if first is None:
+            first = (name, dev)
+        elif dev != first[1]:
+            raise ValueError(f"EMATeacher: the {side}'s tensors are on several devices ('{first[0]}' on "
+                             f"{first[1]}, '{name}' on {dev}); the update runs on one device")
+    return first[1] if first else None
+
+
+def _refuse_uninitialized(model: nn.Module, side: str) -> None:
+    for name, slot in _named_slots(model).items():
+        if isinstance(slot.tensor, nn.parameter.UninitializedTensorMixin):
+            raise ValueError(f"EMATeacher: the {side}'s '{name}' is not initialized (a lazy module): run "
+                             "one forward pass before building or updating the teacher")
+
+
+def _check_structure(t_named: dict[str, _Slot], s_named: dict[str, _Slot]) -> None:
+    missing = sorted(set(t_named) - set(s_named))
+    extra = sorted(set(s_named) - set(t_named))
+    problems = []
+    if missing:
+        problems.append(f"in the teacher only: {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
+    if extra:
+        problems.append(f"in the student only: {', '.join(extra[:5])}{' ...' if len(extra) > 5 else ''}")
+    for name in sorted(t_named.keys() & s_named.keys()):
+        t, s = t_named[name].tensor, s_named[name].tensor
+        if _is_dtensor(t) != _is_dtensor(s):
+            problems.append(f"{name}: one side is sharded (DTensor), the other is not")
+        elif _is_dtensor(t) and (t.placements != s.placements or t.device_mesh != s.device_mesh):
+            problems.append(f"{name}: sharded differently (teacher {t.placements}, student {s.placements})")
+        elif t.shape != s.shape:
+            problems.append(f"{name}: teacher shape {tuple(t.shape)} vs student {tuple(s.shape)}")
+        elif t.is_floating_point() != s.is_floating_point():
+            problems.append(f"{name}: teacher {t.dtype} vs student {s.dtype} (floating vs integer)")
+        elif not t.is_floating_point() and t.dtype != s.dtype:
+            problems.append(f"{name}: teacher {t.dtype} vs student {s.dtype} (integer dtypes differ)")
+    if problems:
+        raise StructureMismatchError("the student's structure does not match the teacher's: "
+                                     + "; ".join(problems))
+
+
+class _CudaSide:
+    """The CUDA calls of a host mirror (streams, events, pinned memory), in one place."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.stream = torch.cuda.Stream(device)
+
+    def current(self):
+        return torch.cuda.current_stream(self.device)
+
+    def event(self):
+        return torch.cuda.Event()
+
+    def on_side(self):
+        return torch.cuda.stream(self.stream)
+
+    def alloc(self, like: torch.Tensor) -> torch.Tensor:
+        # Staging in the student's memory format (its strides), pinned for async copies.
+        return torch.empty_strided(like.shape, like.stride(), dtype=like.dtype, pin_memory=True)
+
+
 class _HostMirror:
-    """Stages the student's tensors in pinned host memory on a side stream, so that a teacher on
-    the CPU can be updated by the CPU kernels while the training stream runs on. Optimizer steps
-    (which write the student) first make their stream wait for the staging copy, on the GPU,
-    through a global optimizer step pre-hook; other writes to the student must call wait()."""
+    """Stages a CUDA student's tensors in pinned host memory, so that a teacher on the CPU is
+    updated by the CPU kernels while the training stream runs on. One per teacher, reused
+    across re-matches (a staging buffer is kept for every tensor of the same shape, dtype and
+    strides) and freed with the teacher (stream, buffers and worker thread).
 
-    _live: "list[_HostMirror]" = []
+    Ordering: buffers (BatchNorm statistics, small, written by every forward) are copied on the
+    training stream itself, so the next forward's writes come after the copy; parameters are
+    copied on a side stream that first waits for the training stream, and optimizer steps
+    (torch.optim's global step pre-hook) make their stream wait for that copy. Other writes to
+    the student's parameters must call teacher.wait() first."""
+
+    _live: "weakref.WeakSet[_HostMirror]" = weakref.WeakSet()
     _hook = None
+    _side_factory = _CudaSide  # tests put a CPU stand-in here, to check the bookkeeping
 
-    def __init__(self, student: list[torch.Tensor], device: torch.device):
-        if device.type != "cuda":
+    def __init__(self, device: torch.device):
+        if device.type != "cuda" and self._side_factory is _CudaSide:
             raise ValueError(f"a teacher on another device than its student is supported for a CUDA "
                              f"student only, got a student on {device}")
-        self.student = student
         self.device = device
-        self.staging = [torch.empty(s.shape, dtype=s.dtype, pin_memory=True) for s in student]
-        self.stream = torch.cuda.Stream(device)
-        self.copied = torch.cuda.Event()
+        self.side = self._side_factory(device)
+        self.params_copied, self.buffers_copied = self.side.event(), self.side.event()
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="eman_fused_teacher")
-        _HostMirror._live.append(self)
+        weakref.finalize(self, self.executor.shutdown, wait=False)
+        self.staging: list[torch.Tensor] = []
+        self.student: list[torch.Tensor] = []
+        self.is_buffer: list[bool] = []
+        self.allocations = 0
+        _HostMirror._live.add(self)
         if _HostMirror._hook is None:
-            _HostMirror._hook = torch.optim.optimizer.register_optimizer_step_pre_hook(_HostMirror._order_writes)
+            from torch.optim.optimizer import register_optimizer_step_pre_hook
+            _HostMirror._hook = register_optimizer_step_pre_hook(_order_optimizer_writes)
+
+    def retarget(self, student: list[torch.Tensor], is_buffer: list[bool]) -> None:
+        """Follow the student's current tensors, reusing staging buffers of the same layout."""
+        free: dict[tuple, list[torch.Tensor]] = {}
+        for b in self.staging:
+            free.setdefault(_layout_key(b), []).append(b)
+        staging = []
+        for s in student:
+            pool = free.get(_layout_key(s))
+            if pool:
+                staging.append(pool.pop())
+            else:
+                staging.append(self.side.alloc(s))
+                self.allocations += 1
+        self.staging, self.student, self.is_buffer = staging, list(student), list(is_buffer)
 
     def stage(self) -> list[torch.Tensor]:
-        self.stream.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(self.stream):
-            for dst, src in zip(self.staging, self.student):
+        current = self.side.current()
+        self.side.stream.wait_stream(current)
+        with self.side.on_side():
+            for dst, src, buf in zip(self.staging, self.student, self.is_buffer):
+                if not buf:
+                    dst.copy_(src, non_blocking=True)
+            self.params_copied.record(self.side.stream)
+        for dst, src, buf in zip(self.staging, self.student, self.is_buffer):
+            if buf:
                 dst.copy_(src, non_blocking=True)
-            self.copied.record(self.stream)
+        self.buffers_copied.record(current)
         return self.staging
 
     def wait_staged(self) -> None:
-        self.copied.synchronize()
+        self.params_copied.synchronize()
+        self.buffers_copied.synchronize()
 
-    @staticmethod
-    def _order_writes(_optimizer, _args, _kwargs):
-        for mirror in _HostMirror._live:
-            torch.cuda.current_stream(mirror.device).wait_event(mirror.copied)
+
+def _order_optimizer_writes(_optimizer, _args, _kwargs) -> None:
+    for mirror in list(_HostMirror._live):
+        mirror.side.current().wait_event(mirror.params_copied)
+
+
+def _layout_key(t: torch.Tensor) -> tuple:
+    return tuple(t.shape), t.stride(), t.dtype
+
+
+class _NoProgress:
+    def __repr__(self):
+        return "<no EMATeacher progress in this checkpoint>"
+
+
+_NO_PROGRESS = _NoProgress()
 
 
 def _drop_module_prefix(module, state_dict, prefix, local_metadata):
-    # The teacher's keys are the plain model's: 'conv.weight', not 'module.conv.weight'.
+    # The teacher's keys are the plain model's: 'conv.weight', not 'module.conv.weight'. A
+    # teacher's progress goes last.
     inner = prefix + "module."
+    own_key = prefix + _EXTRA_STATE_KEY
     for key in [k for k in state_dict if k.startswith(inner)]:
         state_dict[prefix + key[len(inner):]] = state_dict.pop(key)
+    if own_key in state_dict:
+        state_dict[own_key] = state_dict.pop(own_key)
     meta = getattr(state_dict, "_metadata", None)
     if meta is not None:
         for key in [k for k in meta if k == inner[:-1] or k.startswith(inner)]:
@@ -432,8 +788,11 @@ def _drop_module_prefix(module, state_dict, prefix, local_metadata):
 
 def _add_module_prefix(module, state_dict, prefix, local_metadata, strict, missing, unexpected, errors):
     inner = prefix + "module."
+    own_key = prefix + _EXTRA_STATE_KEY
+    own = state_dict.pop(own_key, _NO_PROGRESS)
     for key in [k for k in state_dict if k.startswith(prefix) and not k.startswith(inner)]:
         state_dict[inner + key[len(prefix):]] = state_dict.pop(key)
+    state_dict[own_key] = own
     meta = getattr(state_dict, "_metadata", None)
     if meta is not None:
         for key in [k for k in list(meta) if (k.startswith(prefix) or not prefix) and not k.startswith(inner)]:

@@ -150,7 +150,7 @@ def check_optim(backend, name, table, optim_name, device) -> dict:
         ref_step = ref_opt.step
     ref_sources = [dict(ref.named_parameters(), **dict(ref.named_buffers()))[n] for n in
                    [dict((id(v), k) for k, v in [*student.named_parameters(), *student.named_buffers()])[id(s)]
-                    for s in teacher._ema_lists[1]]]
+                    for s in teacher.ema_sources]]
     for _ in range(3):
         opt.step()
         ref_step()
