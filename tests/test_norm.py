@@ -234,7 +234,7 @@ BAD = {
     "weight_shape": (lambda x, m, v, w, b: (x, m, v, w[None], b, 1e-5, None), ValueError, "weight must have shape"),
     "residual_shape": (lambda x, m, v, w, b: (x, m, v, w, b, 1e-5, x[:1]), ValueError, "residual must have x's shape"),
     "residual_dtype": (lambda x, m, v, w, b: (x, m, v, w, b, 1e-5, x.double()), TypeError, "residual must have x's dtype"),
-    "eps_zero": (lambda x, m, v, w, b: (x, m, v, w, b, 0.0, None), ValueError, "eps must be a finite number > 0"),
+    "eps_negative": (lambda x, m, v, w, b: (x, m, v, w, b, -1e-5, None), ValueError, "eps must be a finite number >= 0"),
     "eps_inf": (lambda x, m, v, w, b: (x, m, v, w, b, float("inf"), None), ValueError, "eps must be"),
     "rank": (lambda x, m, v, w, b: (x[0, 0, 0], m[:3], v[:3], None, None, 1e-5, None), ValueError, "N,C or"),
     "int_input": (lambda x, m, v, w, b: (x.long(), m, v, w, b, 1e-5, None), TypeError, "x must be float32"),

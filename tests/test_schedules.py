@@ -29,6 +29,16 @@ def triangle(k, low, high, period):
     return low + (high - low) * up
 
 
+def timm_get_decay(step, decay, min_decay=0.0, update_after_step=0, use_warmup=False, gamma=1.0, power=2 / 3):
+    # timm's ModelEmaV3.get_decay, written out
+    step = max(0, step - update_after_step - 1)
+    if step <= 0:
+        return 0.0
+    if use_warmup:
+        return max(min(1 - (1 + step / gamma) ** -power, decay), min_decay)
+    return decay
+
+
 CASES = [
     (schedules.Constant(0.996), lambda k: 0.996),
     (schedules.CosineToOne(0.996, 300), lambda k: byol(k, 0.996, 300)),
@@ -36,6 +46,13 @@ CASES = [
     (schedules.Warmup(gamma=1.0, power=0.75), lambda k: timm_warmup(k, 1.0, 0.75, 1.0)),
     (schedules.Warmup(gamma=5.0, power=2 / 3, max_momentum=0.9998), lambda k: timm_warmup(k, 5.0, 2 / 3, 0.9998)),
     (schedules.Cyclical(0.99, 0.999, 40), lambda k: triangle(k, 0.99, 0.999, 40)),
+    (schedules.CopyFirst(schedules.Constant(0.95)), lambda k: 0.0 if k == 0 else 0.95),
+    (schedules.CopyFirst(schedules.MeanTeacherRamp(0.99), updates=20),
+     lambda k: 0.0 if k < 20 else mean_teacher(k, 0.99)),
+    (schedules.TimmDecay(0.9998), lambda k: timm_get_decay(k, 0.9998)),
+    (schedules.TimmDecay(0.9999, min_decay=0.2, update_after_step=19, use_warmup=True, warmup_gamma=2.0,
+                         warmup_power=0.75),
+     lambda k: timm_get_decay(k, 0.9999, 0.2, 19, True, 2.0, 0.75)),
 ]
 IDS = [repr(s) for s, _ in CASES]
 
@@ -84,6 +101,11 @@ def test_tensor_form_stays_on_the_step_device_and_needs_no_host_value():
     lambda: schedules.Warmup(power=-1),
     lambda: schedules.Cyclical(0.9, 0.99, 1),
     lambda: schedules.Cyclical(0.9, 1.2, 10),
+    lambda: schedules.CopyFirst(schedules.Constant(0.9), updates=-1),
+    lambda: schedules.TimmDecay(1.5),
+    lambda: schedules.TimmDecay(0.99, min_decay=-0.1),
+    lambda: schedules.TimmDecay(0.99, update_after_step=-1),
+    lambda: schedules.TimmDecay(0.99, warmup_gamma=0),
 ])
 def test_bad_arguments_raise(make):
     with pytest.raises(ValueError):

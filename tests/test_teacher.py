@@ -7,6 +7,7 @@ import torch
 import torchvision
 from torch import nn
 
+import eman_fused
 from eman_fused import EMATeacher, StructureMismatchError, schedules
 from eman_fused.nn import EMANBatchNorm
 from eman_fused.reference import official_eman_update_ as official_eman_update
@@ -29,6 +30,10 @@ def train_step(model, opt, seed):
 
 
 def assert_state_close(actual: dict, expected: dict) -> None:
+    actual = dict(actual)
+    if "_extra_state" in actual and "_extra_state" not in expected:  # a teacher's progress, last
+        assert list(actual)[-1] == "_extra_state"
+        del actual["_extra_state"]
     assert list(actual) == list(expected)
     for k in expected:
         if expected[k].is_floating_point():
@@ -112,10 +117,10 @@ def perturb(model: nn.Module) -> None:
 def test_include_exclude_selects_the_ema_tensors(include, exclude, others):
     student = small_resnet()
     teacher = EMATeacher(student, momentum=0.5, include=include, exclude=exclude, others=others)
-    before = {k: v.clone() for k, v in teacher.state_dict().items()}
+    before = {k: v.clone() for k, v in teacher.module.state_dict().items()}
     perturb(student)
     teacher.update()
-    after, s = teacher.state_dict(), student.state_dict()
+    after, s = teacher.module.state_dict(), student.state_dict()
     for k in after:
         if k.startswith("fc."):
             torch.testing.assert_close(after[k], 0.5 * before[k] + 0.5 * s[k])
@@ -132,10 +137,10 @@ def test_projector_only_momentum_recipe():
     student.add_module("projector", nn.Sequential(nn.Linear(16, 16), nn.BatchNorm1d(16), nn.ReLU(),
                                                   nn.Linear(16, 4)))
     teacher = EMATeacher(student, momentum=0.9, include=r"^projector\.")
-    before = {k: v.clone() for k, v in teacher.state_dict().items()}
+    before = {k: v.clone() for k, v in teacher.module.state_dict().items()}
     perturb(student)
     teacher.update()
-    for k, v in teacher.state_dict().items():
+    for k, v in teacher.module.state_dict().items():
         expected = student.state_dict()[k]
         if k.startswith("projector.") and v.is_floating_point():
             expected = 0.9 * before[k] + 0.1 * expected
@@ -147,10 +152,10 @@ def test_classic_teacher_buffers_option(buffers):
     student = small_resnet()
     teacher = EMATeacher(student, momentum=0.5, eman=False, buffers=buffers)
     assert isinstance(teacher.module.bn1, nn.BatchNorm2d) and teacher.module.training
-    before = {k: v.clone() for k, v in teacher.state_dict().items()}
+    before = {k: v.clone() for k, v in teacher.module.state_dict().items()}
     perturb(student)
     teacher.update()
-    for k, v in teacher.state_dict().items():
+    for k, v in teacher.module.state_dict().items():
         s = student.state_dict()[k]
         if "running" not in k and "num_batches" not in k:
             torch.testing.assert_close(v, 0.5 * before[k] + 0.5 * s, msg=k)
@@ -188,13 +193,19 @@ def test_state_dict_loads_into_a_torchvision_resnet_and_back():
     perturb(student)
     teacher.update()
     plain = torchvision.models.resnet18(num_classes=10)
-    plain.load_state_dict(teacher.state_dict())  # strict: same keys, no 'module.' prefix
-    assert_state_close(plain.state_dict(), teacher.state_dict())
+    # the plain keys, no 'module.' prefix; the teacher's progress is the one extra key, last
+    assert list(teacher.state_dict()) == list(plain.state_dict()) + ["_extra_state"]
+    plain.load_state_dict(teacher.module.state_dict())  # strict
+    result = plain.load_state_dict(teacher.state_dict(), strict=False)
+    assert result.missing_keys == [] and result.unexpected_keys == ["_extra_state"]
+    assert_state_close(teacher.state_dict(), plain.state_dict())
     fresh = EMATeacher(small_resnet())
-    fresh.load_state_dict(plain.state_dict())
+    with pytest.warns(UserWarning, match="no teacher progress"):
+        fresh.load_state_dict(plain.state_dict())
     assert_state_close(fresh.state_dict(), plain.state_dict())
     # a checkpoint with 'module.' keys (timm's ModelEma layout) loads too
-    fresh.load_state_dict({"module." + k: v for k, v in plain.state_dict().items()})
+    with pytest.warns(UserWarning, match="no teacher progress"):
+        fresh.load_state_dict({"module." + k: v for k, v in plain.state_dict().items()})
 
 
 def test_state_dict_keys_inside_a_larger_module():
@@ -233,12 +244,12 @@ def test_structure_change_is_seen_at_the_next_update():
 def test_a_failed_match_writes_nothing():
     student = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2))
     teacher = EMATeacher(student, momentum=0.0)
-    before = [bits(t) for t in teacher.state_dict().values()]
+    before = [bits(t) for t in teacher.module.state_dict().values()]
     perturb(student)
     student[1] = nn.Linear(4, 5)
     with pytest.raises(StructureMismatchError):
         teacher.update()
-    assert all(torch.equal(b, bits(t)) for b, t in zip(before, teacher.state_dict().values()))
+    assert all(torch.equal(b, bits(t)) for b, t in zip(before, teacher.module.state_dict().values()))
 
 
 def test_a_given_teacher_is_matched_by_name_and_reset_copies_the_student():
@@ -266,7 +277,7 @@ def test_compiled_student_and_compiled_submodule_match_every_tensor():
     perturb(student2)
     teacher2.update()
     for k, v in student2.state_dict().items():
-        assert torch.equal(teacher2.state_dict()[k], v), k
+        assert torch.equal(teacher2.module.state_dict()[k], v), k
 
 
 def test_ddp_wrapped_student(tmp_path):
@@ -321,6 +332,43 @@ def test_bad_arguments_raise(kwargs, match):
         EMATeacher(nn.Linear(2, 2), **kwargs)
 
 
+@pytest.mark.parametrize("kwargs,exc,match", [
+    (dict(backend="cdua"), ValueError, "backend must be one of"),
+    (dict(momentum=0.999, schedule=schedules.Constant(0.5)), ValueError, "not both"),  # the default value too
+    (dict(momentum=schedules.Constant(0.9), schedule=schedules.Constant(0.5)), ValueError, "not both"),
+    (dict(momentum="0.9"), TypeError, "momentum must be a float"),
+    (dict(untracked_bn="skip"), ValueError, "untracked_bn must be"),
+])
+def test_arguments_are_checked_at_construction(kwargs, exc, match):
+    with pytest.raises(exc, match=match):
+        EMATeacher(nn.Linear(2, 2), **kwargs)
+
+
+def test_an_unavailable_backend_is_reported_at_construction_with_why():
+    if eman_fused.backends()["cuda"].available:
+        pytest.skip("the CUDA backend is available here")
+    with pytest.raises((RuntimeError, ValueError), match="backend 'cuda'"):
+        EMATeacher(nn.Linear(2, 2), backend="cuda")
+
+
+@pytest.mark.parametrize("kwargs,pattern", [(dict(include=r"^proj\."), r"^proj\."),
+                                            (dict(exclude=["fc", "nothing_here"]), "nothing_here"),
+                                            (dict(include=lambda n: False), "<lambda>")])
+def test_selectors_that_match_nothing_warn(kwargs, pattern):
+    student = nn.Sequential(nn.Linear(2, 2))
+    student.add_module("fc", nn.Linear(2, 2))
+    with pytest.warns(UserWarning, match=f"pattern {re.escape(repr(pattern))} matches no parameter"):
+        EMATeacher(student, **kwargs)
+
+
+def test_the_fused_optimizers_use_only_the_teachers_public_interface():
+    import inspect
+    from eman_fused import optim
+    source = inspect.getsource(optim._TeacherLink)
+    reach_ins = re.findall(r"teacher\._\w+|\bt\._\w+", source)
+    assert reach_ins == [], reach_ins
+
+
 def test_bad_selector_raises():
     with pytest.raises(TypeError, match="include/exclude"):
         EMATeacher(nn.Linear(2, 2), include=[3])
@@ -353,6 +401,38 @@ def test_cpu_teacher_of_a_cuda_student_updates_in_the_background():
 
 
 @needs_gpu
+def test_cpu_teacher_of_a_channels_last_cuda_student_sees_each_forwards_statistics():
+    student = small_resnet().cuda().to(memory_format=torch.channels_last)
+    teacher = EMATeacher(student, momentum=0.5, device="cpu")
+    reference = copy.deepcopy(student).cpu()
+    mirror = teacher._mirror
+    for step in range(4):
+        x = torch.randn(4, 3, 32, 32, device="cuda").to(memory_format=torch.channels_last)
+        student(x)  # writes the BN statistics this update must read
+        snapshot = copy.deepcopy(student).cpu()
+        teacher.update()
+        student(x * 2 + 1)  # the next forward's writes must not reach this update's staging
+        teacher.wait()
+        official_eman_update(reference, snapshot, 0.5)
+    assert_state_close(teacher.state_dict(), reference.state_dict())
+    assert teacher._mirror is mirror and mirror.allocations == len(list(student.state_dict()))
+    assert teacher.module.conv1.weight.is_contiguous(memory_format=torch.channels_last)
+
+
+@needs_gpu
+def test_an_unpinned_teacher_follows_its_student_to_the_gpu_and_a_pinned_one_refuses():
+    student = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4))
+    teacher = EMATeacher(student, momentum=0.0)
+    student.cuda()
+    teacher.update()
+    assert teacher.module[0].weight.device.type == "cuda" and teacher._mirror is None
+    pinned = EMATeacher(student, momentum=0.0, device="cuda")
+    student.cpu()
+    with pytest.raises(ValueError, match="is on cpu but the teacher is kept on cuda"):
+        pinned.update()
+
+
+@needs_gpu
 def test_capturable_update_replays_in_a_cuda_graph():
     student = small_resnet().cuda()
     schedule = schedules.CosineToOne(0.9, 10)
@@ -376,7 +456,8 @@ def test_capturable_update_replays_in_a_cuda_graph():
 
 
 
-def test_teacher_on_another_device_needs_a_cuda_student():
+def test_a_teacher_on_the_meta_device_refuses_to_update():
     student = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4))
-    with pytest.raises(ValueError, match="CUDA student only"):
-        EMATeacher(student, device="meta")
+    teacher = EMATeacher(student, device="meta")  # e.g. built before to_empty()
+    with pytest.raises(ValueError, match="meta device"):
+        teacher.update()
