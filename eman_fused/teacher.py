@@ -334,7 +334,7 @@ class EMATeacher(nn.Module):
         if t_dev is not None and t_dev.type in ("cpu", "cuda") and self.backend != "reference":
             _backends.resolve(self.backend, t_dev)  # a missing backend says so here, with why
 
-        ema_t, ema_s, copy_t, copy_s, mirror_buffer = [], [], [], [], []
+        ema_t, ema_s, copy_t, copy_s = [], [], [], []
         ema_buf, copy_buf = [], []
         for name, slot in t_slots.items():
             t, is_buffer = slot.tensor, slot.is_buffer
