@@ -1,14 +1,29 @@
 """Builds eman_fused._C: CPU kernels always, CUDA kernels when torch and nvcc allow.
 
-EMAN_FUSED_BUILD_CUDA=1 forces the CUDA kernels (failing if impossible), =0 skips them.
-TORCH_CUDA_ARCH_LIST is respected; without it and without a visible GPU we build sm_80 and
-sm_90. What was built, and why CUDA was not, is written to eman_fused/_build_info.py so
-eman_fused.backends() can say it.
+Metadata (name, version, dependencies, extras, packages) is in pyproject.toml; this file only
+describes the extension. Build with the torch you run:
+  pip install --no-build-isolation .          (or: pip wheel --no-build-isolation -w dist .)
+  python setup.py build_ext --inplace         (development, in the source tree)
+
+Switches (environment variables):
+  EMAN_FUSED_BUILD_CUDA=1  the CUDA kernels, or fail saying why not; =0 never; unset: when possible.
+  TORCH_CUDA_ARCH_LIST     respected; unset and no GPU visible: DEFAULT_ARCH_LIST.
+  MAX_JOBS                 parallel compile jobs (ninja), as for every torch extension.
+What was built, and why CUDA was not, is written next to the extension as
+eman_fused/_build_info.py, so eman_fused.backends() and `python -m eman_fused info` can say it.
+
+Sources are found, not listed: every .cpp and .cu under csrc/ (none under a tests/ folder).
+CUDA-only (compiled only with the CUDA kernels, see _cuda_only): .cu files, anything in a
+folder named cuda/, files named cuda_host.cpp or *_bindings.cpp (host code that includes
+CUDA headers and registers CUDA kernels).
 """
 import os
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent
+# sm_80 (A100) and sm_90 (H100) as machine code, plus sm_90 PTX, which the driver compiles
+# for newer GPUs (Blackwell and later) at first launch.
+DEFAULT_ARCH_LIST = "8.0;9.0+PTX"
 
 
 def _pin_cuda_home() -> None:
@@ -25,6 +40,23 @@ _pin_cuda_home()
 import torch  # noqa: E402
 from setuptools import setup  # noqa: E402
 from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension  # noqa: E402
+
+
+def _cuda_only(rel: Path) -> bool:
+    """rel: a source path relative to csrc/."""
+    return (rel.suffix == ".cu" or "cuda" in rel.parts[:-1] or rel.name == "cuda_host.cpp"
+            or rel.name.endswith("_bindings.cpp"))
+
+
+def _sources() -> tuple[list[str], list[str]]:
+    """(sources of every build, CUDA-only sources), relative to this file, sorted."""
+    common, cuda = [], []
+    for path in sorted((ROOT / "csrc").rglob("*")):
+        rel = path.relative_to(ROOT / "csrc")
+        if path.suffix not in (".cpp", ".cu") or "tests" in rel.parts[:-1]:
+            continue
+        (cuda if _cuda_only(rel) else common).append(f"csrc/{rel.as_posix()}")
+    return common, cuda
 
 
 def _cuda_decision() -> tuple[bool, str]:
@@ -45,12 +77,7 @@ def _cuda_decision() -> tuple[bool, str]:
 
 def _extension():
     build_cuda, reason = _cuda_decision()
-    # One folder per op (csrc/ema, csrc/norm, csrc/optim) plus csrc/common: every .cpp is
-    # compiled, except each op's CUDA host side (cuda_host.cpp), which needs CUDA headers.
-    all_cpp = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc").rglob("*.cpp"))
-    sources = [p for p in all_cpp if Path(p).name != "cuda_host.cpp"]
-    cuda_sources = [p for p in all_cpp if Path(p).name == "cuda_host.cpp"]
-    cuda_sources += sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc").rglob("*.cu"))
+    sources, cuda_sources = _sources()
     include_dirs = [str(ROOT / "csrc")]
     # -fno-trapping-math: the branch-free float16 conversions (csrc/common/convert.h) vectorize
     # only when GCC may evaluate both sides of a select (measured 4.7 -> 1.1 ns per element);
@@ -61,35 +88,31 @@ def _extension():
                             extra_compile_args={"cxx": cxx},
                             extra_link_args=["-fopenmp"]), False, reason, ""
     if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
-        os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0"
-    arch = os.environ.get("TORCH_CUDA_ARCH_LIST", "visible GPU")
+        os.environ["TORCH_CUDA_ARCH_LIST"] = DEFAULT_ARCH_LIST
+    arch = os.environ.get("TORCH_CUDA_ARCH_LIST") or "visible GPU"
     ext = CUDAExtension("eman_fused._C", sources + cuda_sources, include_dirs=include_dirs,
                         extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-lineinfo"]},
                         extra_link_args=["-fopenmp"])
     return ext, True, "", arch
 
 
-def _write_build_info(cuda_built: bool, reason: str, arch: str) -> None:
-    text = (
-        "# Written by setup.py at build time; not tracked.\n"
-        f"CUDA_BUILT = {cuda_built!r}\n"
-        f"CUDA_NOT_BUILT_REASON = {reason!r}\n"
-        f"CUDA_ARCH_LIST = {arch!r}\n"
-        f"TORCH_VERSION = {torch.__version__!r}\n"
-        f"CUDA_VERSION = {torch.version.cuda!r}\n"
-    )
-    (ROOT / "eman_fused" / "_build_info.py").write_text(text)
+EXT, CUDA_BUILT, NOT_BUILT_REASON, ARCH = _extension()
 
 
-ext, cuda_built, reason, arch = _extension()
-_write_build_info(cuda_built, reason, arch)
+class _BuildExt(BuildExtension.with_options(use_ninja=True)):
+    """torch's build_ext, then _build_info.py beside the built extension (in the source tree
+    for --inplace, in the build directory, and so in the wheel, otherwise)."""
 
-setup(
-    name="eman_fused",
-    version="0.1.0",
-    description="Fused EMA teacher updates and EMAN normalization kernels for PyTorch",
-    packages=["eman_fused"],
-    ext_modules=[ext],
-    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
-    python_requires=">=3.10",
-)
+    def run(self):
+        super().run()
+        target = Path(self.get_ext_fullpath(EXT.name)).parent / "_build_info.py"
+        target.write_text(
+            "# Written by setup.py when this extension was built; not tracked.\n"
+            f"CUDA_BUILT = {CUDA_BUILT!r}\n"
+            f"CUDA_NOT_BUILT_REASON = {NOT_BUILT_REASON!r}\n"
+            f"CUDA_ARCH_LIST = {ARCH!r}\n"
+            f"TORCH_VERSION = {torch.__version__!r}\n"
+            f"CUDA_VERSION = {torch.version.cuda!r}\n")
+
+
+setup(ext_modules=[EXT], cmdclass={"build_ext": _BuildExt})

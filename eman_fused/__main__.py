@@ -6,6 +6,7 @@ import importlib.metadata
 import json
 import platform
 import sys
+from pathlib import Path
 
 import torch
 
@@ -40,6 +41,8 @@ def info(args) -> int:
         print(f"device      {d}")
     if build:
         print(f"build       CUDA kernels: {'yes, ' + build.CUDA_ARCH_LIST if build.CUDA_BUILT else 'no (' + build.CUDA_NOT_BUILT_REASON + ')'}")
+        print(f"build       against torch {build.TORCH_VERSION} (CUDA {build.CUDA_VERSION}); "
+              f"installed at {Path(eman_fused.__file__).parent}")
     print("backends:")
     for b in eman_fused.backends().values():
         print(" ", b)

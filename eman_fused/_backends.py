@@ -8,16 +8,28 @@ from dataclasses import dataclass
 import torch
 
 try:
+    from . import _build_info
+except ImportError:
+    _build_info = None
+
+
+def _minor(version: str) -> str:
+    return ".".join(version.split("+")[0].split(".")[:2])
+
+
+try:
     from . import _C  # loading it registers the C++/CUDA ops
     _C_ERROR: str | None = None
 except ImportError as exc:  # not built, or built against another torch
     _C = None
-    _C_ERROR = f"eman_fused._C failed to import ({exc}); build it with `python setup.py build_ext --inplace`"
-
-try:
-    from . import _build_info
-except ImportError:
-    _build_info = None
+    built_for = getattr(_build_info, "TORCH_VERSION", None)
+    if built_for and _minor(built_for) != _minor(torch.__version__):
+        why = (f"it was built against torch {built_for} and this is torch {torch.__version__} "
+               "(torch's C++ ABI differs between minor versions)")
+    else:
+        why = str(exc)
+    _C_ERROR = (f"eman_fused._C failed to import: {why}; rebuild it against this torch "
+                "(`pip install --no-build-isolation .`, or in a source tree `python setup.py build_ext --inplace`)")
 
 
 def _interpreting() -> bool:

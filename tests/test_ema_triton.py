@@ -84,6 +84,7 @@ def test_opcheck_triton_ops():
                           (teacher, student, torch.tensor(0.9, device=DEVICE)), **kw)
 
 
+@pytest.mark.gpu
 @TRACING_NEEDS_GPU
 def test_triton_compiles_fullgraph():
     teacher, student = make_lists([(33,), (4, 5), (2,)], [torch.float32, torch.float32, torch.int64],
@@ -125,6 +126,7 @@ def test_triton_matches_the_cuda_backend():
         assert_close_to(a, b)
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not HAS_GPU, reason="no GPU visible")
 def test_triton_update_is_one_kernel_launch():
     teacher, student = make_lists([(n,) for n in range(1, 1001)], [torch.float32] * 1000,

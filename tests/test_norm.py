@@ -379,6 +379,7 @@ def test_backend_choice():
     torch.testing.assert_close(bn(x), reference.eman_norm(x, bn.running_mean, bn.running_var, bn.weight, bn.bias))
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not HAS_GPU, reason="no GPU visible")
 def test_cuda_tensors_under_auto():
     x = torch.randn(2, 3, 4, 4, device="cuda")

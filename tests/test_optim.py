@@ -364,9 +364,32 @@ def test_16bit_step_is_the_float32_step_rounded_once(ours_cls, torch_cls, kwargs
     assert all(a.dtype == dtype for a, _ in got)
 
 
+# torch 2.11-2.13's fused CPU SGD skips the vectorized blocks of float16/bfloat16 params (they
+# are never updated; its momentum buffer is also re-read as float32 from 16-bit memory):
+# pytorch/pytorch#191763, fixed in 2.14 by pytorch/pytorch#192545 and not backported. Comparing
+# with it there would test torch's bug; the float32-emulated step above is the reference on
+# every version, and the next test pins the bug down, so the gate moves if torch changes.
+TORCH_FUSED_16BIT_SGD_IS_CORRECT = tuple(int(x) for x in torch.__version__.split("+")[0].split(".")[:2]) >= (2, 14)
+
+
+def test_torchs_fused_16bit_sgd_is_broken_exactly_where_the_gate_says():
+    p0 = torch.randn(1000, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
+    p = nn.Parameter(p0.clone())
+    p.grad = torch.ones_like(p)
+    torch.optim.SGD([p], lr=0.5, fused=True).step()
+    untouched = int((p.detach() == p0).sum())
+    if TORCH_FUSED_16BIT_SGD_IS_CORRECT:
+        assert untouched == 0
+    else:  # every whole SIMD block left as it was; only the scalar tail (< one vector) moved
+        assert 1000 - 64 <= untouched < 1000
+
+
 @pytest.mark.parametrize("dtype", HALF, ids=str)
 @pytest.mark.parametrize("ours_cls,torch_cls,kwargs", CASES_16, ids=str)
 def test_16bit_params_follow_torchs_fused_16bit_optimizer(ours_cls, torch_cls, kwargs, dtype):
+    if torch_cls is torch.optim.SGD and not TORCH_FUSED_16BIT_SGD_IS_CORRECT:
+        pytest.skip(f"torch {torch.__version__}'s fused 16-bit CPU SGD skips its vectorized blocks "
+                    "(pytorch/pytorch#191763, fixed in 2.14)")
     ours, grads = random_params_and_grads(dtype, 20)
     theirs = [nn.Parameter(p.detach().clone()) for p in ours]
     opt, ref = ours_cls(ours, **kwargs), torch_cls(theirs, fused=True, **kwargs)

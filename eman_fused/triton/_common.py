@@ -1,6 +1,26 @@
 """Helpers shared by the Triton kernels."""
+import torch.library
 import triton
 import triton.language as tl
+
+try:
+    from triton.runtime.interpreter import InterpretedFunction
+except ImportError:  # a Triton without the interpreter: no kernel is ever interpreted
+    InterpretedFunction = ()
+
+
+def wrap_triton(kernel):
+    """torch.library.wrap_triton, for compiled and interpreted kernels alike.
+
+    Under TRITON_INTERPRET=1, @triton.jit returns an InterpretedFunction, which launches
+    eagerly but cannot be traced. torch >= 2.13 hands such a kernel back as it is; torch 2.11
+    and 2.12 refuse it ("wrap_triton only works on functions annotated with triton.jit or
+    triton.autotune"). Handing it back here gives every supported torch the >= 2.13 behaviour
+    (tests/test_triton_compat.py checks both sides of this).
+    """
+    if isinstance(kernel, InterpretedFunction):
+        return kernel
+    return torch.library.wrap_triton(kernel)
 
 
 @triton.jit

@@ -16,10 +16,10 @@ import struct
 import torch
 import triton
 import triton.language as tl
-from torch.library import triton_op, wrap_triton
+from torch.library import triton_op
 
 from ..ops.layout import EMA, plan_counts
-from ._common import round_to
+from ._common import round_to, wrap_triton
 
 BLOCK = 2048
 NUM_WARPS = 4

@@ -18,11 +18,11 @@ import math
 import torch
 import triton
 import triton.language as tl
-from torch.library import triton_op, wrap_triton
+from torch.library import triton_op
 
 from ..ops.layout import norm_memory_format
 from ..ops.norm import _double_backward, _setup_backward_context
-from ._common import round_to
+from ._common import round_to, wrap_triton
 
 ROW_BLOCK = 1024  # elements of one row segment (inner > 1)
 TILE_ROWS, TILE_CHANNELS = 32, 64  # tile for inner == 1

@@ -26,10 +26,10 @@ import struct
 import torch
 import triton
 import triton.language as tl
-from torch.library import triton_op, wrap_triton
+from torch.library import triton_op
 
 from ..ops.layout import OPTIM, optim_counts
-from ._common import round_to
+from ._common import round_to, wrap_triton
 
 BLOCK = 1024
 NUM_WARPS = 4

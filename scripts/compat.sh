@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# One more torch of the declared range (pyproject.toml), as a user of that torch installs us:
+# a fresh venv with that torch (its own triton), eman_fused built against it from dist/'s sdist
+# (CPU kernels: the CUDA compile is proven by scripts/test.sh), then the smoke set from a copy
+# of tests/ outside the source tree: every op (EMA, EMAN norm, SGD/AdamW/LARS steps) on every
+# backend here (C++ CPU and Triton under its interpreter), the teacher, the optimizers, the
+# version-dependent paths, and `python -m eman_fused check`.
+#   bash scripts/compat.sh TORCH_VERSION [REQUIREMENT...]     (after scripts/test.sh built dist/)
+#   e.g. bash scripts/compat.sh 2.11.0 torchvision==0.26.0
+set -euo pipefail
+cd "$(dirname "$0")/.."
+root=$(pwd)
+# shellcheck source=scripts/_venv.sh
+. scripts/_venv.sh
+version="$1"; shift
+sdist=$(ls "$root"/dist/eman_fused-*.tar.gz)
+work=$(mktemp -d "${TMPDIR:-/tmp}/eman_fused_compat.XXXXXX")
+trap 'rm -rf "$work"' EXIT
+py="$work/venv/bin/python"
+
+t0=$(date +%s)
+fresh_venv "$work/venv"
+# ===: exactly this release (a bare == would also take a local +cpu build, without triton).
+wheelhouse_install "$work/venv" "torch===$version" "$@" pytest hypothesis expecttest numpy ninja setuptools wheel
+t1=$(date +%s)
+# --no-index: pip may not swap torch for another one to satisfy our declared range; the check
+# after it proves the torch under test is the one asked for.
+EMAN_FUSED_BUILD_CUDA=0 MAX_JOBS="${MAX_JOBS:-$(nproc)}" "$py" -m pip install -q --disable-pip-version-check \
+  --no-compile --no-build-isolation --no-index --find-links "$EMAN_FUSED_WHEELHOUSE" "$sdist"
+t2=$(date +%s)
+"$py" -m pip check
+"$py" -c "import sys, torch; v = torch.__version__.split('+')[0]; sys.exit(0 if v == '$version' else f'torch {v} installed, $version asked for')"
+echo "torch $version: venv $(( t1 - t0 )) s, eman_fused built from $(basename "$sdist") in $(( t2 - t1 )) s"
+
+stage_suite "$root" "$work/suite"
+cd "$work/suite"
+export EMAN_FUSED_SOURCE_TREE="$root" PYTHONDONTWRITEBYTECODE=1 TRITON_INTERPRET=1
+"$py" -m eman_fused info
+# The CLI check: EMA and the three optimizers on every backend (C++ and the Triton interpreter)
+# over a small model; EMAN norm over the ResNet-50 sites on the C++ kernels (the interpreter
+# would take minutes there; the norm tests below run it).
+"$py" -m eman_fused check --model tests/tiny_model.py --ops ema,optim 2>&1 | tail -3
+TRITON_INTERPRET=0 "$py" -m eman_fused check --ops norm 2>&1 | tail -1
+"$py" -m pytest -q -rs -p no:cacheprovider "${SMOKE[@]}"
