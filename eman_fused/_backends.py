@@ -36,6 +36,23 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+def _version(module) -> tuple[int, int]:
+    return tuple(int(x) for x in module.__version__.split("+")[0].split(".")[:2])
+
+
+def _interpreter_problem() -> str | None:
+    """Why this Triton's interpreter cannot run our kernels here, if it cannot. Triton < 3.7
+    turns a loop bound loaded from memory into int() of a one-element array, which NumPy >= 2.4
+    refuses ("only 0-dimensional arrays can be converted to Python scalars"); 3.7 squeezes it
+    first. Compiled kernels (a GPU) are not affected."""
+    import numpy
+    import triton
+    if _version(triton) < (3, 7) and _version(numpy) >= (2, 4):
+        return (f"Triton {triton.__version__}'s interpreter does not work with NumPy {numpy.__version__} "
+                "(NumPy >= 2.4 refuses int() of 1-element arrays; Triton >= 3.7 or numpy<2.4 does)")
+    return None
+
+
 def _triton_backend() -> Backend:
     if importlib.util.find_spec("triton") is None:
         return Backend("triton", False, "the triton package is not installed")
@@ -45,6 +62,8 @@ def _triton_backend() -> Backend:
     if torch.cuda.is_available() and not _interpreting():
         return Backend("triton", True, f"Triton {triton.__version__} kernels on the GPU")
     if _interpreting():
+        if problem := _interpreter_problem():
+            return Backend("triton", False, problem)
         return Backend("triton", True, f"Triton {triton.__version__} interpreter on the CPU "
                        "(TRITON_INTERPRET=1: for tests, slow)")
     return Backend("triton", False, "no GPU visible (TRITON_INTERPRET=1 runs the Triton "

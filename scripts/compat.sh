@@ -36,9 +36,31 @@ stage_suite "$root" "$work/suite"
 cd "$work/suite"
 export EMAN_FUSED_SOURCE_TREE="$root" PYTHONDONTWRITEBYTECODE=1 TRITON_INTERPRET=1
 "$py" -m eman_fused info
+# Every backend of the smoke set is really there (a missing one would only skip its tests).
+"$py" -c "import eman_fused, sys; b = eman_fused.backends(); sys.exit(next((f'{n}: {b[n].detail}' for n in ('cpu', 'triton') if not b[n].available), 0))"
 # The CLI check: EMA and the three optimizers on every backend (C++ and the Triton interpreter)
 # over a small model; EMAN norm over the ResNet-50 sites on the C++ kernels (the interpreter
 # would take minutes there; the norm tests below run it).
-"$py" -m eman_fused check --model tests/tiny_model.py --ops ema,optim 2>&1 | tail -3
-TRITON_INTERPRET=0 "$py" -m eman_fused check --ops norm 2>&1 | tail -1
-"$py" -m pytest -q -rs -p no:cacheprovider "${SMOKE[@]}"
+PYTHONPATH=tests "$py" -m eman_fused check --model tiny_model:make --ops ema,optim
+TRITON_INTERPRET=0 "$py" -m eman_fused check --ops norm | tail -1
+SMOKE=(
+  tests/test_packaging.py tests/test_triton_compat.py tests/test_schedules.py
+  tests/test_ema_triton.py tests/test_optim_triton.py tests/test_optim.py tests/test_teacher.py
+  tests/test_ema.py::test_every_dtype_pair_and_size
+  tests/test_ema.py::test_momentum_one_is_bit_identical_and_zero_copies
+  tests/test_ema.py::test_integer_tensors_are_copied_in_the_same_call
+  tests/test_ema.py::test_memory_around_the_tensors_is_untouched
+  tests/test_ema.py::test_bad_input_raises_before_any_write
+  tests/test_ema.py::test_opcheck_float_and_tensor_momentum
+  tests/test_ema.py::test_compiles_fullgraph_without_graph_breaks
+  tests/test_ema.py::test_backends_report_and_no_silent_fallback
+  tests/test_norm.py::test_gradcheck_float64
+  tests/test_norm.py::test_relu_passes_nan_and_negative_zero_like_torch
+  tests/test_norm.py::test_opcheck_forward_and_backward
+  tests/test_norm.py::test_opcheck_triton_ops
+  tests/test_norm.py::test_compiles_fullgraph
+  tests/test_norm.py::test_bad_input
+  tests/test_norm.py::test_module_loads_batchnorm_state_and_matches_eval_bn_in_train_mode_too
+  tests/test_norm.py::test_convert_to_eman_on_a_resnet
+)
+"$py" -m pytest -q -rs "${SMOKE[@]}"
