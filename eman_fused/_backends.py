@@ -45,8 +45,11 @@ def _interpreter_problem() -> str | None:
     turns a loop bound loaded from memory into int() of a one-element array, which NumPy >= 2.4
     refuses ("only 0-dimensional arrays can be converted to Python scalars"); 3.7 squeezes it
     first. Compiled kernels (a GPU) are not affected."""
-    import numpy
     import triton
+    try:
+        import numpy
+    except ImportError:
+        return "Triton's interpreter needs NumPy, which is not installed"
     if _version(triton) < (3, 7) and _version(numpy) >= (2, 4):
         return (f"Triton {triton.__version__}'s interpreter does not work with NumPy {numpy.__version__} "
                 "(NumPy >= 2.4 refuses int() of 1-element arrays; Triton >= 3.7 or numpy<2.4 does)")
