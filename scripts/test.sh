@@ -9,14 +9,16 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$(pwd)
-bash scripts/setup.sh
+# The venv only: the wheel below compiles the extension (an in-place build first would compile
+# it twice: the wheel build does not reuse its objects).
+EMAN_FUSED_SETUP_INPLACE=0 bash scripts/setup.sh
 # shellcheck source=scripts/_venv.sh
 . scripts/_venv.sh
 
 t0=$(date +%s)
 rm -rf dist build/lib.*  # build/lib.*: modules deleted from the tree must not reach the wheel
 MAX_JOBS="${MAX_JOBS:-$(nproc)}" .venv/bin/python -m pip wheel -q --disable-pip-version-check \
-  --no-build-isolation --no-deps -w dist .  # in-tree: reuses setup.sh's objects in build/temp.*
+  --no-build-isolation --no-deps -w dist .
 .venv/bin/python -c 'from setuptools import build_meta; build_meta.build_sdist("dist")' >/dev/null
 wheel=$(ls dist/eman_fused-*.whl)
 echo "built $(ls dist | tr '\n' ' ')in $(( $(date +%s) - t0 )) s"
