@@ -20,7 +20,9 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-ROOT = HERE.parents[1]
+# The CUDA sources live in the source tree; scripts/test.sh runs a copy of tests/ outside it
+# (against the installed wheel) and names the tree in EMAN_FUSED_SOURCE_TREE.
+ROOT = Path(os.environ.get("EMAN_FUSED_SOURCE_TREE") or HERE.parents[1]).resolve()
 CSRC = ROOT / "csrc"
 CXX = os.environ.get("CXX", "g++")
 GCOV = os.environ.get("GCOV", "gcov")
