@@ -14,7 +14,10 @@
 
 #include "common/dtype.h"
 #include "ema/layout.h"
+#include "ema/plan.h"
+#include "optim/hyper.h"
 #include "optim/layout.h"
+#include "optim/math.h"
 
 namespace {
 
@@ -74,6 +77,23 @@ PyObject* ema_update_lists(PyObject* /*self*/, PyObject* args) {
   END_HANDLE_TH_ERRORS
 }
 
+// ema_update_'s checks of a pair of lists, writing nothing (the fused optimizers run them on the
+// teacher's other tensors before their first write): a cached plan means these exact tensors
+// (pointers, shapes, strides, dtypes) passed before; else the full validation runs, and caches.
+PyObject* ema_check_lists(PyObject* /*self*/, PyObject* args) {
+  HANDLE_TH_ERRORS
+  PyObject *teacher_obj, *student_obj;
+  if (!PyArg_ParseTuple(args, "OO", &teacher_obj, &student_obj)) return nullptr;
+  const BorrowedTensors teacher(teacher_obj, "teacher");
+  const BorrowedTensors student(student_obj, "student");
+  {
+    pybind11::gil_scoped_release no_gil;
+    eman_fused::get_ema_plan(teacher.list(), student.list());
+  }
+  Py_RETURN_NONE;
+  END_HANDLE_TH_ERRORS
+}
+
 // The table layouts as Python sees them (the Triton kernels and the fake kernels read the same
 // int64 tables as the C++ kernels): sizes, flags and each entry field's word offset, taken from
 // the structs themselves so the two sides cannot drift apart.
@@ -95,17 +115,50 @@ PyObject* table_layout(PyObject* /*self*/, PyObject* /*args*/) {
   EMAN_FUSED_FIELD(ema_fields, EmaTensorEntry, kind);
   EMAN_FUSED_FIELD(optim_fields, OptimEntry, param);
   EMAN_FUSED_FIELD(optim_fields, OptimEntry, grad);
-  EMAN_FUSED_FIELD(optim_fields, OptimEntry, state0);
-  EMAN_FUSED_FIELD(optim_fields, OptimEntry, state1);
-  EMAN_FUSED_FIELD(optim_fields, OptimEntry, state2);
+  EMAN_FUSED_FIELD(optim_fields, OptimEntry, first_moment);
+  EMAN_FUSED_FIELD(optim_fields, OptimEntry, second_moment);
+  EMAN_FUSED_FIELD(optim_fields, OptimEntry, max_second_moment);
   EMAN_FUSED_FIELD(optim_fields, OptimEntry, teacher);
   EMAN_FUSED_FIELD(optim_fields, OptimEntry, numel);
   EMAN_FUSED_FIELD(optim_fields, OptimEntry, first_chunk);
   EMAN_FUSED_FIELD(optim_fields, OptimEntry, num_chunks);
   EMAN_FUSED_FIELD(optim_fields, OptimEntry, flags);
-  EMAN_FUSED_FIELD(optim_fields, OptimEntry, scalar0);
-  EMAN_FUSED_FIELD(optim_fields, OptimEntry, scalar1);
+  EMAN_FUSED_FIELD(optim_fields, OptimEntry, bias_correction1);
+  EMAN_FUSED_FIELD(optim_fields, OptimEntry, bias_correction2_sqrt);
   EMAN_FUSED_FIELD(optim_fields, OptimEntry, step);
+  // Each optimizer's hyper-parameter names in the step op's order, and its scalar block's word
+  // offsets (both generated from the lists in optim/hyper.h and optim/math.h).
+  py::dict hyper, scalars, sgd_scalars, adamw_scalars, lars_scalars, optimizers;
+  py::list sgd_hyper, adamw_hyper, lars_hyper;
+#define EMAN_FUSED_NAME(list, name, check) list.append(#name);
+#define EMAN_FUSED_SGD_NAME(name, check) EMAN_FUSED_NAME(sgd_hyper, name, check)
+#define EMAN_FUSED_ADAMW_NAME(name, check) EMAN_FUSED_NAME(adamw_hyper, name, check)
+#define EMAN_FUSED_LARS_NAME(name, check) EMAN_FUSED_NAME(lars_hyper, name, check)
+  EMAN_FUSED_SGD_HYPER(EMAN_FUSED_SGD_NAME)
+  EMAN_FUSED_ADAMW_HYPER(EMAN_FUSED_ADAMW_NAME)
+  EMAN_FUSED_LARS_HYPER(EMAN_FUSED_LARS_NAME)
+#undef EMAN_FUSED_SGD_NAME
+#undef EMAN_FUSED_ADAMW_NAME
+#undef EMAN_FUSED_LARS_NAME
+#undef EMAN_FUSED_NAME
+#define EMAN_FUSED_SCALAR(dict, Struct, name) \
+  dict[#name] = static_cast<int64_t>(offsetof(Struct, name) / sizeof(double));
+#define EMAN_FUSED_SGD_SCALAR(name) EMAN_FUSED_SCALAR(sgd_scalars, SgdScalars, name)
+#define EMAN_FUSED_ADAMW_SCALAR(name) EMAN_FUSED_SCALAR(adamw_scalars, AdamWScalars, name)
+#define EMAN_FUSED_LARS_SCALAR(name) EMAN_FUSED_SCALAR(lars_scalars, LarsScalars, name)
+  EMAN_FUSED_SGD_SCALARS(EMAN_FUSED_SGD_SCALAR)
+  EMAN_FUSED_ADAMW_SCALARS(EMAN_FUSED_ADAMW_SCALAR)
+  EMAN_FUSED_LARS_SCALARS(EMAN_FUSED_LARS_SCALAR)
+#undef EMAN_FUSED_SGD_SCALAR
+#undef EMAN_FUSED_ADAMW_SCALAR
+#undef EMAN_FUSED_LARS_SCALAR
+#undef EMAN_FUSED_SCALAR
+  hyper["sgd"] = sgd_hyper, hyper["adamw"] = adamw_hyper, hyper["lars"] = lars_hyper;
+  scalars["sgd"] = sgd_scalars, scalars["adamw"] = adamw_scalars, scalars["lars"] = lars_scalars;
+  optimizers["sgd"] = static_cast<int64_t>(Optimizer::kSgd);
+  optimizers["adamw"] = static_cast<int64_t>(Optimizer::kAdamW);
+  optimizers["lars_simclr"] = static_cast<int64_t>(Optimizer::kLarsSimclr);
+  optimizers["lars_you2017"] = static_cast<int64_t>(Optimizer::kLarsYou2017);
   py::dict ema, optim, out;
   ema["chunk_elems"] = kEmaChunkElems, ema["entry_words"] = kEmaEntryWords;
   ema["chunk_words"] = kChunkWords, ema["kind_copy_bytes"] = kKindCopyBytes;
@@ -113,6 +166,8 @@ PyObject* table_layout(PyObject* /*self*/, PyObject* /*args*/) {
   optim["chunk_elems"] = kOptimChunkElems, optim["entry_words"] = kOptimEntryWords;
   optim["chunk_words"] = kChunkWords, optim["flag_first"] = kOptimFirst;
   optim["flag_adapt"] = kOptimAdapt, optim["fields"] = optim_fields;
+  optim["scalar_words"] = kOptimScalarWords, optim["scalars"] = scalars;
+  optim["hyper"] = hyper, optim["optimizers"] = optimizers;
   out["float_tags"] = tags, out["ema"] = ema, out["optim"] = optim;
   return out.release().ptr();
   END_HANDLE_TH_ERRORS
@@ -189,9 +244,12 @@ PyMethodDef methods[] = {
     {"ema_update_lists", ema_update_lists, METH_VARARGS,
      "ema_update_lists(teacher, student, momentum): torch.ops.eman_fused.ema_update_ without "
      "per-tensor boxing; eager only (torch.compile traces the op itself)."},
+    {"ema_check_lists", ema_check_lists, METH_VARARGS,
+     "ema_check_lists(teacher, student): ema_update_'s checks of the lists (cached), no update."},
     {"table_layout", table_layout, METH_NOARGS,
      "table_layout(): the EMA and optimizer tables' sizes, flags and entry field offsets (in "
-     "int64 words), as the C++ kernels define them."},
+     "int64 words), the optimizers' enum values, hyper-parameter names and scalar offsets, as "
+     "the C++ kernels define them."},
     {nullptr, nullptr, 0, nullptr}};
 
 }  // namespace

@@ -1,13 +1,24 @@
 """Optimizers that update the EMA teacher in the same pass as the student (CPU and CUDA kernels).
 
-`LARS` is BYOL/SimCLR's layer-wise adaptive SGD, with the same teacher fusion.
+`SGD` and `AdamW` are torch.optim.SGD / torch.optim.AdamW: the same constructor arguments (and
+the same errors for invalid values: torch's own constructors check them), math, param_groups and
+state_dict, so checkpoints move both ways. `foreach` and `fused` are accepted and change nothing
+(every step is one fused kernel call per param group); `differentiable=True` raises
+NotImplementedError. `step()` runs one fused kernel per param group: new param, optimizer state,
+and, with `teacher=`, the teacher's copy of each param from the value just computed (the same
+bits as `ema_update_` on that value: untouched at momentum 1, a copy at momentum 0). The
+teacher's other tensors (BatchNorm buffers, params without a grad this step, tensors its
+include/exclude copies) get the teacher's own fused call in the same step, so `teacher.update()`
+must not be called as well.
 
-`SGD` and `AdamW` are torch.optim.SGD / torch.optim.AdamW (same constructor arguments, math,
-param_groups and state_dict, so checkpoints move both ways) whose `step()` runs one fused kernel
-per param group: new param, optimizer state, and, with `teacher=`, the teacher's copy of each
-param from the value just computed. The teacher's other tensors (BatchNorm buffers, params
-without a grad this step, tensors its include/exclude copies) get the teacher's own fused call
-in the same step, so `teacher.update()` must not be called as well.
+`LARS` is layer-wise adaptive SGD with the same teacher fusion, in two formulas:
+`formula="simclr"` (SimCLR / BYOL's TensorFlow LARS) and `formula="you2017"` (You et al. 2017, as
+the official EMAN code uses it for BYOL-EMAN).
+
+A step is all or nothing: every group and tensor is checked before the first write, new state
+is kept only when the step ran, so a rejected step leaves params, grads, teacher, optimizer state
+and step counts as they were. Grads may have other strides than their params (as in torch.optim:
+those are copied to the param's layout first).
 
 Backends (`backend=`): the C++ kernels on the CPU, the CUDA C++ kernels, and (not capturable)
 Triton kernels (eman_fused/triton/optim.py) that read the same C++-built table: SGD and AdamW
@@ -16,11 +27,11 @@ another order). 'auto' picks C++ for CPU params and CUDA C++, else Triton, for C
 
 Params may be float32, bfloat16 or float16; grads and state have the param's dtype (as in
 torch.optim), the math is float32 and each stored value is rounded once (as torch's fused=True
-optimizers); the teacher averages each param as stored, in its own dtype.
+optimizers); every scalar derived from hyper-parameters (1 - beta2, 1 - lr*wd, ...) is formed in
+double and rounded once, as torch does; the teacher averages each param as stored, in its own
+dtype.
 """
 from __future__ import annotations
-
-import math
 
 import torch
 
@@ -33,9 +44,22 @@ __all__ = ["SGD", "AdamW", "LARS"]
 _FUSED_TEACHER_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
+def _layout():
+    from .ops.layout import OPTIM  # only where the extension is built (checked at construction)
+    return OPTIM
+
+
+def _refuse_differentiable(differentiable: bool, name: str) -> None:
+    if differentiable:
+        raise NotImplementedError(
+            f"eman_fused.optim.{name}(differentiable=True): the fused kernels write params, state and "
+            "teacher in place below autograd, so no graph through the step is recorded and there is "
+            f"nothing to differentiate; use torch.optim.{name}(differentiable=True) for that")
+
+
 class _TeacherLink:
     """Which teacher tensor each optimizer param feeds, through EMATeacher's public interface
-    (refresh, fused_pairs, momentum_for_step, update_rest)."""
+    (refresh, fused_pairs, momentum_for_step, check_rest, update_rest)."""
 
     def __init__(self, teacher: EMATeacher, momentum: float | Schedule | None, capturable: bool):
         if not isinstance(teacher, EMATeacher):
@@ -91,20 +115,44 @@ class _TeacherLink:
         inside = [p for p in params if id(p) in self.fused]
         return inside, [p for p in params if id(p) not in self.fused]
 
+    def validate(self, fused_ids: set[int]) -> None:
+        """The checks of finish()'s updates, before the optimizer writes anything (a teacher
+        tensor of the wrong shape or dtype raises here, with every tensor untouched)."""
+        self.teacher.check_rest(fused_ids)
+
     def finish(self, fused_ids: set[int], m) -> None:
         """The teacher's tensors not updated by the optimizer kernels, then count the update."""
         self.teacher.update_rest(m, fused_ids)
 
 
+class _Call:
+    """One kernel call of a step (a param group, or its part of one device and dtype): the op,
+    its arguments, and the state it creates, kept only when the call ran."""
+
+    def __init__(self, op, args, new_state):
+        self.op, self.args, self.new_state = op, args, new_state
+
+    def check(self) -> None:
+        """The op's checks, writing nothing (the table op runs them)."""
+        args = self.args if len(self.args) == 11 else (*self.args, [])
+        torch.ops.eman_fused._optim_ema_table(*args)
+
+    def run(self, state) -> None:
+        self.op(*self.args)
+        for p, entries in self.new_state.items():
+            state[p] = entries
+
+
 class _FusedStep:
     _capturable = False
-    _op = ""  # the step op's name, for messages
-    _triton_op = None  # name of its Triton op (None: no Triton kernel)
+    _kind = ""  # its hyper-parameter list in the op's layout: 'sgd', 'adamw' or 'lars'
+    _name = ""  # for messages
 
     def _init_backend(self, backend: str) -> None:
         """backend='auto' (CPU params: the C++ kernels; CUDA params: the CUDA C++ kernels, else
         Triton), 'cpu', 'cuda' or 'triton'. Resolved per device now, so a missing backend is
         reported at construction, with its reason."""
+        _backends.require("cpu")  # the planner and the layouts live in the C++ extension
         self._backend, self._resolved = backend, {}
         self._resolve_params(self.param_groups)
 
@@ -118,41 +166,21 @@ class _FusedStep:
     def _backend_for(self, device) -> str:
         name = self._resolved.get(device)
         if name is None:
-            has = {"cpu", "cuda"} | ({"triton"} if self._triton_op and not self._capturable else set())
-            op = self._op + (".capturable" if self._capturable else "")
+            has = {"cpu", "cuda"} | (set() if self._capturable else {"triton"})
+            op = f"optim_ema_step_ ({self._name}{', capturable' if self._capturable else ''})"
             name = self._resolved[device] = _backends.resolve(self._backend, device, has, op=op)
         return name
 
     def _step_op(self, device):
-        """The non-capturable step op of this optimizer for params on `device`."""
-        triton = self._backend_for(device) == "triton"
-        return getattr(torch.ops.eman_fused, self._triton_op if triton else self._op)
+        """The step op for params on `device`, and whether it takes hyper_tensors."""
+        if self._backend_for(device) == "triton":
+            return torch.ops.eman_fused.optim_ema_step_triton_, False
+        return torch.ops.eman_fused.optim_ema_step_, True
 
     def _init_teacher(self, teacher, teacher_momentum):
-        self._device_scalars: dict = {}
         self._link = _TeacherLink(teacher, teacher_momentum, self._capturable) if teacher is not None else None
         if self._link is not None:
             self._link.check_params(self.param_groups)
-
-    def _device_scalar(self, key, device, value=None) -> torch.Tensor:
-        # capturable: a float32 0-dim tensor per (purpose, device), kept so its address is stable
-        t = self._device_scalars.get((key, device))
-        if t is None:
-            t = self._device_scalars[(key, device)] = torch.zeros((), dtype=torch.float32, device=device)
-        if value is not None:
-            t.fill_(value)
-        return t
-
-    def _lr_tensor(self, group, device) -> torch.Tensor:
-        lr = group["lr"]
-        if isinstance(lr, torch.Tensor):  # a tensor lr: schedulers write it in place
-            return lr.to(device=device, dtype=torch.float32)
-        return self._device_scalar(("lr", id(group)), device, float(lr))
-
-    def _teacher_momentum_tensor(self, m, device) -> torch.Tensor:
-        if isinstance(m, torch.Tensor):
-            return m.to(device=device)
-        return self._device_scalar("no teacher", device, 0.0)
 
     def add_param_group(self, param_group):
         super().add_param_group(param_group)
@@ -161,32 +189,60 @@ class _FusedStep:
         if getattr(self, "_link", None) is not None:
             self._link.check_params(self.param_groups[-1:])
 
-    def _momentum_buffers(self, params):
-        """(each param's 'momentum_buffer', 1 where it is new: the kernel sets it to the first
-        update, as torch.optim.SGD does)."""
-        bufs, first = [], []
+    def _hyper_value(self, group, name, m):
+        """The value of hyper-parameter `name` (a name of the op's layout) for `group`: the group's
+        key of that name unless a class maps it otherwise."""
+        return m if name == "teacher_momentum" else group[name]
+
+    def _hyper(self, group, m, device):
+        """(hyper floats, hyper_tensors) of a call. A tensor value is read on the host unless the
+        optimizer is capturable: then the kernel reads it on the device (no host read)."""
+        values, tensors = [], []
+        for name in _layout()["hyper"][self._kind]:
+            v = self._hyper_value(group, name, m)
+            if isinstance(v, torch.Tensor) and self._capturable:
+                values.append(0.0)  # placeholder: the tensor holds
+                tensors.append(v.detach().reshape(()).to(device=device, dtype=torch.float32))
+            else:
+                values.append(float(v))
+                tensors.append(None)
+        return values, tensors if any(t is not None for t in tensors) else []
+
+    def _momentum_buffers(self, params, momentum_state: bool):
+        """(each param's 'momentum_buffer', flags with FIRST where it is new, the new buffers):
+        a new buffer is set by the kernel to the first update, as torch.optim.SGD does, and is
+        kept in self.state only when the step ran."""
+        if not momentum_state:
+            return [], [0] * len(params), {}
+        first_flag = _layout()["flag_first"]
+        bufs, flags, new = [], [], {}
         for p in params:
-            state = self.state[p]
-            buf = state.get("momentum_buffer")
-            first.append(int(buf is None))
+            buf = self.state.get(p, {}).get("momentum_buffer")
+            flags.append(first_flag if buf is None else 0)
             if buf is None:
-                buf = state["momentum_buffer"] = torch.empty_like(p, memory_format=torch.preserve_format)
+                buf = torch.empty_like(p, memory_format=torch.preserve_format)
+                new[p] = {**self.state.get(p, {}), "momentum_buffer": buf}
             bufs.append(buf)
-        return bufs, first
+        return bufs, flags, new
 
     def _grads(self, group):
         params, grads = [], []
         for p in group["params"]:
-            if p.grad is None:
+            g = p.grad
+            if g is None:
                 continue
-            if p.grad.is_sparse:
+            if g.is_sparse:
                 raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
             if p.device.type not in ("cpu", "cuda"):
                 raise NotImplementedError(f"eman_fused.optim.{type(self).__name__} has CPU and CUDA kernels; "
                                           f"got a param on {p.device}")
             self._backend_for(p.device)
+            if g.stride() != p.stride() and g.shape == p.shape and g.device == p.device:
+                # torch.optim takes grads of any strides; the kernels walk grad and param as
+                # two flat arrays in one memory order.
+                g = torch.empty_like(p, dtype=g.dtype).copy_(g)
             params.append(p)
-            grads.append(p.grad)
+            grads.append(g)
         return params, grads
 
     @torch.no_grad()
@@ -198,6 +254,7 @@ class _FusedStep:
         link = self._link
         m = link.momentum() if link is not None else 0.0  # capturable: a device tensor
         fused_ids: set[int] = set()
+        calls: list[_Call] = []
         for group in self.param_groups:
             params, grads = self._grads(group)
             if not params:
@@ -206,160 +263,209 @@ class _FusedStep:
             # tensor the kernel can update go with it; the rest (all, without a teacher) without.
             by_id = {id(p): g for p, g in zip(params, grads)}
             inside, outside = link.split(params) if link is not None else ([], params)
-            calls = [(p, t) for p, t in zip(inside, link.teacher_for(inside))] if inside else []
-            calls += [(p, None) for p in outside]
+            pairs = [(p, t) for p, t in zip(inside, link.teacher_for(inside))] if inside else []
+            pairs += [(p, None) for p in outside]
             kinds = {}
-            for p, t in calls:
+            for p, t in pairs:
                 kinds.setdefault((p.device, p.dtype, None if t is None else t.dtype), []).append((p, t))
             for part in kinds.values():
                 ps = [p for p, _ in part]
                 ts = [t for _, t in part if t is not None]
-                self._step_group(group, ps, [by_id[id(p)] for p in ps], ts, m)
+                calls.append(self._call(group, ps, [by_id[id(p)] for p in ps], ts, m))
                 if ts:
                     fused_ids.update(id(p) for p in ps)
+        # All or nothing: every call is checked before the first one writes (each checks itself
+        # first too, so the first needs no separate check), and so are the teacher's own updates.
+        for call in calls[1:]:
+            call.check()
+        if len(calls) > 1:  # and no call writes what another reads or writes
+            lists = [call.args for call in calls]
+            torch.ops.eman_fused._optim_ema_overlap(
+                [p for a in lists for p in a[1]], [g for a in lists for g in a[2]],
+                [s for a in lists for s in (*a[3], *a[4], *a[5])], [t for a in lists for t in a[6]],
+                [s for a in lists for s in a[8]])
+        if link is not None:
+            link.validate(fused_ids)
+        for call in calls:
+            call.run(self.state)
         if link is not None:
             link.finish(fused_ids, m)
         return loss
+
+    def _op_call(self, optimizer_id, group, params, grads, moments, teacher, flags, steps, m, new_state):
+        device = params[0].device
+        op, takes_tensors = self._step_op(device)
+        hyper, hyper_tensors = self._hyper(group, m, device)
+        args = (optimizer_id, params, grads, *moments, teacher, flags, steps, hyper)
+        return _Call(op, (*args, hyper_tensors) if takes_tensors else args, new_state)
+
+
+def _torch_kwargs(foreach, fused):
+    return dict(foreach=foreach, fused=fused)
 
 
 class SGD(_FusedStep, torch.optim.SGD):
     """torch.optim.SGD whose step also updates `teacher` (an EMATeacher of the model these params
     belong to) from the new params, in the same pass. `teacher_momentum`: a float or schedule
-    (default: the teacher's own). foreach/fused/differentiable are not supported.
+    (default: the teacher's own). foreach and fused are accepted and change nothing (the step is
+    always one fused kernel per param group); differentiable=True raises NotImplementedError.
 
     capturable=True: lr (a 0-dim tensor to schedule it under a CUDA graph) and the teacher's
     momentum (the teacher must be capturable too) are device scalars read by the kernel.
     backend: 'auto' (CPU params: C++; CUDA params: CUDA C++, else Triton), 'cpu', 'cuda' or
     'triton' (not with capturable=True)."""
 
-    _op, _triton_op = "sgd_ema_step_", "sgd_ema_step_triton_"
+    _kind, _name = "sgd", "SGD"
 
-    def __init__(self, params, lr: float = 1e-3, momentum: float = 0.0, dampening: float = 0.0,
-                 weight_decay: float = 0.0, nesterov: bool = False, *, maximize: bool = False,
+    def __init__(self, params, lr: float | torch.Tensor = 1e-3, momentum: float = 0.0,
+                 dampening: float = 0.0, weight_decay: float | torch.Tensor = 0.0,
+                 nesterov: bool = False, *, maximize: bool = False, foreach: bool | None = None,
+                 differentiable: bool = False, fused: bool | None = None,
                  teacher: EMATeacher | None = None, teacher_momentum=None, capturable: bool = False,
                  backend: str = "auto"):
+        _refuse_differentiable(differentiable, "SGD")
         super().__init__(params, lr=lr, momentum=momentum, dampening=dampening,
-                         weight_decay=weight_decay, nesterov=nesterov, maximize=maximize)
+                         weight_decay=weight_decay, nesterov=nesterov, maximize=maximize,
+                         **_torch_kwargs(foreach, fused))
+        # torch's fused=True has GradScaler hand the step its scale and inf flag; this step
+        # does not take them, so GradScaler unscales the grads and skips inf steps itself.
+        self._step_supports_amp_scaling = False
         self._capturable = capturable
         self._init_backend(backend)
         self._init_teacher(teacher, teacher_momentum)
 
-    def _step_group(self, group, params, grads, teacher, m):
-        bufs, first = self._momentum_buffers(params) if group["momentum"] != 0 else ([], [])
-        hyper = (float(group["momentum"]), float(group["dampening"]), bool(group["nesterov"]),
-                 float(group["weight_decay"]), bool(group["maximize"]))
-        if self._capturable:
-            device = params[0].device
-            torch.ops.eman_fused.sgd_ema_step_.capturable(
-                params, grads, bufs, teacher, first, self._lr_tensor(group, device), *hyper,
-                self._teacher_momentum_tensor(m, device))
-        else:
-            self._step_op(params[0].device)(params, grads, bufs, teacher, first, float(group["lr"]),
-                                            *hyper, float(m))
+    def _call(self, group, params, grads, teacher, m):
+        bufs, flags, new = self._momentum_buffers(params, group["momentum"] != 0)
+        return self._op_call(_layout()["optimizers"]["sgd"], group, params, grads, (bufs, [], []),
+                             teacher, flags, [], m, new)
 
 
 class AdamW(_FusedStep, torch.optim.AdamW):
     """torch.optim.AdamW whose step also updates `teacher` from the new params, in the same pass.
-    amsgrad and maximize supported; foreach/fused/differentiable are not.
+    Every argument of torch.optim.AdamW: amsgrad, maximize, tensor lr and betas; foreach and fused
+    are accepted and change nothing; differentiable=True raises NotImplementedError.
 
-    capturable=True: step counts on the params' device, lr (give a 0-dim tensor to schedule it
-    under a CUDA graph) and the teacher's momentum (the teacher must be capturable too) read by
-    the kernel, which computes the bias corrections itself: no host value per step.
+    capturable=True: step counts on the params' device, lr and betas (give 0-dim tensors to
+    schedule them under a CUDA graph) and the teacher's momentum (the teacher must be capturable
+    too) read by the kernel, which computes the bias corrections itself: no host value per step.
     backend: as for SGD."""
 
-    _op, _triton_op = "adamw_ema_step_", "adamw_ema_step_triton_"
+    _kind, _name = "adamw", "AdamW"
 
-    def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8,
+    def __init__(self, params, lr: float | torch.Tensor = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8,
                  weight_decay: float = 1e-2, amsgrad: bool = False, *, maximize: bool = False,
-                 teacher: EMATeacher | None = None, teacher_momentum=None, capturable: bool = False,
+                 foreach: bool | None = None, capturable: bool = False, differentiable: bool = False,
+                 fused: bool | None = None, teacher: EMATeacher | None = None, teacher_momentum=None,
                  backend: str = "auto"):
+        _refuse_differentiable(differentiable, "AdamW")
         super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
-                         amsgrad=amsgrad, maximize=maximize, capturable=capturable)
+                         amsgrad=amsgrad, maximize=maximize, capturable=capturable,
+                         **_torch_kwargs(foreach, fused))
+        self._step_supports_amp_scaling = False  # as for SGD
         self._capturable = capturable
         self._init_backend(backend)
         self._init_teacher(teacher, teacher_momentum)
 
-    def _step_group(self, group, params, grads, teacher, m):
-        beta1, beta2 = group["betas"]
-        exp_avgs, exp_avg_sqs, max_sqs, steps = [], [], [], []
+    def _hyper_value(self, group, name, m):
+        if name in ("beta1", "beta2"):
+            return group["betas"][name == "beta2"]
+        return super()._hyper_value(group, name, m)
+
+    def _call(self, group, params, grads, teacher, m):
+        exp_avgs, exp_avg_sqs, max_sqs, steps, new = [], [], [], [], {}
+        triton = self._backend_for(params[0].device) == "triton"
         for p in params:
-            state = self.state[p]
-            if len(state) == 0:  # capturable: the step count lives on the param's device
-                state["step"] = torch.zeros((), dtype=torch.float32,
-                                            device=p.device if self._capturable else None)
-                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            state = self.state.get(p)
+            if not state:  # capturable: the step count lives on the param's device
+                state = new[p] = {
+                    "step": torch.zeros((), dtype=torch.float32, device=p.device if self._capturable else None),
+                    "exp_avg": torch.zeros_like(p, memory_format=torch.preserve_format),
+                    "exp_avg_sq": torch.zeros_like(p, memory_format=torch.preserve_format)}
                 if group["amsgrad"]:
                     state["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            elif triton and state["step"].device.type != "cpu":
+                # A checkpoint of torch's fused/capturable AdamW keeps step counts on the GPU; the
+                # Triton kernels read host counts (one copy, then they stay on the host).
+                state["step"] = state["step"].cpu()
             exp_avgs.append(state["exp_avg"])
             exp_avg_sqs.append(state["exp_avg_sq"])
             if group["amsgrad"]:
                 max_sqs.append(state["max_exp_avg_sq"])
             steps.append(state["step"])
-        torch._foreach_add_(steps, 1.0)
-        if self._capturable:  # bias corrections computed by the kernel from the step tensors
-            device = params[0].device
-            torch.ops.eman_fused.adamw_ema_step_.capturable(
-                params, grads, exp_avgs, exp_avg_sqs, max_sqs, teacher,
-                [st.to(device) for st in steps], self._lr_tensor(group, device), float(beta1),
-                float(beta2), float(group["eps"]), float(group["weight_decay"]),
-                bool(group["amsgrad"]), bool(group["maximize"]), self._teacher_momentum_tensor(m, device))
-            return
-        lr = float(group["lr"])
-        step_sizes, bc2_sqrts = [], []
-        for k in torch.stack(steps).tolist():
-            step_sizes.append(lr / (1 - beta1 ** k))
-            bc2_sqrts.append(math.sqrt(1 - beta2 ** k))
-        self._step_op(params[0].device)(
-            params, grads, exp_avgs, exp_avg_sqs, max_sqs, teacher, step_sizes, bc2_sqrts, lr,
-            float(beta1), float(beta2), float(group["eps"]), float(group["weight_decay"]),
-            bool(group["amsgrad"]), bool(group["maximize"]), float(m))
+        return self._op_call(_layout()["optimizers"]["adamw"], group, params, grads,
+                             (exp_avgs, exp_avg_sqs, max_sqs), teacher, [], steps, m, new)
 
 
 class LARS(_FusedStep, torch.optim.Optimizer):
-    """LARS as BYOL and SimCLR use it: for each param p with gradient g,
-    d = g + weight_decay·p, scaled by the trust ratio trust_coefficient·|p|/|d| (1 if either
-    norm is 0); buf = momentum·buf + d; p -= lr·buf. Params for which `exclude(p)` is true
-    (default: 1-D params, i.e. biases and BatchNorm weights) get neither weight decay nor the
-    trust ratio: plain momentum SGD. A group may set its own `exclude`. With `teacher=`, the
-    teacher's copy of each param is updated in the same pass.
+    """LARS (layer-wise adaptive rate scaling) with the teacher's copy of each param updated in
+    the same pass. Two formulas, each held to an eager transcription in eman_fused.reference:
 
-    Two passes per step (documented cost): per-tensor norms of p and d, then the update.
-    capturable=True: lr (a 0-dim tensor to schedule it) and the teacher's momentum (the teacher
-    must be capturable too) are device scalars read by the kernels, as for SGD.
+    formula="simclr" (default; SimCLR's and BYOL's TensorFlow LARS): d = g + weight_decay·p,
+    scaled by the trust ratio trust_coefficient·|p|/|d| (1 if a norm is 0); buf = momentum·buf
+    + d; p -= lr·buf. Excluded params get neither weight decay nor the trust ratio (plain
+    momentum SGD). No dampening or nesterov.
+
+    formula="you2017" (You, Gitman & Ginsburg 2017, as the official EMAN code's LARS for
+    BYOL-EMAN): local_lr = trust_coefficient·|p| / (|g| + weight_decay·|p|) (0 when |p| = 0),
+    d = (g + weight_decay·p)·lr·local_lr; buf = d at first, then momentum·buf +
+    (1 - dampening)·d; d = d + momentum·buf with nesterov, else buf; p -= d. Excluded params
+    skip the trust ratio (local_lr = 1) and keep weight decay, as the official code does.
+
+    Which params are excluded: a group's `lars_exclude=True` (the official code's key) excludes
+    all its params; `exclude(p)` (default for simclr: 1-D params, i.e. biases and BatchNorm; for
+    you2017: none) excludes more. Two passes per step (documented cost): per-tensor norms, then
+    the update. capturable=True: lr (a 0-dim tensor to schedule it) and the teacher's momentum
+    (the teacher must be capturable too) are device scalars read by the kernels, as for SGD.
     backend: as for SGD (Triton: two launches, as the two passes).
     """
 
-    _op, _triton_op = "lars_ema_step_", "lars_ema_step_triton_"
+    _kind, _name = "lars", "LARS"
 
-    def __init__(self, params, lr: float = 0.1, momentum: float = 0.9, weight_decay: float = 0.0,
-                 trust_coefficient: float = 0.001, *, maximize: bool = False, exclude=None,
-                 teacher: EMATeacher | None = None, teacher_momentum=None, capturable: bool = False,
-                 backend: str = "auto"):
+    def __init__(self, params, lr: float | torch.Tensor = 0.1, momentum: float = 0.9,
+                 weight_decay: float = 0.0, trust_coefficient: float = 0.001, *,
+                 dampening: float = 0.0, nesterov: bool = False, formula: str = "simclr",
+                 maximize: bool = False, exclude=None, teacher: EMATeacher | None = None,
+                 teacher_momentum=None, capturable: bool = False, backend: str = "auto"):
+        if formula not in ("simclr", "you2017"):
+            raise ValueError(f"formula must be 'simclr' or 'you2017', got {formula!r}")
         if lr < 0 or momentum < 0 or weight_decay < 0 or trust_coefficient < 0:
             raise ValueError("lr, momentum, weight_decay and trust_coefficient must be >= 0")
-        defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay,
-                        trust_coefficient=trust_coefficient, maximize=maximize,
-                        exclude=exclude if exclude is not None else _one_dim)
+        if formula == "simclr" and (dampening != 0 or nesterov):
+            raise ValueError("formula='simclr' has no dampening or nesterov (formula='you2017' has)")
+        if nesterov and (momentum <= 0 or dampening != 0):
+            raise ValueError("Nesterov momentum requires a momentum and zero dampening")
+        defaults = dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
+                        nesterov=nesterov, trust_coefficient=trust_coefficient, maximize=maximize,
+                        formula=formula, lars_exclude=False,
+                        exclude=exclude if exclude is not None else
+                        (_one_dim if formula == "simclr" else _nothing))
         super().__init__(params, defaults)
         self._capturable = capturable
         self._init_backend(backend)
         self._init_teacher(teacher, teacher_momentum)
 
-    def _step_group(self, group, params, grads, teacher, m):
-        bufs, first = self._momentum_buffers(params)
-        adapt = [int(not group["exclude"](p)) for p in params]
-        hyper = (float(group["momentum"]), float(group["weight_decay"]),
-                 float(group["trust_coefficient"]), bool(group["maximize"]))
-        if self._capturable:
-            device = params[0].device
-            torch.ops.eman_fused.lars_ema_step_.capturable(
-                params, grads, bufs, teacher, adapt, first, self._lr_tensor(group, device), *hyper,
-                self._teacher_momentum_tensor(m, device))
-        else:
-            self._step_op(params[0].device)(params, grads, bufs, teacher, adapt, first,
-                                            float(group["lr"]), *hyper, float(m))
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        for group in self.param_groups:  # checkpoints of the one-formula LARS
+            group.setdefault("formula", "simclr")
+            group.setdefault("lars_exclude", False)
+            group.setdefault("dampening", 0.0)
+            group.setdefault("nesterov", False)
+
+    def _call(self, group, params, grads, teacher, m):
+        you2017 = group["formula"] == "you2017"
+        # simclr keeps a buffer at momentum 0 too (buf = d); you2017, as torch's SGD, none.
+        bufs, flags, new = self._momentum_buffers(params, not you2017 or group["momentum"] != 0)
+        adapt = _layout()["flag_adapt"]
+        flags = [f | (0 if group["lars_exclude"] or group["exclude"](p) else adapt)
+                 for f, p in zip(flags, params)]
+        kind = _layout()["optimizers"]["lars_you2017" if you2017 else "lars_simclr"]
+        return self._op_call(kind, group, params, grads, (bufs, [], []), teacher, flags, [], m, new)
 
 
 def _one_dim(p: torch.Tensor) -> bool:
     return p.ndim <= 1
+
+
+def _nothing(p: torch.Tensor) -> bool:
+    return False

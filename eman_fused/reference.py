@@ -90,8 +90,8 @@ def eman_norm(x: torch.Tensor, running_mean: torch.Tensor, running_var: torch.Te
 def lars_step_(params: Sequence[torch.Tensor], momentum_buffers: dict, lr: float, momentum: float,
                weight_decay: float, trust_coefficient: float, exclude=lambda p: p.ndim <= 1,
                maximize: bool = False) -> None:
-    """LARS as BYOL and SimCLR use it, one param at a time with plain tensor ops (the fused
-    eman_fused.optim.LARS is held to this): d = g + wd·p scaled by
+    """LARS as SimCLR and BYOL's TensorFlow code use it (eman_fused.optim.LARS(formula="simclr")
+    is held to this), one param at a time with plain tensor ops: d = g + wd·p scaled by
     trust_coefficient·|p|/|d| (1 if a norm is 0), except for `exclude`d params (plain g);
     buf = momentum·buf + d (d at first); p -= lr·buf. momentum_buffers: param -> buffer."""
     with torch.no_grad():
@@ -107,3 +107,38 @@ def lars_step_(params: Sequence[torch.Tensor], momentum_buffers: dict, lr: float
             buf = momentum_buffers.get(p)
             momentum_buffers[p] = d.clone() if buf is None else buf.mul_(momentum).add_(d)
             p.sub_(lr * momentum_buffers[p])
+
+
+def lars_you2017_step_(params: Sequence[torch.Tensor], momentum_buffers: dict, lr: float,
+                       momentum: float = 0.0, dampening: float = 0.0, weight_decay: float = 0.0,
+                       nesterov: bool = False, trust_coefficient: float = 0.001,
+                       lars_exclude: bool = False, exclude=lambda p: False,
+                       maximize: bool = False) -> None:
+    """LARS as You, Gitman & Ginsburg (2017) define it and the official EMAN code runs it for
+    BYOL-EMAN (eman_fused.optim.LARS(formula="you2017") is held to this), one param at a time
+    with plain tensor ops, in the order of that code: the local learning rate
+    trust_coefficient·|p| / (|g| + wd·|p|) (0 when |p| = 0 or when that denominator is 0; 1 for a
+    `lars_exclude` group or an `exclude`d param: no trust ratio, weight decay kept),
+    d = (g + wd·p)·(lr·local_lr); with momentum, buf = d at first, then
+    momentum·buf + (1 - dampening)·d, and d = d + momentum·buf (nesterov) or buf; p -= d.
+    momentum_buffers: param -> buffer. `maximize` (not in the official code) negates g."""
+    with torch.no_grad():
+        for p in params:
+            if p.grad is None:
+                continue
+            g = -p.grad if maximize else p.grad
+            if lars_exclude or exclude(p):
+                local_lr = 1.0
+            else:
+                pn, gn = p.norm().item(), g.norm().item()
+                denom = gn + weight_decay * pn
+                local_lr = trust_coefficient * pn / denom if pn > 0 and denom > 0 else 0.0
+            d = g.add(p, alpha=weight_decay).mul(lr * local_lr)
+            if momentum != 0:
+                buf = momentum_buffers.get(p)
+                if buf is None:
+                    buf = momentum_buffers[p] = d.clone()
+                else:
+                    buf.mul_(momentum).add_(d, alpha=1.0 - dampening)
+                d = d.add(buf, alpha=momentum) if nesterov else buf
+            p.sub_(d)

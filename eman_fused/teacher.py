@@ -440,16 +440,30 @@ class EMATeacher(nn.Module):
             return schedule.tensor(self._step)
         return schedule(self._num_updates)
 
+    def _rest_lists(self, fused_student_ids: set[int]):
+        key = frozenset(fused_student_ids)
+        if self._rest_cache is None or self._rest_cache[0] != key:
+            rest = [(a, b) for a, b in zip(*self._ema_lists) if id(b) not in key]
+            self._rest_cache = (key, [a for a, _ in rest], [b for _, b in rest])
+        return self._rest_cache[1], self._rest_cache[2]
+
+    def check_rest(self, fused_student_ids: set[int]) -> None:
+        """The checks of `update_rest(m, fused_student_ids)`'s calls (ema_update_'s checks of
+        each list: shapes, dtypes, devices, overlaps), writing nothing. An optimizer runs them
+        before its own first write, so a teacher tensor that cannot be updated raises while
+        every tensor is still untouched."""
+        rest_t, rest_s = self._rest_lists(fused_student_ids)
+        for teacher, student in ((rest_t, rest_s), self._copy_lists):
+            if teacher:
+                _backends.require("cpu")  # the checks live in the C++ extension
+                _backends._C.ema_check_lists(teacher, student)
+
     @torch.no_grad()
     def update_rest(self, momentum, fused_student_ids: set[int]) -> None:
         """Complete an update of which an optimizer did part: every EMA pair whose student is
         not in `fused_student_ids` (ids of student tensors) at `momentum`, the copied tensors,
         and then count one update. Call `refresh()` before the optimizer's part, not between."""
-        key = frozenset(fused_student_ids)
-        if self._rest_cache is None or self._rest_cache[0] != key:
-            rest = [(a, b) for a, b in zip(*self._ema_lists) if id(b) not in key]
-            self._rest_cache = (key, [a for a, _ in rest], [b for _, b in rest])
-        _, rest_t, rest_s = self._rest_cache
+        rest_t, rest_s = self._rest_lists(fused_student_ids)
         if self.sync_buffers == "mean":
             self._average_student_buffers()
         self._ema_call(momentum, rest_s, self._copy_lists[1], ema_teacher=rest_t)

@@ -5,6 +5,7 @@ import sys
 import torch
 
 import eman_fused
+from eman_fused.ops import optim as optim_ops
 
 results = {"isa": torch.ops.eman_fused._cpu_isa()}
 gen = torch.Generator().manual_seed(0)
@@ -29,7 +30,9 @@ for tdtype in (torch.float32, torch.bfloat16, torch.float16):
         g = [torch.randn(20_011, generator=gen) for _ in range(3)]
         buf = [torch.randn(20_011, generator=gen) for _ in range(3)]
         t = [torch.randn(20_011, generator=gen).to(tdtype) for _ in range(3)]
-        torch.ops.eman_fused.sgd_ema_step_(p, g, buf, t, [1, 0, 0], 0.1, 0.9, 0.0, nesterov, 1e-4, False, 0.99)
+        optim_ops.step_("sgd", p, g, first_moments=buf, teacher=t, flags=[1, 0, 0], lr=0.1, momentum=0.9,
+                        dampening=0.0, nesterov=nesterov, weight_decay=1e-4, maximize=False,
+                        teacher_momentum=0.99)
         results[f"sgd {tdtype} {nesterov}"] = [*p, *buf, *t]
     for amsgrad in (False, True):
         p = [torch.randn(20_011, generator=gen) for _ in range(2)]
@@ -38,13 +41,17 @@ for tdtype in (torch.float32, torch.bfloat16, torch.float16):
         v = [torch.rand(20_011, generator=gen) for _ in range(2)]
         vmax = [x.clone() for x in v] if amsgrad else []
         t = [torch.randn(20_011, generator=gen).to(tdtype) for _ in range(2)]
-        torch.ops.eman_fused.adamw_ema_step_(p, g, m, v, vmax, t, [0.01, 0.02], [0.5, 0.7], 0.01, 0.9,
-                                             0.999, 1e-8, 0.01, amsgrad, False, 0.99)
+        optim_ops.step_("adamw", p, g, first_moments=m, second_moments=v, max_second_moments=vmax, teacher=t,
+                        steps=[torch.tensor(3.0), torch.tensor(10.0)], lr=0.01, beta1=0.9, beta2=0.999,
+                        eps=1e-8, weight_decay=0.01, amsgrad=amsgrad, maximize=False, teacher_momentum=0.99)
         results[f"adamw {tdtype} {amsgrad}"] = [*p, *m, *v, *vmax, *t]
-    p = [torch.randn(20_011, generator=gen) for _ in range(3)]
-    g = [torch.randn(20_011, generator=gen) for _ in range(3)]
-    buf = [torch.randn(20_011, generator=gen) for _ in range(3)]
-    t = [torch.randn(20_011, generator=gen).to(tdtype) for _ in range(3)]
-    torch.ops.eman_fused.lars_ema_step_(p, g, buf, t, [1, 0, 1], [0, 0, 1], 0.1, 0.9, 1e-4, 0.001, False, 0.99)
-    results[f"lars {tdtype}"] = [*p, *buf, *t]
+    for formula in ("simclr", "you2017"):
+        p = [torch.randn(20_011, generator=gen) for _ in range(3)]
+        g = [torch.randn(20_011, generator=gen) for _ in range(3)]
+        buf = [torch.randn(20_011, generator=gen) for _ in range(3)]
+        t = [torch.randn(20_011, generator=gen).to(tdtype) for _ in range(3)]
+        optim_ops.step_(f"lars_{formula}", p, g, first_moments=buf, teacher=t, flags=[2, 0, 3], lr=0.1,
+                        momentum=0.9, dampening=0.1 if formula == "you2017" else 0.0, nesterov=False,
+                        weight_decay=1e-4, trust_coefficient=0.001, maximize=False, teacher_momentum=0.99)
+        results[f"lars {formula} {tdtype}"] = [*p, *buf, *t]
 torch.save(results, sys.argv[1])

@@ -91,11 +91,12 @@ def test_check_covers_the_fused_optimizers_and_fails_when_wrong(tiny_json):
     n = len(backends_for(torch.device("cpu")))  # the C++ kernels, and the Triton interpreter
     ok = cli("check", "--model", f"{tiny_json},tiny_model:make", "--device", "cpu", "--ops", "optim")
     assert ok.returncode == 0, ok.stdout + ok.stderr
-    assert f"{6 * n} passed, 0 failed" in ok.stdout  # 2 models x (sgd, adamw, lars) per backend
+    # 2 models x (sgd, sgd_dampening, adamw, adamw_tensor, lars, lars_you2017) per backend
+    assert f"{12 * n} passed, 0 failed" in ok.stdout
     for broken in backends_for(torch.device("cpu")):
         bad = cli("check", "--model", str(tiny_json), "--device", "cpu", "--ops", "optim",
                   env={"EMAN_FUSED_CHECK_FAULT": broken})
-        assert bad.returncode == 1 and f"{3 * (n - 1)} passed, 3 failed" in bad.stdout
+        assert bad.returncode == 1 and f"{6 * (n - 1)} passed, 6 failed" in bad.stdout
 
 
 def test_bench_optim(tiny_json, tmp_path):
@@ -103,10 +104,16 @@ def test_bench_optim(tiny_json, tmp_path):
               "--json", str(tmp_path / "o.json"))
     assert out.returncode == 0, out.stderr
     cases = json.loads((tmp_path / "o.json").read_text())["optim"]["cases"]
-    assert [c["case"] for c in cases] == ["tiny sgd", "tiny adamw", "tiny lars"]
+    assert [c["case"] for c in cases] == ["tiny sgd", "tiny adamw", "tiny lars", "tiny lars_you2017"]
     assert set(cases[0]["methods"]) == {"eman_fused", "torch+EMATeacher", "torch_foreach+EMATeacher",
                                         "torch_fused+EMATeacher", "torch+foreach_lerp"}
-    assert set(cases[2]["methods"]) == {"eman_fused", "eager_lars+EMATeacher"}
+    assert set(cases[2]["methods"]) == set(cases[3]["methods"]) == {"eman_fused", "eager_lars+EMATeacher"}
+    tensors = cli("bench", "--ops", "optim", "--model", str(tiny_json), "--device", "cpu", "--optim",
+                  "adamw_tensor", "--json", str(tmp_path / "t.json"))
+    assert tensors.returncode == 0, tensors.stderr
+    case, = json.loads((tmp_path / "t.json").read_text())["optim"]["cases"]
+    assert case["case"] == "tiny adamw_tensor" and "torch_foreach+EMATeacher" in case["skipped"]
+    assert all(m["ms"] > 0 for m in case["methods"].values())
     for c in cases:
         assert all(m["ms"] > 0 and m["eman_fused_speedup"] > 0 for m in c["methods"].values())
 

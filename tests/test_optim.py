@@ -7,6 +7,7 @@ from torch import nn
 
 import eman_fused
 from eman_fused import EMATeacher, optim, schedules
+from eman_fused.ops import optim as optim_ops
 from eman_fused.reference import official_eman_update_ as official_eman_update
 
 from conftest import assert_same_bits_or_both_nan, bits, needs_cuda_backend
@@ -181,6 +182,16 @@ def test_a_teacher_of_another_model_is_refused():
         optim.SGD(student.parameters(), lr=0.1, teacher=copy.deepcopy(student))
 
 
+SGD_H = dict(lr=0.1, momentum=0.9, dampening=0.0, nesterov=False, weight_decay=0.0, maximize=False,
+             teacher_momentum=0.9)
+ADAMW_H = dict(lr=0.1, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.01, amsgrad=True, maximize=False,
+               teacher_momentum=0.9)
+LARS_H = dict(lr=0.1, momentum=0.9, dampening=0.0, nesterov=False, weight_decay=1e-4, trust_coefficient=0.001,
+              maximize=False, teacher_momentum=0.9)
+SGD, ADAMW, LARS_SIMCLR = (optim_ops.optimizer_id(n) for n in ("sgd", "adamw", "lars_simclr"))
+FIRST, ADAPT = optim_ops.layout.OPTIM["flag_first"], optim_ops.layout.OPTIM["flag_adapt"]
+
+
 def op_args_sgd(n=3, dtype=torch.float32, teacher=True):
     torch.manual_seed(0)
     p = [torch.randn(5 + i, dtype=dtype) for i in range(n)]
@@ -195,7 +206,7 @@ def op_args_sgd(n=3, dtype=torch.float32, teacher=True):
     (lambda p, g, b, t: p.__setitem__(1, p[1].double()), TypeError, "float32"),
     (lambda p, g, b, t: t.__setitem__(2, t[2].double()), TypeError, "teachers must be"),
     (lambda p, g, b, t: b.__setitem__(0, torch.zeros(4)), ValueError, r"momentum_buffers\[0\] has shape"),
-    (lambda p, g, b, t: t.__setitem__(1, p[1]), ValueError, "is params"),
+    (lambda p, g, b, t: t.__setitem__(1, p[1]), ValueError, r"teacher\[1\] overlaps params\[1\]"),
     (lambda p, g, b, t: g.__setitem__(2, torch.randn(14)[::2]), ValueError, "strides"),
     (lambda p, g, b, t: p.__setitem__(1, p[1].bfloat16()), TypeError, "one param dtype per call"),
     (lambda p, g, b, t: b.__setitem__(2, b[2].half()), TypeError, r"momentum_buffers\[2\] has dtype"),
@@ -206,17 +217,17 @@ def test_bad_input_raises_before_any_write(break_it, error, match):
     break_it(p, g, b, t)
     before = [bits(x) for x in (*p, *b, *t)]
     with pytest.raises(error, match=match):
-        torch.ops.eman_fused.sgd_ema_step_(p, g, b, t, [0] * len(p), 0.1, 0.9, 0.0, False, 0.0, False, 0.9)
+        optim_ops.step_("sgd", p, g, first_moments=b, teacher=t, flags=[0] * len(p), **SGD_H)
     assert all(torch.equal(x, bits(y)) for x, y in zip(before, (*p, *b, *t)))
 
 
 def test_bad_hyper_parameters_raise():
     p, g, b, t = op_args_sgd()
     with pytest.raises(ValueError, match="teacher_momentum"):
-        torch.ops.eman_fused.sgd_ema_step_(p, g, b, t, [0] * 3, 0.1, 0.9, 0.0, False, 0.0, False, 1.5)
+        optim_ops.step_("sgd", p, g, first_moments=b, teacher=t, flags=[0] * 3, **{**SGD_H, "teacher_momentum": 1.5})
     with pytest.raises(ValueError, match="beta1"):
-        torch.ops.eman_fused.adamw_ema_step_(p, g, b, [x.clone() for x in b], [], t, [0.1] * 3, [1.0] * 3,
-                                             0.1, 1.0, 0.99, 1e-8, 0.0, False, False, 0.9)
+        optim_ops.step_("adamw", p, g, first_moments=b, second_moments=[x.clone() for x in b], teacher=t,
+                        steps=[torch.tensor(1.0)] * 3, **{**ADAMW_H, "beta1": 1.0, "amsgrad": False})
 
 
 def test_bf16_and_fp16_teachers():
@@ -224,23 +235,27 @@ def test_bf16_and_fp16_teachers():
         p, g, b, t = op_args_sgd()
         t = [x.to(dtype) for x in t]
         expected = [(0.9 * x.float() + 0.1 * (y - 0.1 * gg)).to(dtype) for x, y, gg in zip(t, p, g)]
-        torch.ops.eman_fused.sgd_ema_step_(p, g, [], t, [], 0.1, 0.0, 0.0, False, 0.0, False, 0.9)
+        optim_ops.step_("sgd", p, g, teacher=t, **{**SGD_H, "momentum": 0.0})
         for a, e in zip(t, expected):
             torch.testing.assert_close(a, e, **eman_fused.reference.TOLERANCES[dtype])
 
 
-def test_opcheck_on_both_ops():
+def test_opcheck_on_every_optimizer():
+    step = torch.ops.eman_fused.optim_ema_step_.default
     p, g, b, t = op_args_sgd()
-    torch.library.opcheck(torch.ops.eman_fused.sgd_ema_step_.default,
-                          (p, g, b, t, [1, 0, 0], 0.1, 0.9, 0.0, True, 1e-4, False, 0.9))
+    torch.library.opcheck(step, (SGD, p, g, b, [], [], t, [FIRST, 0, 0], [],
+                                 optim_ops.hyper("sgd", **{**SGD_H, "nesterov": True, "weight_decay": 1e-4}), []))
     p, g, m, t = op_args_sgd()
     v = [x.abs() for x in m]
-    torch.library.opcheck(torch.ops.eman_fused.adamw_ema_step_.default,
-                          (p, g, m, v, [x.clone() for x in v], t, [0.1] * 3, [0.5] * 3, 0.1, 0.9,
-                           0.999, 1e-8, 0.01, True, False, 0.9))
+    torch.library.opcheck(step, (ADAMW, p, g, m, v, [x.clone() for x in v], t, [], [torch.tensor(2.0)] * 3,
+                                 optim_ops.hyper("adamw", **ADAMW_H), []))
+    for formula in ("simclr", "you2017"):
+        p, g, b, t = op_args_sgd()
+        torch.library.opcheck(step, (optim_ops.optimizer_id(f"lars_{formula}"), p, g, b, [], [], t,
+                                     [ADAPT, FIRST, ADAPT], [], optim_ops.hyper("lars", **LARS_H), []))
     p, g, b, t = op_args_sgd()
-    torch.library.opcheck(torch.ops.eman_fused.lars_ema_step_.default,
-                          (p, g, b, t, [1, 0, 1], [0, 1, 0], 0.1, 0.9, 1e-4, 0.001, False, 0.9))
+    torch.library.opcheck(torch.ops.eman_fused._optim_ema_table.default,
+                          (SGD, p, g, b, [], [], t, [0] * 3, [], optim_ops.hyper("sgd", **SGD_H), [], False))
 
 
 def test_lars_matches_the_eager_reference_and_feeds_the_teacher():
@@ -492,31 +507,32 @@ def test_16bit_loads_and_stores_are_torchs_casts(dtype):
     p = every_16bit_value(dtype)
     before = p.clone()
     teacher = torch.zeros(p.shape)
-    torch.ops.eman_fused.sgd_ema_step_([p], [torch.zeros_like(p)], [], [teacher], [], 0.0, 0.0, 0.0, False,
-                                       0.0, False, 0.0)
+    zero = dict(lr=0.0, momentum=0.0, dampening=0.0, nesterov=False, weight_decay=0.0, maximize=False,
+                teacher_momentum=0.0)
+    optim_ops.step_("sgd", [p], [torch.zeros_like(p)], teacher=[teacher], **zero)
     assert_same_bits_or_both_nan(p, before.float().to(dtype))
     torch.testing.assert_close(teacher, before.float(), rtol=0, atol=0, equal_nan=True)
     # float32 params, a 16-bit teacher: the teacher is the store of each (non-zero) float.
     f = awkward_floats()
     f = f[f != 0]
     teacher16 = torch.zeros(f.shape, dtype=dtype)
-    torch.ops.eman_fused.sgd_ema_step_([f], [torch.zeros_like(f)], [], [teacher16], [], 0.0, 0.0, 0.0, False,
-                                       0.0, False, 0.0)
+    optim_ops.step_("sgd", [f], [torch.zeros_like(f)], teacher=[teacher16], **zero)
     assert_same_bits_or_both_nan(teacher16, f.to(dtype))
 
 
 @pytest.mark.parametrize("dtype", HALF, ids=str)
 def test_opcheck_with_16bit_params(dtype):
+    step = torch.ops.eman_fused.optim_ema_step_.default
     p, g, b, t = op_args_sgd(dtype=dtype)
-    torch.library.opcheck(torch.ops.eman_fused.sgd_ema_step_.default,
-                          (p, g, b, [x.float() for x in t], [0, 1, 0], 0.1, 0.9, 0.0, False, 1e-4, False, 0.9))
+    torch.library.opcheck(step, (SGD, p, g, b, [], [], [x.float() for x in t], [0, FIRST, 0], [],
+                                 optim_ops.hyper("sgd", **SGD_H), []))
     v = [x.abs() for x in b]
-    torch.library.opcheck(torch.ops.eman_fused.adamw_ema_step_.default,
-                          (p, g, b, v, [x.clone() for x in v], t, [0.1] * 3, [0.5] * 3, 0.1, 0.9,
-                           0.999, 1e-8, 0.01, True, False, 0.9))
-    torch.library.opcheck(torch.ops.eman_fused.lars_ema_step_.capturable,
-                          (p, g, b, t, [1, 0, 1], [0, 1, 0], torch.tensor(0.1), 0.9, 1e-4, 0.001, False,
-                           torch.tensor(0.9)))
+    torch.library.opcheck(step, (ADAMW, p, g, b, v, [x.clone() for x in v], t, [], [torch.tensor(3.0)] * 3,
+                                 optim_ops.hyper("adamw", **ADAMW_H), []))
+    n = len(optim_ops.hyper_names("lars"))
+    tensors = [torch.tensor(0.1)] + [None] * (n - 2) + [torch.tensor(0.9)]
+    torch.library.opcheck(step, (LARS_SIMCLR, p, g, b, [], [], t, [ADAPT, FIRST, ADAPT], [],
+                                 optim_ops.hyper("lars", **LARS_H), tensors))
 
 
 @needs_cuda_backend
@@ -614,25 +630,35 @@ def test_capturable_optimizer_and_teacher_must_agree():
         optim.AdamW(student.parameters(), teacher=EMATeacher(student, capturable=True))
 
 
-def test_opcheck_capturable_overloads():
+def tensors_for(name, **given):
+    """hyper_tensors for optimizer `name`: the given tensors by name, None elsewhere."""
+    return [given.get(n) for n in optim_ops.hyper_names(name)]
+
+
+def test_opcheck_with_device_hyper_parameters():
+    step = torch.ops.eman_fused.optim_ema_step_.default
     p, g, b, t = op_args_sgd()
     lr, mt = torch.tensor(0.1), torch.tensor(0.9)
-    torch.library.opcheck(torch.ops.eman_fused.sgd_ema_step_.capturable,
-                          (p, g, b, t, [1, 0, 0], lr, 0.9, 0.0, False, 1e-4, False, mt))
+    torch.library.opcheck(step, (SGD, p, g, b, [], [], t, [FIRST, 0, 0], [], optim_ops.hyper("sgd", **SGD_H),
+                                 tensors_for("sgd", lr=lr, teacher_momentum=mt)))
     p, g, m, t = op_args_sgd()
     v = [x.abs() for x in m]
     steps = [torch.tensor(3.0) for _ in p]
-    torch.library.opcheck(torch.ops.eman_fused.adamw_ema_step_.capturable,
-                          (p, g, m, v, [], t, steps, lr, 0.9, 0.999, 1e-8, 0.01, False, False, mt))
+    torch.library.opcheck(step, (ADAMW, p, g, m, v, [], t, [], steps,
+                                 optim_ops.hyper("adamw", **{**ADAMW_H, "amsgrad": False}),
+                                 tensors_for("adamw", lr=lr, beta1=torch.tensor(0.8), teacher_momentum=mt)))
     p, g, b, t = op_args_sgd()
-    torch.library.opcheck(torch.ops.eman_fused.lars_ema_step_.capturable,
-                          (p, g, b, t, [1, 0, 1], [0, 1, 0], lr, 0.9, 1e-4, 0.001, False, mt))
+    torch.library.opcheck(step, (LARS_SIMCLR, p, g, b, [], [], t, [ADAPT, FIRST, ADAPT], [],
+                                 optim_ops.hyper("lars", **LARS_H), tensors_for("lars", lr=lr, teacher_momentum=mt)))
     with pytest.raises(TypeError, match="lr must be float32"):
-        torch.ops.eman_fused.sgd_ema_step_.capturable(p, g, b, t, [0] * 3, torch.tensor(0.1, dtype=torch.float64),
-                                                      0.9, 0.0, False, 0.0, False, mt)
+        optim_ops.step_("sgd", p, g, first_moments=b, teacher=t, flags=[0] * 3, **SGD_H,
+                        hyper_tensors=tensors_for("sgd", lr=torch.tensor(0.1, dtype=torch.float64)))
     with pytest.raises(ValueError, match="teacher_momentum"):
-        torch.ops.eman_fused.sgd_ema_step_.capturable(p, g, b, t, [0] * 3, lr, 0.9, 0.0, False, 0.0, False,
-                                                      torch.tensor(1.5))
+        optim_ops.step_("sgd", p, g, first_moments=b, teacher=t, flags=[0] * 3, **SGD_H,
+                        hyper_tensors=tensors_for("sgd", teacher_momentum=torch.tensor(1.5)))
+    with pytest.raises(TypeError, match="nesterov is a flag"):
+        optim_ops.step_("sgd", p, g, first_moments=b, teacher=t, flags=[0] * 3, **SGD_H,
+                        hyper_tensors=tensors_for("sgd", nesterov=torch.tensor(1.0)))
 
 
 @needs_cuda_backend

@@ -1,6 +1,7 @@
 """Triton backend of the fused optimizer steps (SGD, AdamW, LARS + teacher): table mirror, the
 same bits as the C++ kernels (interpreter, CPU; LARS: to float32 rounding) or the same values
 within fp32 tolerance (GPU), the optimizer classes with backend='triton', errors, opcheck."""
+import math
 import re
 import struct
 
@@ -11,6 +12,7 @@ from torch import nn
 import eman_fused
 from eman_fused import optim
 from eman_fused.teacher import EMATeacher
+from eman_fused.ops import optim as optim_ops
 from conftest import AVAILABLE, HAS_GPU, bits, needs_cuda_backend
 from test_optim import ADAMW_CASES, SGD_CASES, assert_close_states, batches, groups, make_model, train
 
@@ -21,6 +23,7 @@ ops = torch.ops.eman_fused
 
 if "triton" in AVAILABLE:
     from eman_fused.triton import optim as topt
+FIRST, ADAPT = optim_ops.layout.OPTIM["flag_first"], optim_ops.layout.OPTIM["flag_adapt"]
 # 16,384 elements per table chunk: one short of it, one past it, two chunks and a tail, empty.
 SHAPES = [(7,), (16383,), (16385,), (3, 11000), (0,), (5, 2, 3)]
 HALF = [torch.bfloat16, torch.float16]
@@ -49,35 +52,74 @@ def assert_same(a_lists, b_lists):
                                            atol=1e-5)
 
 
+FIELDS = topt.OPTIM["fields"] if "triton" in AVAILABLE else {}
+
+
+def step(name, backend, params, grads, state=(), teacher=(), flags=(), steps=(), **hyper):
+    """The C++ op (backend 'cpu'/'cuda') or its Triton twin, with the state lists in order."""
+    state = list(state) + [[]] * (3 - len(state))
+    optim_ops.step_(name, params, grads, first_moments=state[0], second_moments=state[1],
+                    max_second_moments=state[2], teacher=teacher, flags=flags, steps=steps,
+                    backend=backend, **hyper)
+
+
 def test_table_mirror_matches_the_cpp_table():
     params, grads, (m, v), teacher = lists(SHAPES, torch.float32, torch.bfloat16, 2)
     params, grads, m, v, teacher = ([t.cpu() for t in x] for x in (params, grads, m, v, teacher))
     n = len(params)
-    step_sizes, bc2 = [0.1 * (i + 1) for i in range(n)], [0.5 + 0.01 * i for i in range(n)]
-    table = ops._adamw_ema_table(params, grads, m, v, [], teacher, step_sizes, bc2, 1e-3, 0.9, 0.999,
-                                 1e-8, 0.01, False, False, 0.99).tolist()
+    steps = [torch.tensor(float(i)) for i in range(n)]
+    hyper = dict(lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.01, amsgrad=False,
+                 maximize=False, teacher_momentum=0.99)
+    table = ops._optim_ema_table(optim_ops.optimizer_id("adamw"), params, grads, m, v, [], teacher, [], steps,
+                                 optim_ops.hyper("adamw", **hyper), []).tolist()
     entries, chunks = topt.optim_counts(params)
     assert (entries, chunks) == (6, 1 + 1 + 2 + 3 + 0 + 1)
-    assert len(table) == entries * topt.OPTIM_ENTRY_WORDS + chunks * topt.OPTIM_CHUNK_WORDS
+    ew, cw = topt.OPTIM_ENTRY_WORDS, topt.OPTIM_CHUNK_WORDS
+    assert len(table) == entries * ew + chunks * cw + topt.OPTIM["scalar_words"]
+    as_double = lambda word: struct.unpack("d", struct.pack("q", word))[0]  # noqa: E731
     first_chunk = 0
     for i in range(n):
-        e = table[i * topt.OPTIM_ENTRY_WORDS:(i + 1) * topt.OPTIM_ENTRY_WORDS]
-        ptr = [t.data_ptr() if t.numel() else e[k] for k, t in enumerate((params[i], grads[i], m[i], v[i]))]
-        assert e[:4] == ptr and e[4] == 0 and e[5] == (teacher[i].data_ptr() if teacher[i].numel() else e[5])
+        e = table[i * ew:(i + 1) * ew]
+        named = dict(param=params[i], grad=grads[i], first_moment=m[i], second_moment=v[i], teacher=teacher[i])
+        for field, t in named.items():
+            if t.numel():  # empty tensors may have any (or no) data pointer
+                assert e[FIELDS[field]] == t.data_ptr(), field
+        assert e[FIELDS["max_second_moment"]] == 0 and e[FIELDS["step"]] == 0
         n_chunks = -(-params[i].numel() // topt.OPTIM_CHUNK_ELEMS)
-        assert e[6:10] == [params[i].numel(), first_chunk, n_chunks, 0]
-        assert struct.unpack("dd", struct.pack("qq", e[10], e[11])) == (step_sizes[i], bc2[i])
+        assert [e[FIELDS[f]] for f in ("numel", "first_chunk", "num_chunks", "flags")] == [
+            params[i].numel(), first_chunk, n_chunks, 0]
+        k = i + 1  # this step's count: the steps taken so far, plus one
+        assert as_double(e[FIELDS["bias_correction1"]]) == 1 - 0.9 ** k
+        assert as_double(e[FIELDS["bias_correction2_sqrt"]]) == math.sqrt(1 - 0.999 ** k)
         first_chunk += n_chunks
-    rows = [table[entries * 13 + 2 * c:entries * 13 + 2 * c + 2] for c in range(chunks)]
+    rows = [table[entries * ew + cw * c:entries * ew + cw * c + 2] for c in range(chunks)]
     assert rows == [[0, 0], [1, 0], [2, 0], [2, 16384], [3, 0], [3, 16384], [3, 32768], [5, 0]]
-    sgd = ops._sgd_ema_table(params, grads, m, teacher, [1, 0, 1, 0, 1, 0], 0.1, 0.9, 0.0, False,
-                             0.0, False, 0.9).tolist()
-    assert [sgd[i * 13 + 9] for i in range(n)] == [topt.OPTIM_FIRST, 0] * 3
+    scal = [as_double(w) for w in table[entries * ew + chunks * cw:]]
+    at = topt.OPTIM["scalars"]["adamw"]
+    f32 = lambda x: struct.unpack("f", struct.pack("f", x))[0]  # noqa: E731
+    # Derived in double, rounded once (1 - beta2 in float32 would be 1 - 0.999f: 1e-5 off).
+    assert scal[at["w2"]] == f32(1 - 0.999) and scal[at["w1"]] == f32(1 - 0.9)
+    assert scal[at["decay"]] == f32(1 - 1e-3 * 0.01) and scal[at["lr"]] == 1e-3
+    # the teacher's lerp weights (common/ema_lerp.h): w = 1 - m rounded once, v = 1 - w in float32
+    assert scal[at["teacher_w"]] == f32(1 - 0.99) and scal[at["teacher_v"]] == f32(1 - f32(1 - 0.99))
+    assert scal[at["w2"]] != f32(1 - f32(0.999))
+    sgd = ops._optim_ema_table(optim_ops.optimizer_id("sgd"), params, grads, m, [], [], teacher,
+                               [FIRST, 0, FIRST, 0, FIRST, 0], [], optim_ops.hyper("sgd", **SGD_HYPER),
+                               []).tolist()
+    assert [sgd[i * ew + FIELDS["flags"]] for i in range(n)] == [FIRST, 0] * 3
 
 
+SGD_HYPER = dict(lr=0.05, momentum=0.9, dampening=0.0, nesterov=False, weight_decay=0.0, maximize=False,
+                 teacher_momentum=0.99)
 SGD_OP_CASES = [  # momentum, dampening, nesterov, weight_decay, maximize
     (0.0, 0.0, False, 0.0, False), (0.9, 0.0, False, 0.0, False), (0.9, 0.0, True, 1e-3, False),
     (0.8, 0.1, False, 5e-4, True)]
+
+
+def sgd_hyper(case, teacher_momentum=0.99):
+    momentum, dampening, nesterov, weight_decay, maximize = case
+    return dict(lr=0.05, momentum=momentum, dampening=dampening, nesterov=nesterov, weight_decay=weight_decay,
+                maximize=maximize, teacher_momentum=teacher_momentum)
 
 
 @pytest.mark.parametrize("hyper", SGD_OP_CASES, ids=str)
@@ -87,19 +129,24 @@ SGD_OP_CASES = [  # momentum, dampening, nesterov, weight_decay, maximize
 def test_sgd_step_is_the_cpp_kernels(hyper, dtype, teacher_dtype):
     momentum = hyper[0]
     params, grads, st, teacher = lists(SHAPES, dtype, teacher_dtype, 1 if momentum else 0)
-    first = [i % 2 for i in range(len(params))] if momentum else []
+    first = [FIRST * (i % 2) for i in range(len(params))] if momentum else []
     ours = [[t.clone() for t in x] for x in (params, *st, teacher)]
     theirs = [[t.cpu().clone() for t in x] for x in (params, *st, teacher)]
-    bufs = ours[1] if momentum else []
-    ops.sgd_ema_step_triton_(ours[0], grads, bufs, ours[-1] if teacher else [], first, 0.05, *hyper, 0.99)
-    ops.sgd_ema_step_(theirs[0], [g.cpu() for g in grads], theirs[1] if momentum else [],
-                      theirs[-1] if teacher else [], first, 0.05, *hyper, 0.99)
+    for lst, gr, backend in ((ours, grads, "triton"), (theirs, [g.cpu() for g in grads], "cpu")):
+        step("sgd", backend, lst[0], gr, [lst[1]] if momentum else [], lst[-1] if teacher else [], first,
+             **sgd_hyper(hyper))
     assert_same(ours, theirs)
 
 
 ADAMW_OP_CASES = [  # beta1, beta2, eps, weight_decay, amsgrad, maximize
     (0.9, 0.999, 1e-8, 0.01, False, False), (0.9, 0.99, 1e-8, 0.05, True, True),
     (0.3, 0.9, 1e-6, 0.0, False, False)]  # beta1 < 0.5: torch's other lerp form
+
+
+def adamw_hyper(case, teacher_momentum=0.995):
+    beta1, beta2, eps, weight_decay, amsgrad, maximize = case
+    return dict(lr=1e-3, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
+                maximize=maximize, teacher_momentum=teacher_momentum)
 
 
 @pytest.mark.parametrize("hyper", ADAMW_OP_CASES, ids=str)
@@ -109,37 +156,42 @@ def test_adamw_step_is_the_cpp_kernels(hyper, dtype, teacher_dtype):
     amsgrad = hyper[4]
     params, grads, st, teacher = lists(SHAPES, dtype, teacher_dtype, 3 if amsgrad else 2)
     n = len(params)
-    step_sizes, bc2 = [1e-3 / (1 - 0.9 ** (k + 1)) for k in range(n)], [(1 - 0.999 ** (k + 1)) ** 0.5 for k in range(n)]
     ours = [[t.clone() for t in x] for x in (params, *st, teacher)]
     theirs = [[t.cpu().clone() for t in x] for x in (params, *st, teacher)]
-    for lst, gr in ((ours, grads), (theirs, [g.cpu() for g in grads])):
-        op = ops.adamw_ema_step_triton_ if lst is ours else ops.adamw_ema_step_
-        op(lst[0], gr, lst[1], lst[2], lst[3] if amsgrad else [], lst[-1] if teacher else [], step_sizes,
-           bc2, 1e-3, *hyper, 0.995)
+    for lst, gr, backend in ((ours, grads, "triton"), (theirs, [g.cpu() for g in grads], "cpu")):
+        steps = [torch.tensor(float(k)) for k in range(n)]
+        step("adamw", backend, lst[0], gr, lst[1:4] if amsgrad else lst[1:3], lst[-1] if teacher else [], [],
+             steps, **adamw_hyper(hyper))
+        assert [s.item() for s in steps] == [k + 1.0 for k in range(n)]  # advanced by the step
     assert_same(ours, theirs)
 
 
+LARS_OP_CASES = [("simclr", 0.0, False), ("you2017", 0.0, False), ("you2017", 0.1, False),
+                 ("you2017", 0.0, True)]  # formula, dampening, nesterov
+
+
+@pytest.mark.parametrize("formula,dampening,nesterov", LARS_OP_CASES, ids=str)
 @pytest.mark.parametrize("maximize", [False, True])
 @pytest.mark.parametrize("dtype,teacher_dtype", [(torch.float32, torch.float32), (torch.bfloat16, torch.float32),
                                                  (torch.float16, None)], ids=str)
-def test_lars_step_agrees_with_the_cpp_kernels(dtype, teacher_dtype, maximize):
+def test_lars_step_agrees_with_the_cpp_kernels(dtype, teacher_dtype, maximize, formula, dampening, nesterov):
     params, grads, (bufs,), teacher = lists(SHAPES, dtype, teacher_dtype, 1)
     n = len(params)
-    adapt, first = [int(p.dim() > 1 or p.numel() > 100) for p in params], [i % 2 for i in range(n)]
+    flags = [(ADAPT if p.dim() > 1 or p.numel() > 100 else 0) | FIRST * (i % 2) for i, p in enumerate(params)]
     ours = [[t.clone() for t in x] for x in (params, bufs, teacher)]
     theirs = [[t.cpu().clone() for t in x] for x in (params, bufs, teacher)]
-    hyper = (0.1, 0.9, 1e-4, 0.02, maximize, 0.99)
-    ops.lars_ema_step_triton_(ours[0], grads, ours[1], ours[2] if teacher else [], adapt, first, *hyper)
-    ops.lars_ema_step_(theirs[0], [g.cpu() for g in grads], theirs[1], theirs[2] if teacher else [], adapt,
-                       first, *hyper)
-    # Norms summed in another order: trust ratios agree to float32 rounding, so a 16-bit value
-    # may round the other way (one 16-bit ulp), a float32 one differ in its last bits.
+    hyper = dict(lr=0.1, momentum=0.9, dampening=dampening, nesterov=nesterov, weight_decay=1e-4,
+                 trust_coefficient=0.02, maximize=maximize, teacher_momentum=0.99)
+    for lst, gr, backend in ((ours, grads, "triton"), (theirs, [g.cpu() for g in grads], "cpu")):
+        step(f"lars_{formula}", backend, lst[0], gr, [lst[1]], lst[2] if teacher else [], flags, **hyper)
+    # Norms summed in another order: factors agree to float32 rounding, so a 16-bit value may
+    # round the other way (one 16-bit ulp), a float32 one differ in its last bits.
     for a_list, b_list in zip(ours, theirs):
         for a, b in zip(a_list, b_list):
             tol = dict(rtol=1e-5, atol=1e-6) if a.dtype == torch.float32 else dict(rtol=2**-7, atol=1e-3)
             torch.testing.assert_close(a.cpu(), b, **tol)
     for i in range(n):  # tensors not adapted (no norms involved) are bit-identical on the interpreter
-        if INTERPRETED and not adapt[i]:
+        if INTERPRETED and not flags[i] & ADAPT:
             assert torch.equal(bits(ours[0][i].cpu()), bits(theirs[0][i]))
 
 
@@ -147,10 +199,8 @@ def test_many_tensors_in_one_launch():
     params, grads, (bufs,), teacher = lists([(i % 13 + 1,) for i in range(1200)], torch.float32, torch.float32, 1)
     ours = [[t.clone() for t in x] for x in (params, bufs, teacher)]
     theirs = [[t.cpu().clone() for t in x] for x in (params, bufs, teacher)]
-    ops.sgd_ema_step_triton_(ours[0], grads, ours[1], ours[2], [0] * 1200, 0.1, 0.9, 0.0, False, 0.0,
-                             False, 0.9)
-    ops.sgd_ema_step_(theirs[0], [g.cpu() for g in grads], theirs[1], theirs[2], [0] * 1200, 0.1, 0.9, 0.0,
-                      False, 0.0, False, 0.9)
+    for lst, gr, backend in ((ours, grads, "triton"), (theirs, [g.cpu() for g in grads], "cpu")):
+        step("sgd", backend, lst[0], gr, [lst[1]], lst[2], [0] * 1200, **{**SGD_HYPER, "lr": 0.1, "teacher_momentum": 0.9})
     assert_same(ours, theirs)
 
 
@@ -186,9 +236,9 @@ def test_backend_choice_and_what_has_no_triton_kernel():
         why = re.escape(eman_fused.backends()["cuda"].detail)  # no GPU, or a build without CUDA
         with pytest.raises(RuntimeError, match=f"backend 'cuda' is not available: {why}"):
             optim.AdamW(params, backend="cuda")
-    with pytest.raises(NotImplementedError, match="lars_ema_step_.capturable has no 'triton' kernel"):
+    with pytest.raises(NotImplementedError, match=r"\(LARS, capturable\) has no 'triton' kernel"):
         optim.LARS(params, backend="triton", capturable=True)
-    with pytest.raises(NotImplementedError, match="capturable has no 'triton' kernel"):
+    with pytest.raises(NotImplementedError, match="capturable\\) has no 'triton' kernel"):
         optim.AdamW(params, backend="triton", capturable=True)
     with pytest.raises(ValueError, match="unknown backend"):
         optim.SGD(params, lr=0.1, backend="tpu")
@@ -197,7 +247,7 @@ def test_backend_choice_and_what_has_no_triton_kernel():
 @pytest.mark.parametrize("break_it,error,match", [
     (lambda p, g, b, t: g.pop(), ValueError, "grads has 2 tensors"),
     (lambda p, g, b, t: p.__setitem__(1, p[1].bfloat16()), TypeError, "one param dtype per call"),
-    (lambda p, g, b, t: t.__setitem__(1, p[1]), ValueError, "is params"),
+    (lambda p, g, b, t: t.__setitem__(1, p[1]), ValueError, r"teacher\[1\] overlaps params\[1\]"),
     (lambda p, g, b, t: b.__setitem__(0, torch.zeros(4, device=DEVICE)), ValueError, "has shape"),
 ])
 def test_bad_input_raises_before_any_write(break_it, error, match):
@@ -205,22 +255,25 @@ def test_bad_input_raises_before_any_write(break_it, error, match):
     break_it(p, g, b, t)
     before = [bits(x.cpu()) for x in (*p, *b, *t)]
     with pytest.raises(error, match=match):
-        ops.sgd_ema_step_triton_(p, g, b, t, [0] * len(p), 0.1, 0.9, 0.0, False, 0.0, False, 0.9)
+        step("sgd", "triton", p, g, [b], t, [0] * len(p), **{**SGD_HYPER, "teacher_momentum": 0.9})
     assert all(torch.equal(x, bits(y.cpu())) for x, y in zip(before, (*p, *b, *t)))
 
 
 def test_opcheck_triton_optimizer_ops():
     checks = ("test_schema", "test_autograd_registration") if INTERPRETED else None
     kw = {"test_utils": checks} if checks else {}
+    op = ops.optim_ema_step_triton_
     p, g, (b,), t = lists([(33,), (4, 5)], torch.float32, torch.bfloat16, 1)
-    torch.library.opcheck(ops.sgd_ema_step_triton_, (p, g, b, t, [1, 0], 0.1, 0.9, 0.0, True, 1e-4,
-                                                     False, 0.9), **kw)
+    torch.library.opcheck(op, (optim_ops.optimizer_id("sgd"), p, g, b, [], [], t, [FIRST, 0], [],
+                               optim_ops.hyper("sgd", **{**SGD_HYPER, "nesterov": True})), **kw)
     p, g, (m, v), t = lists([(33,), (4, 5)], torch.bfloat16, torch.float32, 2)
-    torch.library.opcheck(ops.adamw_ema_step_triton_, (p, g, m, v, [], t, [0.1, 0.2], [0.5, 0.6], 0.1,
-                                                       0.9, 0.999, 1e-8, 0.01, False, False, 0.9), **kw)
+    torch.library.opcheck(op, (optim_ops.optimizer_id("adamw"), p, g, m, v, [], t, [], [torch.tensor(1.0)] * 2,
+                               optim_ops.hyper("adamw", **adamw_hyper(ADAMW_OP_CASES[0]))), **kw)
     p, g, (b,), t = lists([(33,), (4, 5)], torch.float32, torch.float32, 1)
-    torch.library.opcheck(ops.lars_ema_step_triton_, (p, g, b, t, [0, 1], [1, 0], 0.1, 0.9, 1e-4, 0.001,
-                                                      False, 0.9), **kw)
+    torch.library.opcheck(op, (optim_ops.optimizer_id("lars_you2017"), p, g, b, [], [], t, [0, ADAPT | FIRST], [],
+                               optim_ops.hyper("lars", lr=0.1, momentum=0.9, dampening=0.1, nesterov=False,
+                                               weight_decay=1e-4, trust_coefficient=0.001, maximize=False,
+                                               teacher_momentum=0.9)), **kw)
 
 
 @needs_cuda_backend
@@ -229,9 +282,9 @@ def test_triton_and_cuda_kernels_agree_on_the_gpu():
     n = len(params)
     a = [[t.clone() for t in x] for x in (params, m, v, teacher)]
     b = [[t.clone() for t in x] for x in (params, m, v, teacher)]
-    args = ([0.01] * n, [0.9] * n, 1e-3, 0.9, 0.999, 1e-8, 0.01, False, False, 0.99)
-    ops.adamw_ema_step_triton_(a[0], grads, a[1], a[2], [], a[3], *args)
-    ops.adamw_ema_step_(b[0], grads, b[1], b[2], [], b[3], *args)
+    for lst, backend in ((a, "triton"), (b, "cuda")):
+        step("adamw", backend, lst[0], grads, lst[1:3], lst[3], [], [torch.tensor(float(k)) for k in range(n)],
+             **adamw_hyper(ADAMW_OP_CASES[0], 0.99))
     for x, y in zip(a, b):
         for s, t in zip(x, y):
             torch.testing.assert_close(s, t, rtol=1e-5, atol=1e-6)

@@ -11,6 +11,7 @@
 #include "common/dtype.h"
 #include "ema/plan.h"
 #include "common/convert.h"
+#include "common/ema_lerp.h"
 #include "common/isa.h"
 
 namespace eman_fused {

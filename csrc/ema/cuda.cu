@@ -8,6 +8,7 @@
 
 #include "common/dtype.h"
 #include "common/convert.cuh"
+#include "common/ema_lerp.h"
 #include "common/launch.cuh"
 #include "ema/cuda.h"
 
@@ -22,13 +23,10 @@ struct alignas(16) Pack {
   T v[N];
 };
 
-// mode 0: t = m*t + w*s; mode 1: t = s (momentum 0, exact conversion).
-// t + w·(s − t), or s − (s − t)·v with v = 1 − w for w >= 1/2 (torch.lerp's forms, as the CPU
-// kernel): an unbiased update, where m·t + w·s with rounded m, w is not.
+// copy: t = s (momentum 0, exact conversion); else the lerp of common/ema_lerp.h.
 template <typename TT, typename ST, typename Acc>
-__device__ __forceinline__ TT combine(TT t, ST s, Acc w, Acc v, bool small, bool copy) {
-  const Acc ta = to_acc<Acc>(t), sa = to_acc<Acc>(s);
-  return copy ? from_acc<TT>(sa) : from_acc<TT>(small ? ta + w * (sa - ta) : sa - (sa - ta) * v);
+__device__ __forceinline__ TT combine(TT t, ST s, EmaWeights<Acc> k, bool copy) {
+  return copy ? from_acc<TT>(to_acc<Acc>(s)) : from_acc<TT>(ema_lerp(to_acc<Acc>(t), to_acc<Acc>(s), k));
 }
 
 template <typename TT, typename ST>
@@ -36,9 +34,7 @@ __device__ void lerp_chunk(TT* __restrict__ t, const ST* __restrict__ s, int64_t
                            bool copy) {
   using Acc = acc_t<TT, ST>;
   constexpr int kVec = 16 / (sizeof(TT) < sizeof(ST) ? sizeof(TT) : sizeof(ST));
-  const Acc ww = static_cast<Acc>(1.0 - m);
-  const Acc vv = static_cast<Acc>(1) - ww;
-  const bool small = ww < static_cast<Acc>(0.5);
+  const EmaWeights<Acc> kw = ema_weights<Acc>(m);
   const bool aligned =
       ((reinterpret_cast<uintptr_t>(t) | reinterpret_cast<uintptr_t>(s)) & 15) == 0;
   const int64_t vec_end = aligned ? n / kVec * kVec : 0;
@@ -59,13 +55,13 @@ __device__ void lerp_chunk(TT* __restrict__ t, const ST* __restrict__ s, int64_t
       const int64_t i = base + k * stride;
       if (i < vec_end) {
 #pragma unroll
-        for (int j = 0; j < kVec; ++j) tv[k].v[j] = combine(tv[k].v[j], sv[k].v[j], ww, vv, small, copy);
+        for (int j = 0; j < kVec; ++j) tv[k].v[j] = combine(tv[k].v[j], sv[k].v[j], kw, copy);
         *reinterpret_cast<Pack<TT, kVec>*>(t + i) = tv[k];
       }
     }
   }
   for (int64_t i = vec_end + threadIdx.x; i < n; i += blockDim.x)
-    t[i] = combine(t[i], s[i], ww, vv, small, copy);
+    t[i] = combine(t[i], s[i], kw, copy);
 }
 
 __device__ void copy_bytes_chunk(uint8_t* __restrict__ t, const uint8_t* __restrict__ s,

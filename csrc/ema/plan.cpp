@@ -1,5 +1,7 @@
 #include "ema/plan.h"
 
+#include "common/overlap.h"
+
 #include <ATen/core/grad_mode.h>
 #include <ATen/ops/empty.h>
 #include <c10/core/impl/VirtualGuardImpl.h>
@@ -71,32 +73,12 @@ void validate_pairs(at::TensorList teacher, at::TensorList student) {
     }
   }
   // No teacher may share memory with any other tensor of the call: the kernels read students
-  // and write teachers concurrently. A sweep over byte ranges sorted by start finds any overlap.
-  struct Range { uintptr_t begin, end; bool is_teacher; size_t index; };
-  std::vector<Range> ranges;
+  // and write teachers concurrently.
+  std::vector<MemoryRange> ranges;
   ranges.reserve(2 * teacher.size());
-  for (size_t i = 0; i < teacher.size(); ++i) {
-    if (teacher[i].numel() == 0) continue;
-    for (int side = 0; side < 2; ++side) {
-      const at::Tensor& x = side == 0 ? teacher[i] : student[i];
-      auto b = reinterpret_cast<uintptr_t>(x.const_data_ptr());
-      ranges.push_back({b, b + static_cast<uintptr_t>(x.numel()) * x.element_size(), side == 0, i});
-    }
-  }
-  std::sort(ranges.begin(), ranges.end(),
-            [](const Range& a, const Range& b) { return a.begin < b.begin; });
-  const Range* furthest_any = nullptr;
-  const Range* furthest_teacher = nullptr;
-  auto name = [](const Range* r) {
-    return std::string(r->is_teacher ? "teacher[" : "student[") + std::to_string(r->index) + "]";
-  };
-  for (const Range& r : ranges) {
-    const Range* hit = r.is_teacher ? furthest_any : furthest_teacher;
-    TORCH_CHECK_VALUE(!(hit && hit->end > r.begin), "ema_update_: ", name(&r), " overlaps ",
-                      name(hit), " in memory; teachers must not alias each other or a student");
-    if (!furthest_any || r.end > furthest_any->end) furthest_any = &r;
-    if (r.is_teacher && (!furthest_teacher || r.end > furthest_teacher->end)) furthest_teacher = &r;
-  }
+  add_memory_ranges(ranges, teacher, "teacher", true);
+  add_memory_ranges(ranges, student, "student", false);
+  check_no_overlap("ema_update_", ranges, "teachers must not alias each other or a student");
 }
 
 std::shared_ptr<EmaPlan> build_plan(at::TensorList teacher, at::TensorList student) {

@@ -8,18 +8,38 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <type_traits>
 #include <vector>
 
-#include "common/dtype.h"
-#include "optim/plan.h"
 #include "common/convert.h"
+#include "common/dtype.h"
+#include "common/ema_lerp.h"
 #include "common/isa.h"
+#include "optim/math.h"
+#include "optim/plan.h"
 
 namespace eman_fused {
 namespace {
 
-// Runs f(entry, chunk start, n) over the table's chunks, in parallel.
+// What the loops read, in float32 (from the call's scalars, optim/math.h).
+struct MomentumArgs {
+  MomentumFloats floats;
+  float factor;
+  EmaWeights<float> teacher;
+  bool teacher_copy;
+};
+struct AdamWArgs {
+  AdamWFloats floats;
+  float step_size, bc2_sqrt;
+  EmaWeights<float> teacher;
+  bool teacher_copy;
+};
+
+#define EMAN_FUSED_LOOPS "optim/cpu_loops.inc"
+#include "common/isa_loops.h"
+
+// Runs f(entry, chunk start, n, chunk index) over the table's chunks, in parallel.
 template <typename F>
 void for_chunks(const OptimPlan& table, F&& f) {
   const OptimEntry* entries = table.entries();
@@ -38,23 +58,20 @@ T* at_elem(int64_t ptr, int64_t start) {
   return ptr == 0 ? nullptr : reinterpret_cast<T*>(ptr) + start;
 }
 
-#define EMAN_FUSED_LOOPS "optim/cpu_loops.inc"
-#include "common/isa_loops.h"
-
 // Calls f(TypeTag<PT>{}, TypeTag<TT>{}) for the params' element type PT and the teachers' TT
-// (void: no teacher). One of each per call (the Python side groups by them); the loops are
-// typed on both.
+// (void: no teacher, or a teacher left untouched at momentum 1). One of each per call (the
+// Python side groups by them); the loops are typed on both.
 template <typename F>
-void visit_types(at::TensorList params, at::TensorList teacher, F&& f) {
+void visit_types(FloatTag param_tag, FloatTag teacher_tag, F&& f) {
   auto with_teacher = [&](auto pt) {
-    switch (teacher_tag(teacher)) {
+    switch (teacher_tag) {
       case kAbsent: return f(pt, TypeTag<void>{});
       case kF32: return f(pt, TypeTag<float>{});
       case kBF16: return f(pt, TypeTag<c10::BFloat16>{});
       default: return f(pt, TypeTag<c10::Half>{});
     }
   };
-  switch (param_tag(params)) {
+  switch (param_tag) {
     case kF32: return with_teacher(TypeTag<float>{});
     case kBF16: return with_teacher(TypeTag<c10::BFloat16>{});
     default: return with_teacher(TypeTag<c10::Half>{});
@@ -71,153 +88,129 @@ void* teacher_elem(const OptimEntry& e, int64_t start) {
   }
 }
 
-void sgd_ema_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList bufs,
-                      at::TensorList teacher, c10::ArrayRef<int64_t> first, double lr,
-                      double momentum, double dampening, bool nesterov, double weight_decay,
-                      bool maximize, double teacher_momentum) {
-  const SgdArgs a{lr, momentum, dampening, nesterov, weight_decay, maximize, teacher_momentum};
-  const OptimPlan table = prepare_sgd(params, grads, bufs, teacher, first, a, false);
-  visit_types(params, teacher, [&](auto ptag, auto ttag) {
-    using PT = typename decltype(ptag)::type;
-    using TT = typename decltype(ttag)::type;
-    for_chunks(table, [&](const OptimEntry& e, int64_t start, int64_t n, int64_t) {
-      PT* p = at_elem<PT>(e.param, start);
-      const PT* g = at_elem<const PT>(e.grad, start);
-      PT* b = at_elem<PT>(e.state0, start);
-      void* t = teacher_elem<TT>(e, start);
-      const bool f = (e.flags & kOptimFirst) != 0;
-      EMAN_FUSED_ISA_FN(sgd_span<PT, TT>)(p, g, b, t, n, a, f);
-    });
-  });
+template <typename Hyper>
+Hyper typed_hyper(const OptimCall& call) {
+  Hyper h;
+  std::memcpy(&h, call.hyper.data(), sizeof h);
+  return h;
 }
 
-void adamw_ema_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
-                        at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs,
-                        at::TensorList teacher, c10::ArrayRef<double> step_sizes,
-                        c10::ArrayRef<double> bias_correction2_sqrts, double lr, double beta1,
-                        double beta2, double eps, double weight_decay, bool amsgrad,
-                        bool maximize, double teacher_momentum) {
-  const AdamWArgs a{lr, beta1, beta2, eps, weight_decay, amsgrad, maximize, teacher_momentum};
-  const OptimPlan table = prepare_adamw(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs,
-                                         teacher, step_sizes, bias_correction2_sqrts, a, false);
-  visit_types(params, teacher, [&](auto ptag, auto ttag) {
-    using PT = typename decltype(ptag)::type;
-    using TT = typename decltype(ttag)::type;
-    for_chunks(table, [&](const OptimEntry& e, int64_t start, int64_t n, int64_t) {
-      PT* p = at_elem<PT>(e.param, start);
-      const PT* g = at_elem<const PT>(e.grad, start);
-      PT* m = at_elem<PT>(e.state0, start);
-      PT* v = at_elem<PT>(e.state1, start);
-      PT* vmax = at_elem<PT>(e.state2, start);
-      void* t = teacher_elem<TT>(e, start);
-      const auto ss = static_cast<float>(e.scalar0), bc = static_cast<float>(e.scalar1);
-      EMAN_FUSED_ISA_FN(adamw_span<PT, TT>)(p, g, m, v, vmax, t, n, a, ss, bc);
-    });
-  });
+template <typename Scalars>
+Scalars typed_scalars(const OptimCall& call) {
+  Scalars s;
+  std::memcpy(&s, optim_scalars(call.table), sizeof s);
+  return s;
 }
 
-// Two passes (documented): per-tensor norms of p and of the decayed gradient, then the update
-// with each tensor's trust ratio. Norms are summed per span, then per tensor in span order:
+// The teacher's dtype for the loops: none at momentum 1 (nothing touched, as ema_update_).
+FloatTag loop_teacher_tag(const OptimCall& call, double teacher_momentum) {
+  return ema_mode(teacher_momentum) == EmaMode::kSkip ? kAbsent : call.teacher_tag;
+}
+
+// SGD and both LARS formulas: one loop (optim/math.h: momentum_update). SGD: no factor (1) and
+// weight decay when it is non-zero. LARS: two passes (documented): per-tensor sums of squares,
+// then the update with each tensor's factor; sums per span, then per tensor in span order, so
 // the same bits for any thread count.
-void lars_ema_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList bufs,
-                       at::TensorList teacher, c10::ArrayRef<int64_t> adapt,
-                       c10::ArrayRef<int64_t> first, double lr, double momentum,
-                       double weight_decay, double trust_coefficient, bool maximize,
-                       double teacher_momentum) {
-  const LarsArgs a{lr, momentum, weight_decay, trust_coefficient, maximize, teacher_momentum};
-  const OptimPlan table = prepare_lars(params, grads, bufs, teacher, adapt, first, a, false);
-  const float wd = static_cast<float>(weight_decay), sign = maximize ? -1.0f : 1.0f;
-  std::vector<double> sums(2 * table.num_chunks, 0.0);
-  visit_types(params, {}, [&](auto ptag, auto) {
-    using PT = typename decltype(ptag)::type;
-    for_chunks(table, [&](const OptimEntry& e, int64_t start, int64_t n, int64_t k) {
-      if ((e.flags & kOptimAdapt) == 0) return;
-      const PT* p = at_elem<const PT>(e.param, start);
-      const PT* g = at_elem<const PT>(e.grad, start);
-      EMAN_FUSED_ISA_FN(lars_sumsq<PT>)(raw(p), raw(g), n, wd, sign, &sums[2 * k]);
+void run_momentum(const OptimCall& call) {
+  const OptimPlan& table = call.table;
+  const bool sgd = call.optimizer == Optimizer::kSgd;
+  const bool you2017 = call.optimizer == Optimizer::kLarsYou2017;
+  MomentumArgs a{};
+  double teacher_momentum;
+  bool nesterov, sgd_decay = false;
+  std::vector<float> factor(table.num_tensors, 1.0f);
+  if (sgd) {
+    const SgdHyper h = typed_hyper<SgdHyper>(call);
+    const SgdScalars s = typed_scalars<SgdScalars>(call);
+    a = {momentum_floats(s), 1.0f, teacher_weights(s), false};
+    teacher_momentum = h.teacher_momentum;
+    nesterov = h.nesterov != 0.0;
+    sgd_decay = h.weight_decay != 0.0;
+  } else {
+    const LarsHyper h = typed_hyper<LarsHyper>(call);
+    const LarsScalars s = typed_scalars<LarsScalars>(call);
+    a = {momentum_floats(s), 1.0f, teacher_weights(s), false};
+    teacher_momentum = h.teacher_momentum;
+    nesterov = h.nesterov != 0.0;
+    std::vector<double> sums(2 * table.num_chunks, 0.0);
+    const float sign = float(s.sign), nwd = float(s.norm_weight_decay);
+    visit_types(call.param_tag, kAbsent, [&](auto ptag, auto) {
+      using PT = typename decltype(ptag)::type;
+      for_chunks(table, [&](const OptimEntry& e, int64_t start, int64_t n, int64_t k) {
+        if ((e.flags & kOptimAdapt) == 0) return;
+        const PT* p = at_elem<const PT>(e.param, start);
+        const PT* g = at_elem<const PT>(e.grad, start);
+        EMAN_FUSED_ISA_FN(lars_sumsq<PT>)(raw(p), raw(g), n, sign, nwd, &sums[2 * k]);
+      });
     });
-  });
-  std::vector<float> trust(params.size(), 1.0f);
-  const OptimEntry* entries = table.entries();
-  for (int64_t i = 0; i < table.num_tensors; ++i) {
-    double p2 = 0.0, d2 = 0.0;  // this tensor's chunks, in order
-    for (int64_t k = entries[i].first_chunk; k < entries[i].first_chunk + entries[i].num_chunks; ++k) {
-      p2 += sums[2 * k], d2 += sums[2 * k + 1];
-    }
-    const double pn = std::sqrt(p2), dn = std::sqrt(d2);
-    if ((entries[i].flags & kOptimAdapt) != 0 && pn > 0.0 && dn > 0.0) {
-      trust[i] = static_cast<float>(trust_coefficient * pn / dn);
+    const OptimEntry* entries = table.entries();
+    for (int64_t i = 0; i < table.num_tensors; ++i) {
+      double p2 = 0.0, n2 = 0.0;  // this tensor's chunks, in order
+      for (int64_t k = entries[i].first_chunk; k < entries[i].first_chunk + entries[i].num_chunks; ++k) {
+        p2 += sums[2 * k], n2 += sums[2 * k + 1];
+      }
+      factor[i] = lars_factor(s, you2017, (entries[i].flags & kOptimAdapt) != 0, p2, n2);
     }
   }
-  visit_types(params, teacher, [&](auto ptag, auto ttag) {
+  a.teacher_copy = ema_mode(teacher_momentum) == EmaMode::kCopy;
+  visit_types(call.param_tag, loop_teacher_tag(call, teacher_momentum), [&](auto ptag, auto ttag) {
     using PT = typename decltype(ptag)::type;
     using TT = typename decltype(ttag)::type;
     for_chunks(table, [&](const OptimEntry& e, int64_t start, int64_t n, int64_t k) {
       const int64_t i = table.chunks()[k].tensor;
-      PT* p = at_elem<PT>(e.param, start);
-      const PT* g = at_elem<const PT>(e.grad, start);
-      PT* b = at_elem<PT>(e.state0, start);
-      void* t = teacher_elem<TT>(e, start);
-      const bool ad = (e.flags & kOptimAdapt) != 0, fi = (e.flags & kOptimFirst) != 0;
-      EMAN_FUSED_ISA_FN(lars_span<PT, TT>)(p, g, b, t, n, a, ad, fi, trust[i]);
+      const bool adapt = (e.flags & kOptimAdapt) != 0;
+      MomentumArgs ai = a;
+      ai.factor = factor[i];
+      const bool decay = sgd ? sgd_decay : you2017 || adapt;
+      EMAN_FUSED_ISA_FN(momentum_span<PT, TT>)(
+          at_elem<PT>(e.param, start), at_elem<const PT>(e.grad, start),
+          at_elem<PT>(e.first_moment, start), teacher_elem<TT>(e, start), n, ai, decay, nesterov,
+          (e.flags & kOptimFirst) != 0);
     });
   });
 }
 
-// The capturable variants read lr, the teacher momentum and (AdamW) the step counts from
-// tensors. On the CPU reading them costs no synchronization: these adapt to the kernels above.
-void sgd_ema_step_capturable_cpu(at::TensorList params, at::TensorList grads, at::TensorList bufs,
-                                 at::TensorList teacher, c10::ArrayRef<int64_t> first,
-                                 const at::Tensor& lr, double momentum, double dampening,
-                                 bool nesterov, double weight_decay, bool maximize,
-                                 const at::Tensor& teacher_momentum) {
-  check_capturable_scalars("sgd_ema_step_", params, lr, teacher_momentum, {});
-  if (params.empty()) return;
-  sgd_ema_step_cpu(params, grads, bufs, teacher, first, lr.item<double>(), momentum, dampening,
-                   nesterov, weight_decay, maximize, teacher_momentum.item<double>());
+void run_adamw(const OptimCall& call) {
+  const AdamWHyper h = typed_hyper<AdamWHyper>(call);
+  const AdamWScalars s = typed_scalars<AdamWScalars>(call);
+  const bool copy = ema_mode(h.teacher_momentum) == EmaMode::kCopy;
+  visit_types(call.param_tag, loop_teacher_tag(call, h.teacher_momentum), [&](auto ptag, auto ttag) {
+    using PT = typename decltype(ptag)::type;
+    using TT = typename decltype(ttag)::type;
+    for_chunks(call.table, [&](const OptimEntry& e, int64_t start, int64_t n, int64_t) {
+      // torch forms the step size lr / (1 - beta1^step) in double and rounds it once.
+      const AdamWArgs a{adamw_floats(s), static_cast<float>(s.lr / e.bias_correction1),
+                        static_cast<float>(e.bias_correction2_sqrt), teacher_weights(s), copy};
+      EMAN_FUSED_ISA_FN(adamw_span<PT, TT>)(
+          at_elem<PT>(e.param, start), at_elem<const PT>(e.grad, start),
+          at_elem<PT>(e.first_moment, start), at_elem<PT>(e.second_moment, start),
+          at_elem<PT>(e.max_second_moment, start), teacher_elem<TT>(e, start), n, a);
+    });
+  });
 }
 
-void adamw_ema_step_capturable_cpu(at::TensorList params, at::TensorList grads,
-                                   at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
-                                   at::TensorList max_exp_avg_sqs, at::TensorList teacher,
-                                   at::TensorList steps, const at::Tensor& lr, double beta1,
-                                   double beta2, double eps, double weight_decay, bool amsgrad,
-                                   bool maximize, const at::Tensor& teacher_momentum) {
-  check_capturable_scalars("adamw_ema_step_", params, lr, teacher_momentum, steps);
-  if (params.empty()) return;
-  const double lr_v = lr.item<double>();
-  std::vector<double> step_sizes(params.size()), bc2(params.size());
-  for (size_t i = 0; i < params.size(); ++i) {  // as the Python (host) path computes them
-    const double k = steps[i].item<double>();
-    step_sizes[i] = lr_v / (1.0 - std::pow(beta1, k));
-    bc2[i] = std::sqrt(1.0 - std::pow(beta2, k));
+void optim_ema_step_cpu(int64_t optimizer, at::TensorList params, at::TensorList grads,
+                        at::TensorList first_moments, at::TensorList second_moments,
+                        at::TensorList max_second_moments, at::TensorList teacher,
+                        c10::ArrayRef<int64_t> flags, at::TensorList steps,
+                        c10::ArrayRef<double> hyper,
+                        const c10::List<std::optional<at::Tensor>>& hyper_tensors) {
+  const OptimLists lists{params, grads, first_moments, second_moments, max_second_moments,
+                         teacher, steps, flags};
+  const OptimCall call = check_optim_call(optimizer, lists, hyper, hyper_tensors, false);
+  bump_step_versions(lists);
+  advance_host_steps(steps);
+  if (call.optimizer == Optimizer::kAdamW) {
+    run_adamw(call);
+  } else {
+    run_momentum(call);
   }
-  adamw_ema_step_cpu(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, teacher, step_sizes,
-                     bc2, lr_v, beta1, beta2, eps, weight_decay, amsgrad, maximize,
-                     teacher_momentum.item<double>());
-}
-
-void lars_ema_step_capturable_cpu(at::TensorList params, at::TensorList grads,
-                                  at::TensorList bufs, at::TensorList teacher,
-                                  c10::ArrayRef<int64_t> adapt, c10::ArrayRef<int64_t> first,
-                                  const at::Tensor& lr, double momentum, double weight_decay,
-                                  double trust_coefficient, bool maximize,
-                                  const at::Tensor& teacher_momentum) {
-  check_capturable_scalars("lars_ema_step_", params, lr, teacher_momentum, {});
-  if (params.empty()) return;
-  lars_ema_step_cpu(params, grads, bufs, teacher, adapt, first, lr.item<double>(), momentum,
-                    weight_decay, trust_coefficient, maximize, teacher_momentum.item<double>());
 }
 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(eman_fused, CPU, m) {
-  m.impl("sgd_ema_step_", &sgd_ema_step_cpu);
-  m.impl("adamw_ema_step_", &adamw_ema_step_cpu);
-  m.impl("lars_ema_step_", &lars_ema_step_cpu);
-  m.impl("sgd_ema_step_.capturable", &sgd_ema_step_capturable_cpu);
-  m.impl("adamw_ema_step_.capturable", &adamw_ema_step_capturable_cpu);
-  m.impl("lars_ema_step_.capturable", &lars_ema_step_capturable_cpu);
+  m.impl("optim_ema_step_", &optim_ema_step_cpu);
 }
 
 }  // namespace eman_fused

@@ -1,61 +1,33 @@
 #include "optim/plan.h"
 
-#include "common/dtype_of.h"
-
 #include <ATen/ops/empty.h>
 #include <c10/util/Exception.h>
 
 #include <cmath>
+#include <cstddef>
 #include <cstring>
+#include <string>
 #include <vector>
+
+#include "common/dtype_of.h"
+#include "common/overlap.h"
+#include "optim/math.h"
 
 namespace eman_fused {
 namespace {
-
-void check_same_length(const char* op, const char* name, at::TensorList list, size_t n,
-                       bool may_be_empty) {
-  TORCH_CHECK_VALUE(list.size() == n || (may_be_empty && list.empty()), op, ": ", name, " has ",
-                    list.size(), " tensors but params has ", n);
-}
 
 bool is_fused_float(at::ScalarType st) {
   return st == at::kFloat || st == at::kBFloat16 || st == at::kHalf;
 }
 
-// list[i] must match params[i]: defined, the param's dtype (grads and state, as torch.optim
-// keeps them) or a teacher float type, device, shape, strides.
-void check_like_param(const char* op, const char* name, at::TensorList list,
-                      at::TensorList params, bool teacher) {
-  for (size_t i = 0; i < list.size(); ++i) {
-    const at::Tensor& x = list[i];
-    const at::Tensor& p = params[i];
-    TORCH_CHECK_VALUE(x.defined(), op, ": ", name, "[", i, "] is undefined");
-    const auto st = x.scalar_type();
-    if (teacher) {
-      TORCH_CHECK_TYPE(is_fused_float(st), op, ": ", name, "[", i, "] has dtype ", st,
-                       "; teachers must be float32, bfloat16 or float16");
-    } else {
-      TORCH_CHECK_TYPE(st == p.scalar_type(), op, ": ", name, "[", i, "] has dtype ", st,
-                       " but params[", i, "] is ", p.scalar_type(), " (grads and optimizer state ",
-                       "have the param's dtype, as in torch.optim)");
-    }
-    TORCH_CHECK_VALUE(x.device() == p.device(), op, ": ", name, "[", i, "] is on ", x.device(),
-                      " but params[", i, "] is on ", p.device());
-    TORCH_CHECK_VALUE(x.sizes() == p.sizes(), op, ": ", name, "[", i, "] has shape ", x.sizes(),
-                      " but params[", i, "] has ", p.sizes());
-    TORCH_CHECK_VALUE(x.is_non_overlapping_and_dense() && x.strides() == p.strides(), op, ": ",
-                      name, "[", i, "] has strides ", x.strides(), " but params[", i, "] has ",
-                      p.strides(), " (both must be dense, in the same memory order)");
-    // (Empty tensors may all have a null data pointer: no storage, nothing shared.)
-    TORCH_CHECK_VALUE(!teacher || p.numel() == 0 || x.data_ptr() != p.data_ptr(), op, ": teacher[", i,
-                      "] is params[", i, "] itself");
-    TORCH_CHECK_TYPE(!teacher || st == list[0].scalar_type(), op, ": teacher[", i, "] is ", st,
-                     " but teacher[0] is ", list[0].scalar_type(), "; one teacher dtype per call");
-  }
+void check_length(const std::string& op, const char* name, at::TensorList list, size_t n,
+                  bool may_be_empty) {
+  TORCH_CHECK_VALUE(list.size() == n || (may_be_empty && list.empty()), op, ": ", name, " has ",
+                    list.size(), " tensors but params has ", n);
 }
 
-// float32, bfloat16 or float16 params (math in float32), one dtype per call.
-void check_params(const char* op, at::TensorList params) {
+// float32, bfloat16 or float16 params (math in float32), one dtype and device per call, dense.
+void check_params(const std::string& op, at::TensorList params) {
   for (size_t i = 0; i < params.size(); ++i) {
     TORCH_CHECK_VALUE(params[i].defined(), op, ": params[", i, "] is undefined");
     const auto st = params[i].scalar_type();
@@ -71,258 +43,282 @@ void check_params(const char* op, at::TensorList params) {
   }
 }
 
-void check_number(const char* op, const char* name, double v, double lo, double hi) {
-  TORCH_CHECK_VALUE(std::isfinite(v) && v >= lo && v <= hi, op, ": ", name, " must be in [", lo,
-                    ", ", hi, "], got ", v);
+// list[i] must match params[i]: defined, the param's dtype (grads and state, as torch.optim
+// keeps them) or a teacher float type, device, shape, strides. (eman_fused.optim gives a grad
+// of other strides than its param a copy in the param's layout first.)
+void check_like_param(const std::string& op, const char* name, at::TensorList list,
+                      at::TensorList params, bool teacher) {
+  for (size_t i = 0; i < list.size(); ++i) {
+    const at::Tensor& x = list[i];
+    const at::Tensor& p = params[i];
+    TORCH_CHECK_VALUE(x.defined(), op, ": ", name, "[", i, "] is undefined");
+    const auto st = x.scalar_type();
+    if (teacher) {
+      TORCH_CHECK_TYPE(is_fused_float(st), op, ": ", name, "[", i, "] has dtype ", st,
+                       "; teachers must be float32, bfloat16 or float16");
+      TORCH_CHECK_TYPE(st == list[0].scalar_type(), op, ": teacher[", i, "] is ", st,
+                       " but teacher[0] is ", list[0].scalar_type(), "; one teacher dtype per call");
+    } else {
+      TORCH_CHECK_TYPE(st == p.scalar_type(), op, ": ", name, "[", i, "] has dtype ", st,
+                       " but params[", i, "] is ", p.scalar_type(), " (grads and optimizer state ",
+                       "have the param's dtype, as in torch.optim)");
+    }
+    TORCH_CHECK_VALUE(x.device() == p.device(), op, ": ", name, "[", i, "] is on ", x.device(),
+                      " but params[", i, "] is on ", p.device());
+    TORCH_CHECK_VALUE(x.sizes() == p.sizes(), op, ": ", name, "[", i, "] has shape ", x.sizes(),
+                      " but params[", i, "] has ", p.sizes());
+    TORCH_CHECK_VALUE(x.is_non_overlapping_and_dense() && x.strides() == p.strides(), op, ": ",
+                      name, "[", i, "] has strides ", x.strides(), " but params[", i, "] has ",
+                      p.strides(), " (both must be dense, in the same memory order)");
+  }
+}
+
+void check_value(const std::string& op, const HyperInfo& info, double v) {
+  TORCH_CHECK_VALUE(std::isfinite(v), op, ": ", info.name, " must be finite, got ", v);
+  switch (info.check) {
+    case HyperCheck::kFinite: return;
+    case HyperCheck::kNonNegative:
+      TORCH_CHECK_VALUE(v >= 0.0, op, ": ", info.name, " must be >= 0, got ", v);
+      return;
+    case HyperCheck::kUnit:
+      TORCH_CHECK_VALUE(v >= 0.0 && v <= 1.0, op, ": ", info.name, " must be in [0, 1], got ", v);
+      return;
+    case HyperCheck::kBelowOne:
+      TORCH_CHECK_VALUE(v >= 0.0 && v < 1.0, op, ": ", info.name, " must be in [0, 1), got ", v);
+      return;
+    case HyperCheck::kFlag:
+      TORCH_CHECK_VALUE(v == 0.0 || v == 1.0, op, ": ", info.name, " is a flag (0 or 1), got ", v);
+      return;
+  }
+}
+
+// A 0-dim float32 tensor on `device` (a device hyper-parameter or step count).
+void check_device_scalar(const std::string& op, const std::string& what, const at::Tensor& t,
+                         const at::Device& device, bool cpu_allowed) {
+  TORCH_CHECK_VALUE(t.defined() && t.dim() == 0, op, ": ", what, " must be a 0-dim tensor, got shape ",
+                    t.sizes());
+  TORCH_CHECK_TYPE(t.scalar_type() == at::kFloat, op, ": ", what, " must be float32, got ",
+                   t.scalar_type());
+  TORCH_CHECK_VALUE(t.device() == device || (cpu_allowed && t.device().is_cpu()), op, ": ", what,
+                    " is on ", t.device(), " but the params are on ", device);
+}
+
+int64_t ptr_of(at::TensorList list, size_t i) {
+  return list.empty() ? 0 : reinterpret_cast<int64_t>(list[i].const_data_ptr());
+}
+
+template <typename Tag>
+void check_and_build(OptimCall& call, const OptimLists& l, c10::ArrayRef<double> hyper,
+                     const c10::List<std::optional<at::Tensor>>& hyper_tensors, bool pinned) {
+  using Traits = typename Tag::Traits;
+  using Hyper = typename Traits::Hyper;
+  constexpr Optimizer kOpt = Tag::value;
+  constexpr int64_t kCount = Traits::count;
+  static_assert(sizeof(Hyper) == kCount * sizeof(double) && kCount <= kMaxHyper, "hyper layout");
+  const std::string op = std::string("fused ") + Traits::name + " step";
+  const size_t n = l.params.size();
+  call.optimizer = kOpt;
+
+  // Hyper-parameters: host values, and tensors where given (CPU ones read here).
+  std::string names;
+  for (int64_t k = 0; k < kCount; ++k) names += (k ? ", " : "") + std::string(Traits::info[k].name);
+  TORCH_CHECK_VALUE(static_cast<int64_t>(hyper.size()) == kCount, op, ": hyper has ", hyper.size(),
+                    " values but ", Traits::name, " takes ", kCount, " (", names, ")");
+  TORCH_CHECK_VALUE(hyper_tensors.empty() || static_cast<int64_t>(hyper_tensors.size()) == kCount,
+                    op, ": hyper_tensors has ", hyper_tensors.size(), " entries; give none or ",
+                    kCount, " (", names, "), None where the float holds");
+  check_params(op, l.params);
+  const at::Device device = n ? l.params[0].device() : at::Device(at::kCPU);
+  std::copy(hyper.begin(), hyper.end(), call.hyper.begin());
+  std::array<bool, kMaxHyper> on_device{};
+  for (int64_t k = 0; k < static_cast<int64_t>(hyper_tensors.size()); ++k) {
+    const std::optional<at::Tensor> t = hyper_tensors.get(k);
+    if (!t.has_value() || !t->defined()) continue;
+    const HyperInfo& info = Traits::info[k];
+    TORCH_CHECK_TYPE(info.check != HyperCheck::kFlag, op, ": ", info.name,
+                     " is a flag and must be given as a float (it selects the kernel)");
+    check_device_scalar(op, info.name, *t, device, false);
+    if (t->device().is_cpu()) {  // reading it costs no synchronization
+      call.hyper[k] = t->item<double>();
+    } else {
+      call.hyper_ptrs[k] = t->const_data_ptr<float>();
+      on_device[k] = true;
+      call.device_inputs = true;
+    }
+  }
+  for (int64_t k = 0; k < kCount; ++k) {
+    if (!on_device[k]) check_value(op, Traits::info[k], call.hyper[k]);
+  }
+  Hyper h;
+  std::memcpy(&h, call.hyper.data(), sizeof(Hyper));
+
+  // Which lists this optimizer takes, and their lengths.
+  check_length(op, "grads", l.grads, n, false);
+  check_length(op, "teacher", l.teacher, n, true);
+  TORCH_CHECK_VALUE(l.flags.size() == n || l.flags.empty(), op, ": flags has ", l.flags.size(),
+                    " values but params has ", n);
+  if constexpr (kOpt == Optimizer::kAdamW) {
+    TORCH_CHECK_VALUE((h.amsgrad != 0.0) == !l.max_second_moments.empty() || n == 0,
+                      op, ": amsgrad is ", h.amsgrad != 0.0 ? "on" : "off", " but max_exp_avg_sqs has ",
+                      l.max_second_moments.size(), " tensors");
+    check_length(op, "exp_avgs", l.first_moments, n, false);
+    check_length(op, "exp_avg_sqs", l.second_moments, n, false);
+    check_length(op, "max_exp_avg_sqs", l.max_second_moments, n, h.amsgrad == 0.0);
+    check_length(op, "steps", l.steps, n, false);
+  } else {
+    // A momentum buffer per param, except for SGD and you2017 LARS without momentum, which keep
+    // none (as torch's SGD): a buffer would apply the dampening. A momentum given as a device
+    // value cannot be compared with 0 here, so it takes buffers.
+    constexpr size_t kMomentum = offsetof(Hyper, momentum) / sizeof(double);
+    constexpr size_t kDampening = offsetof(Hyper, dampening) / sizeof(double);
+    const bool no_momentum = !on_device[kMomentum] && h.momentum == 0.0;
+    if (kOpt != Optimizer::kLarsSimclr && no_momentum) {
+      TORCH_CHECK_VALUE(l.first_moments.empty(), op, ": momentum is 0, so there are no momentum ",
+                        "buffers; got ", l.first_moments.size());
+    } else {
+      check_length(op, "momentum_buffers", l.first_moments, n, false);
+    }
+    TORCH_CHECK_VALUE(l.second_moments.empty() && l.max_second_moments.empty() && l.steps.empty(),
+                      op, " has one state list (momentum_buffers); got second moments or steps");
+    TORCH_CHECK_VALUE(h.nesterov == 0.0 || on_device[kMomentum] || on_device[kDampening] ||
+                          (h.momentum > 0.0 && h.dampening == 0.0),
+                      op, ": nesterov needs momentum > 0 and dampening 0");
+    if constexpr (kOpt == Optimizer::kLarsSimclr) {
+      TORCH_CHECK_VALUE(h.nesterov == 0.0 && (on_device[kDampening] || h.dampening == 0.0), op,
+                        ": the simclr formula has no dampening or nesterov (formula='you2017' has)");
+    }
+  }
+
+  // Every tensor like its param; AdamW's step counts.
+  const char* first_name = kOpt == Optimizer::kAdamW ? "exp_avgs" : "momentum_buffers";
+  check_like_param(op, "grads", l.grads, l.params, false);
+  check_like_param(op, first_name, l.first_moments, l.params, false);
+  check_like_param(op, "exp_avg_sqs", l.second_moments, l.params, false);
+  check_like_param(op, "max_exp_avg_sqs", l.max_second_moments, l.params, false);
+  check_like_param(op, "teacher", l.teacher, l.params, true);
+  std::vector<double> host_steps(l.steps.size(), -1.0);
+  for (size_t i = 0; i < l.steps.size(); ++i) {
+    check_device_scalar(op, "steps[" + std::to_string(i) + "]", l.steps[i], device, true);
+    if (l.steps[i].device().is_cpu()) {
+      host_steps[i] = static_cast<double>(*l.steps[i].const_data_ptr<float>());
+      TORCH_CHECK_VALUE(std::isfinite(host_steps[i]) && host_steps[i] >= 0.0, op, ": steps[", i,
+                        "] (the steps taken so far) must be >= 0, got ", host_steps[i]);
+    } else {
+      call.device_inputs = true;
+    }
+  }
+
+  // Nothing written may share memory with anything else of the call: the kernels read and
+  // write the lists concurrently.
+  std::vector<MemoryRange> ranges;
+  ranges.reserve(6 * n);
+  add_memory_ranges(ranges, l.params, "params", true);
+  add_memory_ranges(ranges, l.grads, "grads", false);
+  add_memory_ranges(ranges, l.first_moments, first_name, true);
+  add_memory_ranges(ranges, l.second_moments, "exp_avg_sqs", true);
+  add_memory_ranges(ranges, l.max_second_moments, "max_exp_avg_sqs", true);
+  add_memory_ranges(ranges, l.teacher, "teacher", true);
+  add_memory_ranges(ranges, l.steps, "steps", true);
+  std::vector<at::Tensor> defined_hyper;
+  for (size_t k = 0; k < hyper_tensors.size(); ++k) {
+    const std::optional<at::Tensor> t = hyper_tensors.get(k);
+    if (t.has_value() && t->defined()) defined_hyper.push_back(*t);
+  }
+  add_memory_ranges(ranges, defined_hyper, "hyper_tensors", false);
+  check_no_overlap(op.c_str(), ranges,
+                   "a tensor the step writes (params, state, teacher, step counts) must not share "
+                   "memory with any other tensor of the call");
+
+  // The table: entries, chunks, and the call's scalars (from the host values; a kernel that
+  // reads device values forms its own).
+  std::vector<OptimEntry> entries(n);
+  std::vector<TensorChunk> chunks;
+  for (size_t i = 0; i < n; ++i) {
+    OptimEntry& e = entries[i];
+    e.param = ptr_of(l.params, i), e.grad = ptr_of(l.grads, i), e.teacher = ptr_of(l.teacher, i);
+    e.first_moment = ptr_of(l.first_moments, i);
+    e.second_moment = ptr_of(l.second_moments, i);
+    e.max_second_moment = ptr_of(l.max_second_moments, i);
+    e.numel = l.params[i].numel();
+    e.first_chunk = static_cast<int64_t>(chunks.size());
+    for (int64_t s = 0; s < e.numel; s += kOptimChunkElems) chunks.push_back({static_cast<int64_t>(i), s});
+    e.num_chunks = static_cast<int64_t>(chunks.size()) - e.first_chunk;
+    e.flags = l.flags.empty() ? 0 : l.flags[i];
+    e.bias_correction1 = e.bias_correction2_sqrt = 1.0;
+    e.step = 0;
+    if constexpr (kOpt == Optimizer::kAdamW) {
+      if (host_steps[i] >= 0.0) {
+        adamw_bias_corrections(h.beta1, h.beta2, host_steps[i] + 1.0, &e.bias_correction1,
+                               &e.bias_correction2_sqrt);
+      } else {
+        e.step = reinterpret_cast<int64_t>(l.steps[i].const_data_ptr());
+      }
+    }
+  }
+  double scalars[kOptimScalarWords] = {};
+  if constexpr (kOpt == Optimizer::kSgd) {
+    const SgdScalars s = sgd_scalars(h);
+    std::memcpy(scalars, &s, sizeof s);
+  } else if constexpr (kOpt == Optimizer::kAdamW) {
+    const AdamWScalars s = adamw_scalars(h);
+    std::memcpy(scalars, &s, sizeof s);
+  } else {
+    const LarsScalars s = lars_scalars(h, kOpt == Optimizer::kLarsYou2017);
+    std::memcpy(scalars, &s, sizeof s);
+  }
+  OptimPlan& table = call.table;
+  table.num_tensors = static_cast<int64_t>(n);
+  table.num_chunks = static_cast<int64_t>(chunks.size());
+  const int64_t entry_words = table.num_tensors * kOptimEntryWords;
+  const int64_t chunk_words = table.num_chunks * kChunkWords;
+  table.table = at::empty({entry_words + chunk_words + kOptimScalarWords},
+                          at::TensorOptions().dtype(at::kLong).pinned_memory(pinned));
+  auto* out = table.table.mutable_data_ptr<int64_t>();
+  std::memcpy(out, entries.data(), entries.size() * sizeof(OptimEntry));
+  std::memcpy(out + entry_words, chunks.data(), chunks.size() * sizeof(TensorChunk));
+  std::memcpy(out + entry_words + chunk_words, scalars, sizeof scalars);
+  call.param_tag = n ? *float_tag_of(l.params[0].scalar_type()) : kF32;
+  call.teacher_tag = l.teacher.empty() ? kAbsent : *float_tag_of(l.teacher[0].scalar_type());
 }
 
 }  // namespace
 
-void check_sgd_ema(at::TensorList params, at::TensorList grads, at::TensorList bufs,
-                   at::TensorList teacher, c10::ArrayRef<int64_t> first, const SgdArgs& a) {
-  const char* op = "sgd_ema_step_";
-  const size_t n = params.size();
-  check_same_length(op, "grads", grads, n, false);
-  check_same_length(op, "momentum_buffers", bufs, n, a.momentum == 0.0);
-  check_same_length(op, "teacher", teacher, n, true);
-  TORCH_CHECK_VALUE(first.size() == n || (first.empty() && bufs.empty()), op, ": first has ",
-                    first.size(), " flags but params has ", n);
-  TORCH_CHECK_VALUE(a.momentum == 0.0 || bufs.size() == n, op,
-                    ": momentum != 0 needs one momentum buffer per param");
-  check_number(op, "lr", a.lr, 0.0, INFINITY);
-  check_number(op, "momentum", a.momentum, 0.0, INFINITY);
-  check_number(op, "dampening", a.dampening, -INFINITY, INFINITY);
-  check_number(op, "weight_decay", a.weight_decay, 0.0, INFINITY);
-  check_number(op, "teacher_momentum", a.teacher_momentum, 0.0, 1.0);
-  TORCH_CHECK_VALUE(!a.nesterov || (a.momentum > 0.0 && a.dampening == 0.0), op,
-                    ": nesterov needs momentum > 0 and dampening 0");
-  check_params(op, params);
-  check_like_param(op, "grads", grads, params, false);
-  check_like_param(op, "momentum_buffers", bufs, params, false);
-  check_like_param(op, "teacher", teacher, params, true);
+OptimCall check_optim_call(int64_t optimizer, const OptimLists& lists, c10::ArrayRef<double> hyper,
+                           const c10::List<std::optional<at::Tensor>>& hyper_tensors, bool pinned) {
+  OptimCall call;
+  const bool known = visit_optimizer(optimizer, [&](auto tag) {
+    check_and_build<decltype(tag)>(call, lists, hyper, hyper_tensors, pinned);
+  });
+  TORCH_CHECK_VALUE(known, "fused optimizer step: unknown optimizer ", optimizer, " (0 SGD, 1 AdamW, ",
+                    "2 LARS simclr, 3 LARS you2017)");
+  return call;
 }
 
-void check_adamw_ema(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
-                     at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs,
-                     at::TensorList teacher, c10::ArrayRef<double> step_sizes,
-                     c10::ArrayRef<double> bias_correction2_sqrts, const AdamWArgs& a) {
-  const char* op = "adamw_ema_step_";
-  const size_t n = params.size();
-  check_same_length(op, "grads", grads, n, false);
-  check_same_length(op, "exp_avgs", exp_avgs, n, false);
-  check_same_length(op, "exp_avg_sqs", exp_avg_sqs, n, false);
-  check_same_length(op, "max_exp_avg_sqs", max_exp_avg_sqs, n, !a.amsgrad);
-  check_same_length(op, "teacher", teacher, n, true);
-  TORCH_CHECK_VALUE(step_sizes.size() == n && bias_correction2_sqrts.size() == n, op,
-                    ": step_sizes and bias_correction2_sqrts need one value per param");
-  check_number(op, "lr", a.lr, 0.0, INFINITY);
-  check_number(op, "beta1", a.beta1, 0.0, 1.0 - 1e-12);
-  check_number(op, "beta2", a.beta2, 0.0, 1.0 - 1e-12);
-  check_number(op, "eps", a.eps, 0.0, INFINITY);
-  check_number(op, "weight_decay", a.weight_decay, 0.0, INFINITY);
-  check_number(op, "teacher_momentum", a.teacher_momentum, 0.0, 1.0);
-  for (size_t i = 0; i < n; ++i) {
-    TORCH_CHECK_VALUE(std::isfinite(step_sizes[i]) && bias_correction2_sqrts[i] > 0.0, op,
-                      ": step_sizes[", i, "] / bias_correction2_sqrts[", i, "] out of range");
-  }
-  check_params(op, params);
-  check_like_param(op, "grads", grads, params, false);
-  check_like_param(op, "exp_avgs", exp_avgs, params, false);
-  check_like_param(op, "exp_avg_sqs", exp_avg_sqs, params, false);
-  check_like_param(op, "max_exp_avg_sqs", max_exp_avg_sqs, params, false);
-  check_like_param(op, "teacher", teacher, params, true);
+void check_step_overlap(at::TensorList params, at::TensorList grads, at::TensorList state,
+                        at::TensorList teacher, at::TensorList steps) {
+  std::vector<MemoryRange> ranges;
+  ranges.reserve(params.size() + grads.size() + state.size() + teacher.size() + steps.size());
+  add_memory_ranges(ranges, params, "params", true);
+  add_memory_ranges(ranges, grads, "grads", false);
+  add_memory_ranges(ranges, state, "state", true);
+  add_memory_ranges(ranges, teacher, "teacher", true);
+  add_memory_ranges(ranges, steps, "steps", true);
+  check_no_overlap("fused optimizer step", ranges,
+                   "a tensor the step writes (params, state, teacher, step counts) must not share "
+                   "memory with any other tensor of the step, in any param group");
 }
 
-void check_lars_ema(at::TensorList params, at::TensorList grads, at::TensorList bufs,
-                    at::TensorList teacher, c10::ArrayRef<int64_t> adapt,
-                    c10::ArrayRef<int64_t> first, const LarsArgs& a) {
-  const char* op = "lars_ema_step_";
-  const size_t n = params.size();
-  check_same_length(op, "grads", grads, n, false);
-  check_same_length(op, "momentum_buffers", bufs, n, false);
-  check_same_length(op, "teacher", teacher, n, true);
-  TORCH_CHECK_VALUE(adapt.size() == n && first.size() == n, op, ": adapt and first need one ",
-                    "flag per param (got ", adapt.size(), " and ", first.size(), " for ", n, ")");
-  check_number(op, "lr", a.lr, 0.0, INFINITY);
-  check_number(op, "momentum", a.momentum, 0.0, INFINITY);
-  check_number(op, "weight_decay", a.weight_decay, 0.0, INFINITY);
-  check_number(op, "trust_coefficient", a.trust_coefficient, 0.0, INFINITY);
-  check_number(op, "teacher_momentum", a.teacher_momentum, 0.0, 1.0);
-  check_params(op, params);
-  check_like_param(op, "grads", grads, params, false);
-  check_like_param(op, "momentum_buffers", bufs, params, false);
-  check_like_param(op, "teacher", teacher, params, true);
-}
-
-void bump_versions(std::initializer_list<at::TensorList> lists) {
-  for (at::TensorList list : lists) {
+void bump_step_versions(const OptimLists& l) {
+  for (at::TensorList list : {l.params, l.first_moments, l.second_moments, l.max_second_moments,
+                              l.teacher, l.steps}) {
     for (const at::Tensor& t : list) t.unsafeGetTensorImpl()->bump_version();
   }
 }
 
-OptimPlan build_optim_table(at::TensorList params, at::TensorList grads,
-                             std::initializer_list<at::TensorList> states, at::TensorList teacher,
-                             c10::ArrayRef<int64_t> flags, c10::ArrayRef<double> scalar0,
-                             c10::ArrayRef<double> scalar1, bool pinned) {
-  std::vector<at::TensorList> st(states.begin(), states.end());
-  st.resize(3);
-  const int64_t n = static_cast<int64_t>(params.size());
-  auto ptr = [](at::TensorList list, int64_t i) -> int64_t {
-    return list.empty() ? 0 : reinterpret_cast<int64_t>(list[i].const_data_ptr());
-  };
-  std::vector<OptimEntry> entries(n);
-  std::vector<TensorChunk> chunks;
-  for (int64_t i = 0; i < n; ++i) {
-    OptimEntry& e = entries[i];
-    e.param = ptr(params, i), e.grad = ptr(grads, i), e.teacher = ptr(teacher, i);
-    e.state0 = ptr(st[0], i), e.state1 = ptr(st[1], i), e.state2 = ptr(st[2], i);
-    e.numel = params[i].numel();
-    e.first_chunk = static_cast<int64_t>(chunks.size());
-    for (int64_t s = 0; s < e.numel; s += kOptimChunkElems) chunks.push_back({i, s});
-    e.num_chunks = static_cast<int64_t>(chunks.size()) - e.first_chunk;
-    e.flags = flags.empty() ? 0 : flags[i];
-    e.scalar0 = scalar0.empty() ? 0.0 : scalar0[i];
-    e.scalar1 = scalar1.empty() ? 0.0 : scalar1[i];
-    e.step = 0;
+void advance_host_steps(at::TensorList steps) {
+  for (const at::Tensor& s : steps) {
+    if (s.device().is_cpu()) *s.mutable_data_ptr<float>() += 1.0f;
   }
-  OptimPlan table;
-  table.num_tensors = n;
-  table.num_chunks = static_cast<int64_t>(chunks.size());
-  table.table = at::empty({n * kOptimEntryWords + table.num_chunks * kChunkWords},
-                         at::TensorOptions().dtype(at::kLong).pinned_memory(pinned));
-  auto* out = table.table.mutable_data_ptr<int64_t>();
-  std::memcpy(out, entries.data(), entries.size() * sizeof(OptimEntry));
-  std::memcpy(out + n * kOptimEntryWords, chunks.data(), chunks.size() * sizeof(TensorChunk));
-  return table;
-}
-
-std::vector<int64_t> lars_flags(c10::ArrayRef<int64_t> adapt, c10::ArrayRef<int64_t> first) {
-  std::vector<int64_t> flags(adapt.size());
-  for (size_t i = 0; i < adapt.size(); ++i) {
-    flags[i] = (first[i] != 0 ? kOptimFirst : 0) | (adapt[i] != 0 ? kOptimAdapt : 0);
-  }
-  return flags;
-}
-
-// Each op's checks and table (nothing written): the kernels' prologue below, and the table ops
-// of the backends that launch from Python (Triton), whose custom ops bump versions themselves.
-namespace {
-OptimPlan checked_sgd_table(at::TensorList params, at::TensorList grads, at::TensorList bufs,
-                             at::TensorList teacher, c10::ArrayRef<int64_t> first,
-                             const SgdArgs& a, bool pinned) {
-  check_sgd_ema(params, grads, bufs, teacher, first, a);
-  return build_optim_table(params, grads, {bufs}, teacher, first, {}, {}, pinned);
-}
-
-OptimPlan checked_adamw_table(at::TensorList params, at::TensorList grads,
-                               at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
-                               at::TensorList max_exp_avg_sqs, at::TensorList teacher,
-                               c10::ArrayRef<double> step_sizes,
-                               c10::ArrayRef<double> bias_correction2_sqrts, const AdamWArgs& a,
-                               bool pinned) {
-  check_adamw_ema(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, teacher, step_sizes,
-                  bias_correction2_sqrts, a);
-  return build_optim_table(params, grads, {exp_avgs, exp_avg_sqs, max_exp_avg_sqs}, teacher, {},
-                           step_sizes, bias_correction2_sqrts, pinned);
-}
-
-OptimPlan checked_lars_table(at::TensorList params, at::TensorList grads, at::TensorList bufs,
-                              at::TensorList teacher, c10::ArrayRef<int64_t> adapt,
-                              c10::ArrayRef<int64_t> first, const LarsArgs& a, bool pinned) {
-  check_lars_ema(params, grads, bufs, teacher, adapt, first, a);
-  return build_optim_table(params, grads, {bufs}, teacher, lars_flags(adapt, first), {}, {}, pinned);
-}
-}  // namespace
-
-OptimPlan prepare_sgd(at::TensorList params, at::TensorList grads, at::TensorList bufs,
-                       at::TensorList teacher, c10::ArrayRef<int64_t> first, const SgdArgs& a,
-                       bool pinned) {
-  OptimPlan table = checked_sgd_table(params, grads, bufs, teacher, first, a, pinned);
-  bump_versions({params, bufs, teacher});
-  return table;
-}
-
-OptimPlan prepare_adamw(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
-                         at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs,
-                         at::TensorList teacher, c10::ArrayRef<double> step_sizes,
-                         c10::ArrayRef<double> bias_correction2_sqrts, const AdamWArgs& a,
-                         bool pinned) {
-  OptimPlan table = checked_adamw_table(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs,
-                                         teacher, step_sizes, bias_correction2_sqrts, a, pinned);
-  bump_versions({params, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, teacher});
-  return table;
-}
-
-OptimPlan prepare_lars(at::TensorList params, at::TensorList grads, at::TensorList bufs,
-                        at::TensorList teacher, c10::ArrayRef<int64_t> adapt,
-                        c10::ArrayRef<int64_t> first, const LarsArgs& a, bool pinned) {
-  OptimPlan table = checked_lars_table(params, grads, bufs, teacher, adapt, first, a, pinned);
-  bump_versions({params, bufs, teacher});
-  return table;
-}
-
-at::Tensor sgd_ema_table(at::TensorList params, at::TensorList grads, at::TensorList bufs,
-                         at::TensorList teacher, c10::ArrayRef<int64_t> first, double lr,
-                         double momentum, double dampening, bool nesterov, double weight_decay,
-                         bool maximize, double teacher_momentum) {
-  const SgdArgs a{lr, momentum, dampening, nesterov, weight_decay, maximize, teacher_momentum};
-  return checked_sgd_table(params, grads, bufs, teacher, first, a, false).table;
-}
-
-at::Tensor adamw_ema_table(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
-                           at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs,
-                           at::TensorList teacher, c10::ArrayRef<double> step_sizes,
-                           c10::ArrayRef<double> bias_correction2_sqrts, double lr, double beta1,
-                           double beta2, double eps, double weight_decay, bool amsgrad,
-                           bool maximize, double teacher_momentum) {
-  const AdamWArgs a{lr, beta1, beta2, eps, weight_decay, amsgrad, maximize, teacher_momentum};
-  return checked_adamw_table(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, teacher,
-                             step_sizes, bias_correction2_sqrts, a, false)
-      .table;
-}
-
-at::Tensor lars_ema_table(at::TensorList params, at::TensorList grads, at::TensorList bufs,
-                          at::TensorList teacher, c10::ArrayRef<int64_t> adapt,
-                          c10::ArrayRef<int64_t> first, double lr, double momentum,
-                          double weight_decay, double trust_coefficient, bool maximize,
-                          double teacher_momentum) {
-  const LarsArgs a{lr, momentum, weight_decay, trust_coefficient, maximize, teacher_momentum};
-  return checked_lars_table(params, grads, bufs, teacher, adapt, first, a, false).table;
-}
-
-void check_capturable_scalars(const char* op, at::TensorList params, const at::Tensor& lr,
-                              const at::Tensor& teacher_momentum, at::TensorList steps) {
-  if (params.empty()) return;
-  const at::Device device = params[0].device();
-  auto scalar = [&](const at::Tensor& t, const char* name, double lo, double hi) {
-    TORCH_CHECK_VALUE(t.defined() && t.dim() == 0, op, ": ", name, " must be a 0-dim tensor");
-    TORCH_CHECK_TYPE(t.scalar_type() == at::kFloat, op, ": ", name, " must be float32, got ",
-                     t.scalar_type());
-    TORCH_CHECK_VALUE(t.device() == device, op, ": ", name, " is on ", t.device(),
-                      " but the params are on ", device);
-    if (t.device().is_cpu()) check_number(op, name, t.item<double>(), lo, hi);
-  };
-  scalar(lr, "lr", 0.0, INFINITY);
-  scalar(teacher_momentum, "teacher_momentum", 0.0, 1.0);
-  if (steps.empty()) return;
-  TORCH_CHECK_VALUE(steps.size() == params.size(), op, ": steps has ", steps.size(),
-                    " tensors but params has ", params.size());
-  for (size_t i = 0; i < steps.size(); ++i) scalar(steps[i], "steps[i]", 1.0, INFINITY);
-}
-
-void set_step_pointers(OptimPlan& table, at::TensorList steps) {
-  auto* entries = reinterpret_cast<OptimEntry*>(table.table.mutable_data_ptr<int64_t>());
-  for (size_t i = 0; i < steps.size(); ++i) {
-    entries[i].step = reinterpret_cast<int64_t>(steps[i].const_data_ptr());
-  }
-}
-
-FloatTag teacher_tag(at::TensorList teacher) {
-  return teacher.empty() ? kAbsent : *float_tag_of(teacher[0].scalar_type());
-}
-
-FloatTag param_tag(at::TensorList params) {
-  return params.empty() ? kF32 : *float_tag_of(params[0].scalar_type());
 }
 
 }  // namespace eman_fused

@@ -1,101 +1,67 @@
-// Validation shared by every backend of the fused optimizer steps (SGD, AdamW + EMA teacher).
+// Validation and the per-call table of the fused optimizer steps, shared by every backend (CPU,
+// CUDA, and Triton through the table op): every list and value is checked before anything is
+// written.
 #pragma once
+#include <ATen/core/List.h>
 #include <ATen/core/Tensor.h>
 
-#include <initializer_list>
-#include <vector>
+#include <array>
+#include <optional>
 
 #include "common/dtype.h"
 #include "common/multi_tensor_plan.h"
+#include "optim/hyper.h"
 #include "optim/layout.h"
 
 namespace eman_fused {
 
-struct SgdArgs {
-  double lr, momentum, dampening;
-  bool nesterov;
-  double weight_decay;
-  bool maximize;
-  double teacher_momentum;
+// The tensor lists of one step call; a list the call does not have is empty. steps: AdamW's
+// per-param 0-dim float32 step counts (on the CPU, or on the params' device: capturable).
+struct OptimLists {
+  at::TensorList params, grads, first_moments, second_moments, max_second_moments, teacher, steps;
+  c10::ArrayRef<int64_t> flags;  // per param kOptimFirst | kOptimAdapt, or empty (all 0)
 };
 
-struct AdamWArgs {
-  double lr, beta1, beta2, eps, weight_decay;
-  bool amsgrad, maximize;
-  double teacher_momentum;
-};
-
-struct LarsArgs {
-  double lr, momentum, weight_decay, trust_coefficient;
-  bool maximize;
-  double teacher_momentum;
-};
-
-// Every list is checked before anything is written: lengths, dtypes (float32, bfloat16 or
-// float16 params, one dtype per call, grads and state in the param's dtype; float32/bfloat16/
-// float16 teachers, one dtype per call), devices, shapes and memory layouts per index,
-// hyper-parameters in range.
-void check_sgd_ema(at::TensorList params, at::TensorList grads, at::TensorList bufs,
-                   at::TensorList teacher, c10::ArrayRef<int64_t> first, const SgdArgs& a);
-void check_adamw_ema(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
-                     at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs,
-                     at::TensorList teacher, c10::ArrayRef<double> step_sizes,
-                     c10::ArrayRef<double> bias_correction2_sqrts, const AdamWArgs& a);
-void check_lars_ema(at::TensorList params, at::TensorList grads, at::TensorList bufs,
-                    at::TensorList teacher, c10::ArrayRef<int64_t> adapt,
-                    c10::ArrayRef<int64_t> first, const LarsArgs& a);
-void bump_versions(std::initializer_list<at::TensorList> lists);
-
-// The per-call table of a fused optimizer step, in host memory (entries: optim/layout.h).
-// states: up to three per-param state lists (absent lists empty); flags/scalar0/scalar1: per
-// param, or empty for all zeros.
+// A built table: [OptimEntry x num_tensors][TensorChunk x num_chunks][kOptimScalarWords].
 using OptimPlan = MultiTensorPlan<OptimEntry>;
-OptimPlan build_optim_table(at::TensorList params, at::TensorList grads,
-                             std::initializer_list<at::TensorList> states, at::TensorList teacher,
-                             c10::ArrayRef<int64_t> flags, c10::ArrayRef<double> scalar0,
-                             c10::ArrayRef<double> scalar1, bool pinned);
-// Each op's checks, table and version bumps (the shared prologue of the CPU and CUDA kernels):
-// nothing is written unless every check passed.
-OptimPlan prepare_sgd(at::TensorList params, at::TensorList grads, at::TensorList bufs,
-                       at::TensorList teacher, c10::ArrayRef<int64_t> first, const SgdArgs& a,
-                       bool pinned);
-OptimPlan prepare_adamw(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
-                         at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs,
-                         at::TensorList teacher, c10::ArrayRef<double> step_sizes,
-                         c10::ArrayRef<double> bias_correction2_sqrts, const AdamWArgs& a,
-                         bool pinned);
-OptimPlan prepare_lars(at::TensorList params, at::TensorList grads, at::TensorList bufs,
-                        at::TensorList teacher, c10::ArrayRef<int64_t> adapt,
-                        c10::ArrayRef<int64_t> first, const LarsArgs& a, bool pinned);
-// The same checks and table without the bumps, for backends that launch from Python (Triton;
-// their custom ops bump versions): the host int64 table of optim/layout.h.
-at::Tensor sgd_ema_table(at::TensorList params, at::TensorList grads, at::TensorList bufs,
-                         at::TensorList teacher, c10::ArrayRef<int64_t> first, double lr,
-                         double momentum, double dampening, bool nesterov, double weight_decay,
-                         bool maximize, double teacher_momentum);
-at::Tensor adamw_ema_table(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
-                           at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs,
-                           at::TensorList teacher, c10::ArrayRef<double> step_sizes,
-                           c10::ArrayRef<double> bias_correction2_sqrts, double lr, double beta1,
-                           double beta2, double eps, double weight_decay, bool amsgrad,
-                           bool maximize, double teacher_momentum);
-at::Tensor lars_ema_table(at::TensorList params, at::TensorList grads, at::TensorList bufs,
-                          at::TensorList teacher, c10::ArrayRef<int64_t> adapt,
-                          c10::ArrayRef<int64_t> first, double lr, double momentum,
-                          double weight_decay, double trust_coefficient, bool maximize,
-                          double teacher_momentum);
-// The device scalars of the capturable variants: `lr` and `teacher_momentum` 0-dim float32 on
-// the params' device (range-checked where reading them costs no synchronization: the CPU);
-// `steps` (AdamW) one 0-dim float32 per param, there too.
-void check_capturable_scalars(const char* op, at::TensorList params, const at::Tensor& lr,
-                              const at::Tensor& teacher_momentum, at::TensorList steps);
-// A table's step pointers (capturable AdamW), set after build_optim_table.
-void set_step_pointers(OptimPlan& table, at::TensorList steps);
-// LARS's per-param table flags from its adapt / first lists.
-std::vector<int64_t> lars_flags(c10::ArrayRef<int64_t> adapt, c10::ArrayRef<int64_t> first);
-// The teachers' dtype (one per call; kAbsent without a teacher) and the params' (and their
-// grads' and state's), after the checks admitted only float32, bfloat16 and float16.
-FloatTag teacher_tag(at::TensorList teacher);
-FloatTag param_tag(at::TensorList params);
+inline const double* optim_scalars(const OptimPlan& table) {
+  return reinterpret_cast<const double*>(table.table.const_data_ptr<int64_t>() +
+                                         table.num_tensors * kOptimEntryWords +
+                                         table.num_chunks * kChunkWords);
+}
+
+// One checked step call: its host table and what a launch needs besides it.
+struct OptimCall {
+  Optimizer optimizer = Optimizer::kSgd;
+  OptimPlan table;
+  // The hyper-parameters (a device tensor's slot holds a placeholder) and the float32 device
+  // addresses of those given as tensors on a GPU (null: the host value holds).
+  std::array<double, kMaxHyper> hyper{};
+  std::array<const float*, kMaxHyper> hyper_ptrs{};
+  bool device_inputs = false;  // device hyper-parameters or step counts: a capturable call
+  FloatTag param_tag = kF32, teacher_tag = kAbsent;
+};
+
+// Checks every list and value of a step call, in a fixed order so that the first offending
+// index is the one named, and builds the call's host table (pinned: in page-locked memory, for
+// an asynchronous copy to a GPU). Nothing is written. hyper_tensors: empty, or one optional
+// 0-dim float32 tensor per hyper-parameter, on the params' device, whose value replaces the
+// float's (CPU ones are read here and range-checked; GPU ones are read by the kernel). AdamW's
+// host step counts are read here: the table holds the bias corrections of step count + 1.
+OptimCall check_optim_call(int64_t optimizer, const OptimLists& lists,
+                           c10::ArrayRef<double> hyper,
+                           const c10::List<std::optional<at::Tensor>>& hyper_tensors, bool pinned);
+
+// The overlap check across all calls of one step (several param groups): the lists of every
+// call concatenated, in group order (indices in messages count over the whole step).
+void check_step_overlap(at::TensorList params, at::TensorList grads, at::TensorList state,
+                        at::TensorList teacher, at::TensorList steps);
+
+// After the checks, before the first write: the autograd versions of every list the step
+// writes (params, state, teacher, step counts).
+void bump_step_versions(const OptimLists& lists);
+// Each host (CPU) step count + 1; device ones are advanced by the CUDA host side after its
+// launch, on the launch's stream.
+void advance_host_steps(at::TensorList steps);
 
 }  // namespace eman_fused

@@ -1,6 +1,7 @@
-// The fused optimizer steps' schemas (SGD, AdamW, LARS + EMA teacher), their Autograd kernels,
-// and the table ops that the Triton kernels read. CPU and CUDA kernels: optim/cpu.cpp,
-// optim/cuda_host.cpp; fake kernels: eman_fused/ops/optim.py.
+// The fused optimizer step's schema (SGD, AdamW, LARS + EMA teacher, optimizers as an enum,
+// hyper-parameters as one float list: optim/hyper.h), its Autograd kernel, and the table op the
+// Triton kernels read. CPU and CUDA kernels: optim/cpu.cpp, optim/cuda_host.cpp; fake kernels:
+// eman_fused/ops/optim.py.
 #include <torch/library.h>
 
 #include "common/below_autograd.h"
@@ -9,87 +10,53 @@
 namespace eman_fused {
 namespace {
 
-constexpr char kSgdName[] = "eman_fused::sgd_ema_step_";
-constexpr char kAdamWName[] = "eman_fused::adamw_ema_step_";
-constexpr char kLarsName[] = "eman_fused::lars_ema_step_";
-using LarsSig = void(at::TensorList, at::TensorList, at::TensorList, at::TensorList,
-                     c10::ArrayRef<int64_t>, c10::ArrayRef<int64_t>, double, double, double,
-                     double, bool, double);
-using SgdSig = void(at::TensorList, at::TensorList, at::TensorList, at::TensorList,
-                    c10::ArrayRef<int64_t>, double, double, double, bool, double, bool, double);
-using AdamWSig = void(at::TensorList, at::TensorList, at::TensorList, at::TensorList,
-                      at::TensorList, at::TensorList, c10::ArrayRef<double>,
-                      c10::ArrayRef<double>, double, double, double, double, double, bool, bool,
-                      double);
-using SgdCapSig = void(at::TensorList, at::TensorList, at::TensorList, at::TensorList,
-                       c10::ArrayRef<int64_t>, const at::Tensor&, double, double, bool, double,
-                       bool, const at::Tensor&);
-using LarsCapSig = void(at::TensorList, at::TensorList, at::TensorList, at::TensorList,
-                        c10::ArrayRef<int64_t>, c10::ArrayRef<int64_t>, const at::Tensor&, double,
-                        double, double, bool, const at::Tensor&);
-using AdamWCapSig = void(at::TensorList, at::TensorList, at::TensorList, at::TensorList,
-                         at::TensorList, at::TensorList, at::TensorList, const at::Tensor&, double,
-                         double, double, double, bool, bool, const at::Tensor&);
+constexpr char kStepName[] = "eman_fused::optim_ema_step_";
+using StepSig = void(int64_t, at::TensorList, at::TensorList, at::TensorList, at::TensorList,
+                     at::TensorList, at::TensorList, c10::ArrayRef<int64_t>, at::TensorList,
+                     c10::ArrayRef<double>, const c10::List<std::optional<at::Tensor>>&);
+
+at::Tensor optim_ema_table(int64_t optimizer, at::TensorList params, at::TensorList grads,
+                           at::TensorList first_moments, at::TensorList second_moments,
+                           at::TensorList max_second_moments, at::TensorList teacher,
+                           c10::ArrayRef<int64_t> flags, at::TensorList steps,
+                           c10::ArrayRef<double> hyper,
+                           const c10::List<std::optional<at::Tensor>>& hyper_tensors, bool pinned) {
+  const OptimLists lists{params, grads, first_moments, second_moments, max_second_moments,
+                         teacher, steps, flags};
+  return check_optim_call(optimizer, lists, hyper, hyper_tensors, pinned).table.table;
+}
 
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(eman_fused, m) {
-  // Fused optimizer steps: the student's params and state, and (teacher non-empty) the EMA
-  // teacher of each param from the new value, in one pass. `first[i]` != 0: params[i]'s momentum
-  // buffer is new (set to the gradient, as torch.optim.SGD does on its first step).
-  m.def("sgd_ema_step_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] momentum_buffers, "
-        "Tensor(c!)[] teacher, int[] first, float lr, float momentum, float dampening, "
-        "bool nesterov, float weight_decay, bool maximize, float teacher_momentum) -> ()");
-  // AdamW (decoupled weight decay); the per-param bias corrections come from each param's step:
-  // step_sizes[i] = lr / (1 - beta1^step), bias_correction2_sqrts[i] = sqrt(1 - beta2^step).
-  m.def("adamw_ema_step_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, "
-        "Tensor(c!)[] exp_avg_sqs, Tensor(d!)[] max_exp_avg_sqs, Tensor(e!)[] teacher, "
-        "float[] step_sizes, float[] bias_correction2_sqrts, float lr, float beta1, float beta2, "
-        "float eps, float weight_decay, bool amsgrad, bool maximize, float teacher_momentum) -> ()");
-  // LARS (BYOL/SimCLR): two passes, per-tensor norms then the update. adapt[i] != 0: params[i]
-  // gets weight decay and the trust ratio trust_coefficient * |p| / |g + wd p|; others (biases,
-  // BatchNorm) plain momentum SGD. first[i] != 0: a new momentum buffer.
-  m.def("lars_ema_step_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] momentum_buffers, "
-        "Tensor(c!)[] teacher, int[] adapt, int[] first, float lr, float momentum, "
-        "float weight_decay, float trust_coefficient, bool maximize, float teacher_momentum) -> ()");
-  m.impl("lars_ema_step_", c10::DispatchKey::Autograd, &BelowAutograd<kLarsName, kDefaultOverload, LarsSig>::call);
-  // Capturable variants: lr and the teacher momentum as 0-dim float32 tensors on the params'
-  // device, and (AdamW) each param's step count there, read by the kernels: no host value per
-  // step, so a CUDA graph can replay the step while schedules move those tensors.
-  m.def("sgd_ema_step_.capturable(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] "
-        "momentum_buffers, Tensor(c!)[] teacher, int[] first, Tensor lr, float momentum, "
-        "float dampening, bool nesterov, float weight_decay, bool maximize, "
-        "Tensor teacher_momentum) -> ()");
-  m.def("adamw_ema_step_.capturable(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, "
-        "Tensor(c!)[] exp_avg_sqs, Tensor(d!)[] max_exp_avg_sqs, Tensor(e!)[] teacher, "
-        "Tensor[] steps, Tensor lr, float beta1, float beta2, float eps, float weight_decay, "
-        "bool amsgrad, bool maximize, Tensor teacher_momentum) -> ()");
-  m.def("lars_ema_step_.capturable(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] "
-        "momentum_buffers, Tensor(c!)[] teacher, int[] adapt, int[] first, Tensor lr, "
-        "float momentum, float weight_decay, float trust_coefficient, bool maximize, "
-        "Tensor teacher_momentum) -> ()");
-  m.impl("lars_ema_step_.capturable", c10::DispatchKey::Autograd,
-         &BelowAutograd<kLarsName, kCapturableOverload, LarsCapSig>::call);
-  m.impl("sgd_ema_step_.capturable", c10::DispatchKey::Autograd,
-         &BelowAutograd<kSgdName, kCapturableOverload, SgdCapSig>::call);
-  m.impl("adamw_ema_step_.capturable", c10::DispatchKey::Autograd,
-         &BelowAutograd<kAdamWName, kCapturableOverload, AdamWCapSig>::call);
-  m.impl("sgd_ema_step_", c10::DispatchKey::Autograd, &BelowAutograd<kSgdName, kDefaultOverload, SgdSig>::call);
-  m.impl("adamw_ema_step_", c10::DispatchKey::Autograd, &BelowAutograd<kAdamWName, kDefaultOverload, AdamWSig>::call);
-  // The checks and table of a step without writing (for the Triton kernels; host int64).
-  m.def("_sgd_ema_table(Tensor[] params, Tensor[] grads, Tensor[] momentum_buffers, "
-        "Tensor[] teacher, int[] first, float lr, float momentum, float dampening, "
-        "bool nesterov, float weight_decay, bool maximize, float teacher_momentum) -> Tensor");
-  m.impl("_sgd_ema_table", c10::DispatchKey::CompositeExplicitAutograd, &sgd_ema_table);
-  m.def("_adamw_ema_table(Tensor[] params, Tensor[] grads, Tensor[] exp_avgs, "
-        "Tensor[] exp_avg_sqs, Tensor[] max_exp_avg_sqs, Tensor[] teacher, "
-        "float[] step_sizes, float[] bias_correction2_sqrts, float lr, float beta1, float beta2, "
-        "float eps, float weight_decay, bool amsgrad, bool maximize, float teacher_momentum) -> Tensor");
-  m.impl("_adamw_ema_table", c10::DispatchKey::CompositeExplicitAutograd, &adamw_ema_table);
-  m.def("_lars_ema_table(Tensor[] params, Tensor[] grads, Tensor[] momentum_buffers, "
-        "Tensor[] teacher, int[] adapt, int[] first, float lr, float momentum, "
-        "float weight_decay, float trust_coefficient, bool maximize, float teacher_momentum) -> Tensor");
-  m.impl("_lars_ema_table", c10::DispatchKey::CompositeExplicitAutograd, &lars_ema_table);
+  // One fused optimizer step: the student's params and state, and (teacher non-empty) the EMA
+  // teacher of each param from its new value, in one pass. `optimizer`: 0 SGD, 1 AdamW, 2 LARS
+  // (simclr formula), 3 LARS (you2017 formula). `hyper`: that optimizer's hyper-parameters in
+  // the order of optim/hyper.h (_C.table_layout()["optim"]["hyper"]; flags as 0/1).
+  // `hyper_tensors`: none, or per hyper-parameter None or a 0-dim float32 tensor on the params'
+  // device read instead of the float (on a GPU, by the kernel: capturable). State lists:
+  // first_moments (SGD/LARS momentum_buffers, AdamW exp_avgs), second_moments (AdamW
+  // exp_avg_sqs), max_second_moments (AdamW with amsgrad). flags[i]: kOptimFirst (a new
+  // momentum buffer, set to the first update as torch.optim.SGD does), kOptimAdapt (LARS: the
+  // trust ratio applies). steps (AdamW): each param's step count, advanced by one.
+  m.def("optim_ema_step_(int optimizer, Tensor(a!)[] params, Tensor[] grads, "
+        "Tensor(b!)[] first_moments, Tensor(c!)[] second_moments, Tensor(d!)[] max_second_moments, "
+        "Tensor(e!)[] teacher, int[] flags, Tensor(f!)[] steps, float[] hyper, "
+        "Tensor?[] hyper_tensors) -> ()");
+  m.impl("optim_ema_step_", c10::DispatchKey::Autograd,
+         &BelowAutograd<kStepName, kDefaultOverload, StepSig>::call);
+  // The same checks and table without writing anything (host int64; pinned: page-locked, for
+  // an asynchronous copy to a GPU): for backends that launch from Python (Triton), and for
+  // validating every call of a multi-group step before the first one writes.
+  m.def("_optim_ema_table(int optimizer, Tensor[] params, Tensor[] grads, Tensor[] first_moments, "
+        "Tensor[] second_moments, Tensor[] max_second_moments, Tensor[] teacher, int[] flags, "
+        "Tensor[] steps, float[] hyper, Tensor?[] hyper_tensors, bool pinned=False) -> Tensor");
+  m.impl("_optim_ema_table", c10::DispatchKey::CompositeExplicitAutograd, &optim_ema_table);
+  // A step of several calls (param groups): no tensor written by one call may share memory
+  // with any tensor of another (each call checks its own lists).
+  m.def("_optim_ema_overlap(Tensor[] params, Tensor[] grads, Tensor[] state, Tensor[] teacher, "
+        "Tensor[] steps) -> ()");
+  m.impl("_optim_ema_overlap", c10::DispatchKey::CompositeExplicitAutograd, &check_step_overlap);
 }
 
 }  // namespace eman_fused

@@ -10,10 +10,12 @@ For eman_norm ('norm'), per backend, ResNet-50 activation site (batch 2), layout
 the output and the gradients of x, weight, bias and residual against the eager reference's
 autograd (output tolerance per dtype; gradient sums relative 1e-3).
 
-For the fused optimizers ('optim'), per backend, model and optimizer (SGD with
-momentum + nesterov + weight decay, AdamW with amsgrad, LARS): 3 steps with the teacher fused,
-against torch.optim.SGD / AdamW (LARS: eman_fused.reference.lars_step_) followed by the reference
-EMA update; params and teacher within relative 1e-4.
+For the fused optimizers ('optim'), per backend, model and optimizer (SGD with momentum +
+nesterov + weight decay; SGD with dampening, maximize and a tensor lr; AdamW with amsgrad; AdamW
+with tensor lr and betas and maximize; LARS in both formulas, you2017 with dampening): 5 steps
+with the teacher fused, against torch.optim.SGD / AdamW (LARS: eman_fused.reference.lars_step_ /
+lars_you2017_step_); params within relative 1e-4; the teacher at momentum 1 bit-identical and at
+momentum 0 equal to the student's tensors, as ema_update_.
 
 Test hook: EMAN_FUSED_CHECK_FAULT=<backend> perturbs that backend's result after it runs,
 so the tests can prove that the checker fails when a kernel is wrong.
@@ -28,6 +30,7 @@ import torch
 
 import eman_fused
 from eman_fused import reference
+from eman_fused.schedules import Schedule
 from eman_fused._backends import _interpreting
 from eman_fused.bench import shapes
 from eman_fused.bench.common import DTYPES
@@ -127,45 +130,81 @@ def check_norm(backend, site, layout, dtype, device) -> dict:
             "copied_at_m0": None, "counters_exact": None, "passed": ok}
 
 
-OPTIM_CASES = {
-    "sgd": (dict(lr=0.05, momentum=0.9, nesterov=True, weight_decay=1e-4), "SGD"),
-    "adamw": (dict(lr=1e-3, weight_decay=0.05, amsgrad=True), "AdamW"),
-    "lars": (dict(lr=0.1, momentum=0.9, weight_decay=1e-4, trust_coefficient=0.01), "LARS"),
+OPTIM_CASES = {  # name: (arguments (callables: made fresh per optimizer), class, reference)
+    "sgd": (dict(lr=0.05, momentum=0.9, nesterov=True, weight_decay=1e-4), "SGD", "torch"),
+    "sgd_dampening": (dict(lr=lambda: torch.tensor(0.05), momentum=0.9, dampening=0.1, weight_decay=1e-4,
+                           maximize=True), "SGD", "torch"),
+    "adamw": (dict(lr=1e-3, weight_decay=0.05, amsgrad=True), "AdamW", "torch"),
+    "adamw_tensor": (dict(lr=lambda: torch.tensor(1e-3), betas=lambda: (torch.tensor(0.8), torch.tensor(0.99)),
+                          weight_decay=0.05, maximize=True), "AdamW", "torch"),
+    "lars": (dict(lr=0.1, momentum=0.9, weight_decay=1e-4, trust_coefficient=0.01), "LARS", "lars_step_"),
+    "lars_you2017": (dict(lr=0.1, momentum=0.9, dampening=0.1, weight_decay=1e-4, trust_coefficient=0.01,
+                          formula="you2017"), "LARS", "lars_you2017_step_"),
 }
 
 
+class _Momenta(Schedule):
+    """The teacher momentum of each update, from a list (the last one holds after it)."""
+
+    def __init__(self, values):
+        self.values = values
+
+    def value(self, step):
+        return self.values[min(step, len(self.values) - 1)]
+
+
 def check_optim(backend, name, table, optim_name, device) -> dict:
-    """Fused optimizer + teacher vs the torch optimizer (or eager LARS) + reference EMA."""
-    kwargs, cls_name = OPTIM_CASES[optim_name]
+    """Fused optimizer + teacher vs the torch optimizer (or eager LARS) + reference EMA: 3 steps
+    at teacher momentum 0.9, then one at momentum 1 (teacher bit-identical) and one at 0 (teacher
+    equal to the student's tensors)."""
+    raw, cls_name, ref_name = OPTIM_CASES[optim_name]
+    args = lambda: {k: v() if callable(v) else v for k, v in raw.items()}  # noqa: E731
+    kwargs = args()
     student, ref = make(table, device), make(table, device)
-    teacher = eman_fused.EMATeacher(student, momentum=0.9, eman=False)
+    momenta = [0.9, 0.9, 0.9, 1.0, 0.0]
+    teacher = eman_fused.EMATeacher(student, schedule=_Momenta(momenta), eman=False)
     ref_teacher = [t.detach().clone() for t in teacher.ema_tensors]
     opt = getattr(eman_fused.optim, cls_name)(student.parameters(), teacher=teacher, backend=backend,
                                               **kwargs)
-    if optim_name == "lars":
-        ref_params, bufs = list(ref.parameters()), {}
-        ref_step = lambda: reference.lars_step_(ref_params, bufs, **kwargs)  # noqa: E731
+    if ref_name == "torch":
+        ref_step = getattr(torch.optim, cls_name)(ref.parameters(), **args()).step
     else:
-        ref_opt = getattr(torch.optim, cls_name)(ref.parameters(), **kwargs)
-        ref_step = ref_opt.step
+        ref_params, bufs = list(ref.parameters()), {}
+        ref_kw = {k: v for k, v in args().items() if k != "formula"}
+        ref_step = lambda: getattr(reference, ref_name)(ref_params, bufs, **ref_kw)  # noqa: E731
     ref_sources = [dict(ref.named_parameters(), **dict(ref.named_buffers()))[n] for n in
                    [dict((id(v), k) for k, v in [*student.named_parameters(), *student.named_buffers()])[id(s)]
                     for s in teacher.ema_sources]]
-    for _ in range(3):
+    fault = os.environ.get("EMAN_FUSED_CHECK_FAULT") == backend  # test hook
+    identical_at_1 = copied_at_0 = True
+    teacher_err = []
+    for k, m in enumerate(momenta):
+        before = [t.clone() for t in teacher.ema_tensors]
         opt.step()
         ref_step()
-        reference.ema_update_(ref_teacher, ref_sources, 0.9)
-    if os.environ.get("EMAN_FUSED_CHECK_FAULT") == backend:  # test hook
-        next(iter(student.parameters())).data.view(-1)[0] += 1.0
-    ours = [*student.parameters(), *teacher.ema_tensors]
-    expected = [*ref.parameters(), *ref_teacher]
+        if k == 2:  # after the steps at 0.9: the teacher against the reference EMA of the reference run
+            reference.ema_update_(ref_teacher, ref_sources, m)
+            teacher_err = list(zip(teacher.ema_tensors, ref_teacher))
+            teacher_err = [(a.clone(), e.clone()) for a, e in teacher_err]
+        elif m == 1.0:
+            identical_at_1 = _bits_equal(teacher.ema_tensors, before)
+        elif m == 0.0:
+            copied_at_0 = all(torch.equal(t, s.to(t.dtype)) for t, s in zip(teacher.ema_tensors, teacher.ema_sources))
+        else:
+            reference.ema_update_(ref_teacher, ref_sources, m)
+        if m == 0.9 and fault:
+            next(iter(student.parameters())).data.view(-1)[0] += 1.0
+            fault = False
+    ours = list(student.parameters()) + [a for a, _ in teacher_err]
+    expected = list(ref.parameters()) + [e for _, e in teacher_err]
     max_abs = max((a.double() - e.double()).abs().max().item() for a, e in zip(ours, expected) if a.numel())
     max_rel = max(((a.double() - e.double()).abs() / e.double().abs().clamp_min(1e-30)).max().item()
                   for a, e in zip(ours, expected) if a.numel())
     ok = all(torch.allclose(a, e, rtol=1e-4, atol=1e-6) for a, e in zip(ours, expected))
     return {"op": "optim", "backend": backend, "model": name, "dtypes": optim_name,
             "max_abs_err": max_abs, "max_rel_err": max_rel, "within_tolerance": ok,
-            "identical_at_m1": None, "copied_at_m0": None, "counters_exact": None, "passed": ok}
+            "identical_at_m1": identical_at_1, "copied_at_m0": copied_at_0, "counters_exact": None,
+            "passed": ok and identical_at_1 and copied_at_0}
 
 
 def add_arguments(ap: argparse.ArgumentParser) -> None:
@@ -211,7 +250,7 @@ def run(args) -> int:
     print(f"{'op':<5} {'backend':<8} {'model':<14} {'dtypes':<16} {'max abs err':>12} "
           f"{'max rel err':>12}  {'m=1 same':<9} {'m=0 copy':<9} {'counters':<9} result")
     for r in rows:
-        flag = lambda ok: "-" if r["op"] != "ema" else ("yes" if ok else "NO")  # noqa: E731  (EMA-only columns)
+        flag = lambda ok: "-" if ok is None else ("yes" if ok else "NO")  # noqa: E731
         print(f"{r['op']:<5} {r['backend']:<8} {r['model']:<14} {r['dtypes']:<16} {r['max_abs_err']:>12.3e} "
               f"{r['max_rel_err']:>12.3e}  {flag(r['identical_at_m1']):<9} {flag(r['copied_at_m0']):<9} "
               f"{flag(r['counters_exact']):<9} {'pass' if r['passed'] else 'FAIL'}")

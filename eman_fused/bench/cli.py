@@ -14,7 +14,7 @@ from eman_fused.bench import shapes
 from eman_fused.bench.common import copy_bandwidth, environment, prepare, write_result
 
 OPS = {"ema": "the fused EMA teacher update", "norm": "eman_norm (BN with running stats + add + ReLU)",
-       "optim": "optimizer step + teacher update (SGD, AdamW, LARS) vs torch's optimizer + a separate EMA"}
+       "optim": "optimizer step + teacher update (SGD, AdamW, LARS simclr and you2017) vs torch's optimizer + a separate EMA"}
 
 
 def add_arguments(ap: argparse.ArgumentParser) -> None:
@@ -33,6 +33,8 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--quiet", action="store_true", help="no progress lines")
     ap.add_argument("--batch", type=int, help="norm: batch size of the activations (default 32 on "
                     "CUDA, 4 on the CPU)")
+    ap.add_argument("--optim", help="optim: comma-separated optimizers of sgd, adamw, lars, lars_you2017, "
+                    "adamw_tensor (default: sgd,adamw,lars,lars_you2017)")
 
 
 def run(args) -> dict:
@@ -76,7 +78,11 @@ def run(args) -> dict:
         from eman_fused.bench import optim as bench_optim
         optim = {"environment": result["environment"], "copy_GBps": result["copy_GBps"], "cases": []}
         models = [shapes.load_table(spec) for spec in args.models.split(",")]
-        combos = [(name, table, o) for name, table in models for o in bench_optim.CONFIGS]
+        names = (args.optim or bench_optim.DEFAULT_OPTIMS).split(",")
+        if unknown := [o for o in names if o not in bench_optim.CONFIGS]:
+            raise SystemExit(f"bench: unknown optimizer(s) {', '.join(unknown)}; available: "
+                             f"{', '.join(bench_optim.CONFIGS)}")
+        combos = [(name, table, o) for name, table in models for o in names]
         for i, (name, table, o) in enumerate(combos):
             say(f"[optim {i + 1}/{len(combos)}] {name} {o} ...")
             optim["cases"].append(bench_optim.run_case(name, table, o, device))

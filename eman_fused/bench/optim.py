@@ -8,8 +8,9 @@ bf16/fp16 with --param-dtype, teacher in the same dtype) and optimizer:
   torch+EMATeacher     torch.optim.X, then eman_fused.EMATeacher.update() (one fused EMA call)
   torch_foreach+EMATeacher  the same with torch.optim.X(foreach=True)
   torch_fused+EMATeacher    the same with torch.optim.X(fused=True) (torch's own fused kernels)
-  eager_lars+EMATeacher  (LARS: torch has none) eman_fused.reference.lars_step_, the per-tensor
-                       eager LARS, then EMATeacher.update()
+  eager_lars+EMATeacher  (LARS: torch has none) the per-tensor eager LARS of the same formula
+                       (eman_fused.reference.lars_step_: simclr; lars_you2017_step_: you2017),
+                       then EMATeacher.update()
   eman_fused           eman_fused.optim.X(teacher=...): one fused pass for params, state and
                        teacher, plus the teacher's call for its buffers
   eman_fused_triton    the same with backend='triton' (GPU only: on the CPU the table says
@@ -18,7 +19,10 @@ Gradients are fixed random tensors (no forward/backward: this times the update o
 the traffic of the fused algorithm (SGD with momentum: grad read, param and buffer read+write,
 teacher read+write; AdamW: grad, param, exp_avg, exp_avg_sq, teacher) over each method's time.
 
-  python benchmarks/bench_optim.py [--model resnet50,vit_b16] [--optim sgd,adamw,lars]
+Optimizers (--optim): sgd (momentum, weight decay), adamw, lars (formula="simclr"),
+lars_you2017 (formula="you2017", with dampening), adamw_tensor (lr and betas as 0-dim tensors).
+
+  python benchmarks/bench_optim.py [--model resnet50,vit_b16] [--optim sgd,adamw,lars,lars_you2017]
       [--param-dtype fp32,bf16] [--device cpu|cuda] [--json out.json] [--markdown out.md]
   python -m eman_fused bench --ops optim [--model ...]
 """
@@ -40,14 +44,22 @@ M = 0.999
 
 
 class EagerLARS:
-    """The per-tensor eager LARS (eman_fused.reference.lars_step_) as an optimizer object."""
+    """The per-tensor eager LARS of eman_fused.reference (lars_step_, or lars_you2017_step_ for
+    formula='you2017') as an optimizer object."""
 
-    def __init__(self, params, lr, momentum, weight_decay, trust_coefficient):
-        self.params, self.buffers = list(params), {}
-        self.args = (lr, momentum, weight_decay, trust_coefficient)
+    def __init__(self, params, lr, momentum, weight_decay, trust_coefficient, formula="simclr",
+                 dampening=0.0):
+        self.params, self.buffers, self.formula = list(params), {}, formula
+        self.kwargs = dict(lr=lr, momentum=momentum, weight_decay=weight_decay,
+                           trust_coefficient=trust_coefficient)
+        if formula == "you2017":
+            self.kwargs["dampening"] = dampening
 
     def step(self):
-        reference.lars_step_(self.params, self.buffers, *self.args)
+        if self.formula == "you2017":
+            reference.lars_you2017_step_(self.params, self.buffers, **self.kwargs)
+        else:
+            reference.lars_step_(self.params, self.buffers, **self.kwargs)
 
 
 # name: (alternative optimizer, fused optimizer, arguments, passes over a param's bytes)
@@ -56,7 +68,19 @@ CONFIGS = {
     "adamw": (torch.optim.AdamW, eman_fused.optim.AdamW, dict(lr=1e-3, weight_decay=0.05), 9),
     "lars": (EagerLARS, eman_fused.optim.LARS,
              dict(lr=0.1, momentum=0.9, weight_decay=1e-6, trust_coefficient=0.001), 9),
+    "lars_you2017": (EagerLARS, eman_fused.optim.LARS,
+                     dict(lr=0.1, momentum=0.9, weight_decay=1e-6, trust_coefficient=0.001,
+                          formula="you2017", dampening=0.1), 9),
+    "adamw_tensor": (torch.optim.AdamW, eman_fused.optim.AdamW,
+                     dict(lr=lambda: torch.tensor(1e-3), betas=lambda: (torch.tensor(0.9), torch.tensor(0.999)),
+                          weight_decay=0.05), 9),
 }
+DEFAULT_OPTIMS = "sgd,adamw,lars,lars_you2017"
+
+
+def _kwargs(kwargs):
+    """A config's arguments; tensor-valued ones fresh per optimizer (schedulers write them)."""
+    return {k: v() if callable(v) else v for k, v in kwargs.items()}
 
 
 def timm_style_update(teacher: nn.Module, student: nn.Module):
@@ -74,10 +98,13 @@ def timm_style_update(teacher: nn.Module, student: nn.Module):
 
 
 def run_case(model_name, table, optim_name, device, param_dtype="fp32"):
-    torch_cls, ours_cls, kwargs, passes = CONFIGS[optim_name]
+    torch_cls, ours_cls, kw, passes = CONFIGS[optim_name]
     dt = DTYPES[param_dtype]  # params, grads, buffers and teacher
     methods = {}
-    if optim_name == "lars":
+    lars = optim_name.startswith("lars")
+    kwargs = _kwargs(kw)
+    skipped = {}
+    if lars:
         s2 = make(table, device, dt)
         t2 = eman_fused.EMATeacher(s2, momentum=M, eman=False)
         o2 = torch_cls(s2.parameters(), **kwargs)
@@ -86,35 +113,42 @@ def run_case(model_name, table, optim_name, device, param_dtype="fp32"):
         # torch optimizer + timm-style foreach EMA
         s1 = make(table, device, dt)
         t1 = ShapeModel(table, device, dt)
-        o1 = torch_cls(s1.parameters(), **kwargs)
+        o1 = torch_cls(s1.parameters(), **_kwargs(kw))
         ema1 = timm_style_update(t1, s1)
         methods["torch+foreach_lerp"] = lambda: (o1.step(), ema1())
         # torch optimizer + EMATeacher.update
         s2 = make(table, device, dt)
         t2 = eman_fused.EMATeacher(s2, momentum=M, eman=False)
-        o2 = torch_cls(s2.parameters(), **kwargs)
+        o2 = torch_cls(s2.parameters(), **_kwargs(kw))
         methods["torch+EMATeacher"] = lambda: (o2.step(), t2.update())
-        # torch's foreach implementation (its fastest on CPU tensors) + EMATeacher.update
-        s4 = make(table, device, dt)
-        t4 = eman_fused.EMATeacher(s4, momentum=M, eman=False)
-        o4 = torch_cls(s4.parameters(), foreach=True, **kwargs)
-        methods["torch_foreach+EMATeacher"] = lambda: (o4.step(), t4.update())
+        # torch's foreach implementation (its fastest on CPU tensors) + EMATeacher.update; torch
+        # takes tensor hyper-parameters with foreach=True only when capturable (GPU-only)
+        foreach_kw = _kwargs(kw)
+        tensors = [v for v in foreach_kw.values() for v in (v if isinstance(v, tuple) else (v,))
+                   if isinstance(v, torch.Tensor)]
+        if not tensors:
+            s4 = make(table, device, dt)
+            t4 = eman_fused.EMATeacher(s4, momentum=M, eman=False)
+            o4 = torch_cls(s4.parameters(), foreach=True, **foreach_kw)
+            methods["torch_foreach+EMATeacher"] = lambda: (o4.step(), t4.update())
+        else:
+            skipped["torch_foreach+EMATeacher"] = ("torch's foreach optimizers take tensor lr/betas only "
+                                                   "with capturable=True, which runs on GPUs only")
         # torch's fused implementation (CPU and CUDA kernels in torch) + EMATeacher.update
         s5 = make(table, device, dt)
         t5 = eman_fused.EMATeacher(s5, momentum=M, eman=False)
-        o5 = torch_cls(s5.parameters(), fused=True, **kwargs)
+        o5 = torch_cls(s5.parameters(), fused=True, **_kwargs(kw))
         methods["torch_fused+EMATeacher"] = lambda: (o5.step(), t5.update())
     # fused
     s3 = make(table, device, dt)
     t3 = eman_fused.EMATeacher(s3, momentum=M, eman=False)
-    o3 = ours_cls(s3.parameters(), teacher=t3, **kwargs)
+    o3 = ours_cls(s3.parameters(), teacher=t3, **_kwargs(kw))
     methods["eman_fused"] = o3.step
-    skipped = {}
     triton = eman_fused.backends()["triton"]  # the Triton kernels, measured where they compile
     if device.type == "cuda" and triton.available:
         s6 = make(table, device, dt)
         t6 = eman_fused.EMATeacher(s6, momentum=M, eman=False)
-        methods["eman_fused_triton"] = ours_cls(s6.parameters(), teacher=t6, backend="triton", **kwargs).step
+        methods["eman_fused_triton"] = ours_cls(s6.parameters(), teacher=t6, backend="triton", **_kwargs(kw)).step
     else:
         skipped["eman_fused_triton"] = ("Triton kernels need a GPU (on the CPU only the interpreter "
                                         "runs them, for tests)" if device.type == "cpu" else triton.detail)
@@ -158,7 +192,7 @@ def markdown(result) -> str:
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="resnet50,vit_b16")
-    ap.add_argument("--optim", default="sgd,adamw,lars")
+    ap.add_argument("--optim", default=DEFAULT_OPTIMS)
     ap.add_argument("--param-dtype", default="fp32", help="comma list of fp32, bf16, fp16")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--json", type=Path)

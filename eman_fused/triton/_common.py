@@ -45,3 +45,12 @@ def round_to(x, DTYPE: tl.constexpr):
     elif DTYPE != x.dtype:
         x = x.to(DTYPE)
     return x
+
+
+@triton.jit
+def ema_lerp(t, s, w, v):
+    """The teacher update of one element as every teacher-writing kernel computes it (ema_update_
+    and the fused optimizers; csrc/common/ema_lerp.h): torch.lerp's two forms with w = 1 - m,
+    t + w*(s - t) for w < 1/2, else s - (s - t)*v with v = 1 - w. One helper, so the two ops'
+    Triton kernels compile it alike."""
+    return tl.where(w < 0.5, t + w * (s - t), s - (s - t) * v)

@@ -19,7 +19,7 @@ import triton.language as tl
 from torch.library import triton_op
 
 from ..ops.layout import EMA, plan_counts
-from ._common import round_to, wrap_triton
+from ._common import ema_lerp, round_to, wrap_triton
 
 BLOCK = 2048
 NUM_WARPS = 4
@@ -47,15 +47,12 @@ def _lerp_chunk(t_addr, s_addr, start, numel, m, w, copy, TT: tl.constexpr, ST: 
     else:
         ww = w.to(tl.float32)
     vv = 1.0 - ww
-    small = ww < 0.5
     for off in range(0, tl.minimum(numel - start, CHUNK), BLOCK):  # a small tensor: one step
         idx = start + off + tl.arange(0, BLOCK)
         mask = idx < numel
         t = tl.load(t_ptr + idx, mask=mask).to(ww.dtype)
         s = tl.load(s_ptr + idx, mask=mask).to(ww.dtype)
-        # torch.lerp's two forms, as the C++ kernels: unbiased (m*t + w*s with rounded m, w is not)
-        out = tl.where(small, t + ww * (s - t), s - (s - t) * vv)
-        out = tl.where(copy, s, out)  # where, not arithmetic: a NaN teacher is replaced at m = 0
+        out = tl.where(copy, s, ema_lerp(t, s, ww, vv))  # where, not arithmetic: a NaN teacher is replaced at m = 0
         tl.store(t_ptr + idx, round_to(out, t_ptr.dtype.element_ty), mask=mask)
 
 

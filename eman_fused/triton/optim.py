@@ -1,27 +1,27 @@
-"""Triton backend of the fused optimizer steps (SGD, AdamW, LARS + EMA teacher): one launch per
-call over the whole param list (LARS: two), driven by the table the C++ kernels read
-(csrc/optim/layout.h), built and validated by the same C++ code (`_sgd_ema_table`,
-`_adamw_ema_table`, `_lars_ema_table`), before anything is written.
+"""Triton backend of the fused optimizer step (SGD, AdamW, both LARS formulas + EMA teacher): one
+launch per call over the whole param list (LARS: two), driven by the table the C++ kernels read
+(csrc/optim/layout.h), built and validated by the same C++ code (`_optim_ema_table`) before
+anything is written, staged through pinned host memory and copied to the GPU without blocking.
 
 Program p handles chunk p: it reads (tensor, start) from the chunk table, the tensor's entry
-(param, grad, state and teacher addresses, numel, flags, AdamW's per-param step size and
-sqrt(bias correction 2)), casts the int64 addresses to typed pointers and walks the chunk in
-BLOCK-element steps. The math is the C++ kernels' (csrc/optim/cpu_loops.inc) in the same order,
-in float32, with IEEE-rounded sqrt and division; params, state and teacher are rounded once per
-store. Hyper-parameters arrive as float32 values rounded on the host as the C++ kernels round
-them.
+(param, grad, state and teacher addresses, numel, flags, AdamW's bias corrections) at the field
+offsets C++ exports (`_C.table_layout()`), casts the int64 addresses to typed pointers and walks
+the chunk in BLOCK-element steps. The call's scalars (1 - beta2, 1 - lr*wd, the teacher's
+weights, ...) are read from the table's scalar block, formed once in C++ (csrc/optim/math.h):
+double formulas rounded once to float32, the same values the C++ kernels use. The element math
+is csrc/optim/math.h's in the same order, in float32, with IEEE-rounded sqrt and division;
+params, state and teacher are rounded once per store. The teacher: ema_update_'s lerp (one
+helper with the EMA kernel), untouched at momentum 1, a copy at momentum 0.
 
 LARS takes two launches, as the C++ kernels take two passes: per-chunk sums of squares into a
 float64 buffer, then the update, each chunk summing its tensor's chunk sums in chunk order.
 Its norms are summed in another order than the C++ kernels' (float32 blocks of BLOCK elements
-added into float64), so its trust ratios agree with theirs to float32 rounding, not bit for bit.
-Not built here: the capturable variants (lr, teacher momentum and step counts read from
-device tensors); those run on the CPU and CUDA C++ kernels.
+added into float64), so its per-tensor factors agree with theirs to float32 rounding, not bit
+for bit. Not built here: capturable calls (hyper-parameters or step counts read from device
+tensors); those run on the CPU and CUDA C++ kernels.
 Tuning: BLOCK=1024 elements, 4 warps.
 """
 from __future__ import annotations
-
-import struct
 
 import torch
 import triton
@@ -29,7 +29,7 @@ import triton.language as tl
 from torch.library import triton_op
 
 from ..ops.layout import OPTIM, optim_counts
-from ._common import round_to, wrap_triton
+from ._common import ema_lerp, round_to, wrap_triton
 
 BLOCK = 1024
 NUM_WARPS = 4
@@ -39,12 +39,26 @@ OPTIM_ENTRY_WORDS = OPTIM["entry_words"]
 OPTIM_CHUNK_WORDS = OPTIM["chunk_words"]
 OPTIM_FIRST = OPTIM["flag_first"]
 OPTIM_ADAPT = OPTIM["flag_adapt"]
+_F = OPTIM["fields"]
+F_PARAM = tl.constexpr(_F["param"])
+F_GRAD = tl.constexpr(_F["grad"])
+F_FIRST_MOMENT = tl.constexpr(_F["first_moment"])
+F_SECOND_MOMENT = tl.constexpr(_F["second_moment"])
+F_MAX_SECOND_MOMENT = tl.constexpr(_F["max_second_moment"])
+F_TEACHER = tl.constexpr(_F["teacher"])
+F_NUMEL = tl.constexpr(_F["numel"])
+F_FIRST_CHUNK = tl.constexpr(_F["first_chunk"])
+F_NUM_CHUNKS = tl.constexpr(_F["num_chunks"])
+F_FLAGS = tl.constexpr(_F["flags"])
+F_BIAS_CORRECTION1 = tl.constexpr(_F["bias_correction1"])
+F_BIAS_CORRECTION2_SQRT = tl.constexpr(_F["bias_correction2_sqrt"])
+FLAG_FIRST = tl.constexpr(OPTIM_FIRST)
+FLAG_ADAPT = tl.constexpr(OPTIM_ADAPT)
+_SCALARS = OPTIM["scalars"]  # per optimizer: scalar name -> word offset in the scalar block
+_IDS = OPTIM["optimizers"]
 _DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
-
-
-def f32(x: float) -> float:
-    """x rounded to float32 (to nearest even), as the C++ kernels' static_cast<float>."""
-    return struct.unpack("f", struct.pack("f", x))[0]
+# The teacher: 0 none (absent, or momentum 1: untouched), 1 copy (momentum 0), 2 lerp.
+_TEACHER_NONE, _TEACHER_COPY, _TEACHER_LERP = 0, 1, 2
 
 
 @triton.jit
@@ -55,33 +69,90 @@ def _chunk_entry(table, num_entries, ENTRY_WORDS: tl.constexpr, CHUNK_WORDS: tl.
 
 
 @triton.jit
-def _teacher_update(t_addr, idx, mask, stored, mt, wt, TT: tl.constexpr):
-    t_ptr = t_addr.to(tl.pointer_type(TT))
-    t = tl.load(t_ptr + idx, mask=mask).to(tl.float32)
-    tl.store(t_ptr + idx, round_to(mt * t + wt * stored.to(tl.float32), TT), mask=mask)
+def _double(word_ptr):
+    """A table word holding a double."""
+    return tl.load(word_ptr).to(tl.float64, bitcast=True)
 
 
 @triton.jit
-def _sgd_kernel(table, num_entries, lr, mom, damp, wd, sign, mt, wt,
-                PT: tl.constexpr, TT: tl.constexpr, HAS_TEACHER: tl.constexpr,
-                DECAY: tl.constexpr, HAS_BUF: tl.constexpr, NESTEROV: tl.constexpr,
-                BLOCK: tl.constexpr, CHUNK: tl.constexpr, ENTRY_WORDS: tl.constexpr,
-                CHUNK_WORDS: tl.constexpr, FIRST: tl.constexpr):
+def _f32(x):
+    # The scalar block's float32 values are held in doubles: exact.
+    return x.to(tl.float32, fp_downcast_rounding="rtne")
+
+
+@triton.jit
+def _teacher_update(t_addr, idx, mask, stored, wt, vt, TT: tl.constexpr, COPY: tl.constexpr):
+    t_ptr = t_addr.to(tl.pointer_type(TT))
+    s = stored.to(tl.float32)
+    if COPY:  # momentum 0: the param itself (a NaN teacher is replaced), as ema_update_
+        out = s
+    else:
+        out = ema_lerp(tl.load(t_ptr + idx, mask=mask).to(tl.float32), s, wt, vt)
+    tl.store(t_ptr + idx, round_to(out, TT), mask=mask)
+
+
+@triton.jit
+def _momentum_kernel(table, num_entries, scalars_at, partial,
+                     PT: tl.constexpr, TT: tl.constexpr, TEACHER: tl.constexpr, DECAY: tl.constexpr,
+                     LARS: tl.constexpr, HAS_BUF: tl.constexpr, NESTEROV: tl.constexpr,
+                     S_TEACHER_W: tl.constexpr, S_TEACHER_V: tl.constexpr, S_LR: tl.constexpr,
+                     S_MOMENTUM: tl.constexpr, S_DAMPENING_WEIGHT: tl.constexpr,
+                     S_WEIGHT_DECAY: tl.constexpr, S_SIGN: tl.constexpr,
+                     S_TRUST_COEFFICIENT: tl.constexpr, S_WEIGHT_DECAY_D: tl.constexpr,
+                     S_LR_D: tl.constexpr, BLOCK: tl.constexpr, CHUNK: tl.constexpr,
+                     ENTRY_WORDS: tl.constexpr, CHUNK_WORDS: tl.constexpr):
+    """SGD (LARS=0) and LARS (1 simclr, 2 you2017; pass 2): csrc/optim/math.h's momentum_update.
+    DECAY: 0 never, 1 always, 2 adapted tensors only (simclr)."""
     entry, start = _chunk_entry(table, num_entries, ENTRY_WORDS, CHUNK_WORDS)
-    p_ptr = tl.load(entry).to(tl.pointer_type(PT))
-    g_ptr = tl.load(entry + 1).to(tl.pointer_type(PT))
-    b_ptr = tl.load(entry + 2).to(tl.pointer_type(PT))
-    t_addr = tl.load(entry + 5)
-    numel = tl.load(entry + 6)
-    first_flag = tl.load(entry + 9) & FIRST
+    scal = table + scalars_at
+    p_ptr = tl.load(entry + F_PARAM).to(tl.pointer_type(PT))
+    g_ptr = tl.load(entry + F_GRAD).to(tl.pointer_type(PT))
+    b_ptr = tl.load(entry + F_FIRST_MOMENT).to(tl.pointer_type(PT))
+    t_addr = tl.load(entry + F_TEACHER)
+    numel = tl.load(entry + F_NUMEL)
+    flags = tl.load(entry + F_FLAGS)
+    first_flag = flags & FLAG_FIRST
     first = first_flag != 0
+    adapt = (flags & FLAG_ADAPT) != 0
+    lr = _f32(_double(scal + S_LR))
+    mom = _f32(_double(scal + S_MOMENTUM))
+    damp = _f32(_double(scal + S_DAMPENING_WEIGHT))
+    wd = _f32(_double(scal + S_WEIGHT_DECAY))
+    sign = _f32(_double(scal + S_SIGN))
+    wt = _f32(_double(scal + S_TEACHER_W))
+    vt = _f32(_double(scal + S_TEACHER_V))
+    factor = tl.full((), 1.0, tl.float32)
+    if LARS != 0:  # the tensor's factor from pass 1's chunk sums, in chunk order, in float64
+        first_chunk = tl.load(entry + F_FIRST_CHUNK)
+        num_chunks = tl.load(entry + F_NUM_CHUNKS)
+        p2 = tl.zeros((), dtype=tl.float64)
+        n2 = tl.zeros((), dtype=tl.float64)
+        for c in range(first_chunk, first_chunk + num_chunks):
+            p2 += tl.load(partial + 2 * c)
+            n2 += tl.load(partial + 2 * c + 1)
+        pn = tl.sqrt(p2)  # float64: sqrt and division are IEEE-rounded (the _rn forms are float32-only)
+        nn = tl.sqrt(n2)
+        tc = _double(scal + S_TRUST_COEFFICIENT)
+        if LARS == 1:  # trust_coefficient*|p|/|g + wd p| (1 if a norm is 0, or not adapted)
+            ok = adapt & (pn > 0.0) & (nn > 0.0)
+            f64 = tl.where(ok, tc * pn / tl.where(ok, nn, 1.0), 1.0)
+        else:  # lr * trust_coefficient*|p| / (|g| + wd |p|) (0 if |p| or that is 0); lr if excluded
+            lr_d = _double(scal + S_LR_D)
+            den = nn + _double(scal + S_WEIGHT_DECAY_D) * pn
+            ok = (pn > 0.0) & (den > 0.0)
+            local = tl.where(ok, tc * pn / tl.where(ok, den, 1.0), 0.0)
+            f64 = tl.where(adapt, lr_d * local, lr_d)
+        factor = _f32(f64)
     for off in range(0, tl.minimum(numel - start, CHUNK), BLOCK):
         idx = start + off + tl.arange(0, BLOCK)
         mask = idx < numel
         pi = tl.load(p_ptr + idx, mask=mask).to(tl.float32)
         d = sign * tl.load(g_ptr + idx, mask=mask).to(tl.float32)
-        if DECAY:
+        if DECAY == 1:
             d = d + wd * pi
+        elif DECAY == 2:
+            d = tl.where(adapt, d + wd * pi, d)
+        d = d * factor
         if HAS_BUF:
             b = tl.load(b_ptr + idx, mask=mask & (first_flag == 0)).to(tl.float32)
             b = tl.where(first, d, mom * b + damp * d)  # a new buffer is the first update
@@ -92,37 +163,48 @@ def _sgd_kernel(table, num_entries, lr, mom, damp, wd, sign, mt, wt,
                 d = b
         stored = round_to(pi - lr * d, PT)  # the teacher averages the param as stored
         tl.store(p_ptr + idx, stored, mask=mask)
-        if HAS_TEACHER:
-            _teacher_update(t_addr, idx, mask, stored, mt, wt, TT)
+        if TEACHER != 0:
+            _teacher_update(t_addr, idx, mask, stored, wt, vt, TT, TEACHER == 1)
 
 
 @triton.jit
-def _adamw_kernel(table, num_entries, decay, w1, w1c, b2, w2, eps, sign, mt, wt,
-                  PT: tl.constexpr, TT: tl.constexpr, HAS_TEACHER: tl.constexpr,
-                  AMSGRAD: tl.constexpr, LERP_SMALL: tl.constexpr,
+def _adamw_kernel(table, num_entries, scalars_at,
+                  PT: tl.constexpr, TT: tl.constexpr, TEACHER: tl.constexpr, AMSGRAD: tl.constexpr,
+                  S_TEACHER_W: tl.constexpr, S_TEACHER_V: tl.constexpr, S_DECAY: tl.constexpr,
+                  S_W1: tl.constexpr, S_W1C: tl.constexpr, S_BETA2: tl.constexpr, S_W2: tl.constexpr,
+                  S_EPS: tl.constexpr, S_SIGN: tl.constexpr, S_LR: tl.constexpr,
                   BLOCK: tl.constexpr, CHUNK: tl.constexpr, ENTRY_WORDS: tl.constexpr,
                   CHUNK_WORDS: tl.constexpr):
+    """csrc/optim/math.h's adamw_update."""
     entry, start = _chunk_entry(table, num_entries, ENTRY_WORDS, CHUNK_WORDS)
-    p_ptr = tl.load(entry).to(tl.pointer_type(PT))
-    g_ptr = tl.load(entry + 1).to(tl.pointer_type(PT))
-    m_ptr = tl.load(entry + 2).to(tl.pointer_type(PT))
-    v_ptr = tl.load(entry + 3).to(tl.pointer_type(PT))
-    vmax_ptr = tl.load(entry + 4).to(tl.pointer_type(PT))
-    t_addr = tl.load(entry + 5)
-    numel = tl.load(entry + 6)
-    # The per-param doubles, rounded to float32 as the C++ kernels do.
-    step_size = tl.load(entry + 10).to(tl.float64, bitcast=True).to(tl.float32, fp_downcast_rounding="rtne")
-    bc2_sqrt = tl.load(entry + 11).to(tl.float64, bitcast=True).to(tl.float32, fp_downcast_rounding="rtne")
+    scal = table + scalars_at
+    p_ptr = tl.load(entry + F_PARAM).to(tl.pointer_type(PT))
+    g_ptr = tl.load(entry + F_GRAD).to(tl.pointer_type(PT))
+    m_ptr = tl.load(entry + F_FIRST_MOMENT).to(tl.pointer_type(PT))
+    v_ptr = tl.load(entry + F_SECOND_MOMENT).to(tl.pointer_type(PT))
+    vmax_ptr = tl.load(entry + F_MAX_SECOND_MOMENT).to(tl.pointer_type(PT))
+    t_addr = tl.load(entry + F_TEACHER)
+    numel = tl.load(entry + F_NUMEL)
+    decay = _f32(_double(scal + S_DECAY))
+    w1 = _f32(_double(scal + S_W1))
+    w1c = _f32(_double(scal + S_W1C))
+    b2 = _f32(_double(scal + S_BETA2))
+    w2 = _f32(_double(scal + S_W2))
+    eps = _f32(_double(scal + S_EPS))
+    sign = _f32(_double(scal + S_SIGN))
+    wt = _f32(_double(scal + S_TEACHER_W))
+    vt = _f32(_double(scal + S_TEACHER_V))
+    # torch's step size lr / (1 - beta1^step), formed in double and rounded once.
+    step_size = _f32(_double(scal + S_LR) / _double(entry + F_BIAS_CORRECTION1))
+    bc2_sqrt = _f32(_double(entry + F_BIAS_CORRECTION2_SQRT))
+    small = tl.abs(w1) < 0.5  # torch's lerp: the form depends on the weight
     for off in range(0, tl.minimum(numel - start, CHUNK), BLOCK):
         idx = start + off + tl.arange(0, BLOCK)
         mask = idx < numel
         gi = sign * tl.load(g_ptr + idx, mask=mask).to(tl.float32)
         pi = tl.load(p_ptr + idx, mask=mask).to(tl.float32) * decay
         m0 = tl.load(m_ptr + idx, mask=mask).to(tl.float32)
-        if LERP_SMALL:  # torch's lerp: the form depends on the weight
-            mi = m0 + w1 * (gi - m0)
-        else:
-            mi = gi - (gi - m0) * w1c
+        mi = tl.where(small, m0 + w1 * (gi - m0), gi - (gi - m0) * w1c)
         vi = tl.load(v_ptr + idx, mask=mask).to(tl.float32) * b2 + w2 * gi * gi
         tl.store(m_ptr + idx, round_to(mi, PT), mask=mask)
         tl.store(v_ptr + idx, round_to(vi, PT), mask=mask)
@@ -134,22 +216,25 @@ def _adamw_kernel(table, num_entries, decay, w1, w1c, b2, w2, eps, sign, mt, wt,
         denom = tl.div_rn(tl.sqrt_rn(s), bc2_sqrt) + eps
         stored = round_to(pi - step_size * tl.div_rn(mi, denom), PT)
         tl.store(p_ptr + idx, stored, mask=mask)
-        if HAS_TEACHER:
-            _teacher_update(t_addr, idx, mask, stored, mt, wt, TT)
+        if TEACHER != 0:
+            _teacher_update(t_addr, idx, mask, stored, wt, vt, TT, TEACHER == 1)
 
 
 @triton.jit
-def _lars_sumsq_kernel(table, num_entries, partial, wd, sign, PT: tl.constexpr, BLOCK: tl.constexpr,
-                       CHUNK: tl.constexpr, ENTRY_WORDS: tl.constexpr, CHUNK_WORDS: tl.constexpr,
-                       ADAPT: tl.constexpr):
-    """Pass 1: this chunk's sums of p^2 and d^2 (d = sign*g + wd*p), float32 per block added
-    into float64, written to partial[2k], partial[2k + 1] (0 for tensors not adapted)."""
+def _lars_sumsq_kernel(table, num_entries, scalars_at, partial, PT: tl.constexpr,
+                       S_SIGN: tl.constexpr, S_NORM_WEIGHT_DECAY: tl.constexpr, BLOCK: tl.constexpr,
+                       CHUNK: tl.constexpr, ENTRY_WORDS: tl.constexpr, CHUNK_WORDS: tl.constexpr):
+    """Pass 1: this chunk's sums of p^2 and d^2 (d = sign*g + norm_weight_decay*p), float32 per
+    block added into float64, written to partial[2k], partial[2k + 1] (0 for tensors not adapted)."""
     entry, start = _chunk_entry(table, num_entries, ENTRY_WORDS, CHUNK_WORDS)
+    scal = table + scalars_at
     k = tl.program_id(0).to(tl.int64)
-    p_ptr = tl.load(entry).to(tl.pointer_type(PT))
-    g_ptr = tl.load(entry + 1).to(tl.pointer_type(PT))
-    numel = tl.load(entry + 6)
-    adapt = (tl.load(entry + 9) & ADAPT) != 0
+    p_ptr = tl.load(entry + F_PARAM).to(tl.pointer_type(PT))
+    g_ptr = tl.load(entry + F_GRAD).to(tl.pointer_type(PT))
+    numel = tl.load(entry + F_NUMEL)
+    adapt = (tl.load(entry + F_FLAGS) & FLAG_ADAPT) != 0
+    sign = _f32(_double(scal + S_SIGN))
+    nwd = _f32(_double(scal + S_NORM_WEIGHT_DECAY))
     sp = tl.zeros((), dtype=tl.float64)
     sd = tl.zeros((), dtype=tl.float64)
     if adapt:
@@ -157,142 +242,82 @@ def _lars_sumsq_kernel(table, num_entries, partial, wd, sign, PT: tl.constexpr, 
             idx = start + off + tl.arange(0, BLOCK)
             mask = idx < numel
             pi = tl.load(p_ptr + idx, mask=mask, other=0.0).to(tl.float32)
-            d = sign * tl.load(g_ptr + idx, mask=mask, other=0.0).to(tl.float32) + wd * pi
+            d = sign * tl.load(g_ptr + idx, mask=mask, other=0.0).to(tl.float32) + nwd * pi
             sp += tl.sum(pi * pi, axis=0).to(tl.float64)
             sd += tl.sum(d * d, axis=0).to(tl.float64)
     tl.store(partial + 2 * k, sp)
     tl.store(partial + 2 * k + 1, sd)
 
 
-@triton.jit
-def _lars_kernel(table, num_entries, partial, lr, mom, wd, trust_coefficient, sign, mt, wt,
-                 PT: tl.constexpr, TT: tl.constexpr, HAS_TEACHER: tl.constexpr, BLOCK: tl.constexpr,
-                 CHUNK: tl.constexpr, ENTRY_WORDS: tl.constexpr, CHUNK_WORDS: tl.constexpr,
-                 FIRST: tl.constexpr, ADAPT: tl.constexpr):
-    """Pass 2: the tensor's trust ratio from its chunks' sums (in chunk order: every chunk of a
-    tensor computes the same value), then the C++ lars_loop's update and the teacher."""
-    entry, start = _chunk_entry(table, num_entries, ENTRY_WORDS, CHUNK_WORDS)
-    p_ptr = tl.load(entry).to(tl.pointer_type(PT))
-    g_ptr = tl.load(entry + 1).to(tl.pointer_type(PT))
-    b_ptr = tl.load(entry + 2).to(tl.pointer_type(PT))
-    t_addr = tl.load(entry + 5)
-    numel = tl.load(entry + 6)
-    first_chunk = tl.load(entry + 7)
-    num_chunks = tl.load(entry + 8)
-    flags = tl.load(entry + 9)
-    adapt = (flags & ADAPT) != 0
-    first_flag = flags & FIRST
-    first = first_flag != 0
-    p2 = tl.zeros((), dtype=tl.float64)
-    d2 = tl.zeros((), dtype=tl.float64)
-    for c in range(first_chunk, first_chunk + num_chunks):
-        p2 += tl.load(partial + 2 * c)
-        d2 += tl.load(partial + 2 * c + 1)
-    pn = tl.sqrt(p2)  # float64: sqrt and division are IEEE-rounded (the _rn forms are float32-only)
-    dn = tl.sqrt(d2)
-    scaled = adapt & (pn > 0.0) & (dn > 0.0)  # else 1, and no 0/0 computed
-    trust = tl.where(scaled, tl.cast(trust_coefficient, tl.float64) * pn / tl.where(scaled, dn, 1.0), 1.0)
-    trust = trust.to(tl.float32, fp_downcast_rounding="rtne")
-    for off in range(0, tl.minimum(numel - start, CHUNK), BLOCK):
-        idx = start + off + tl.arange(0, BLOCK)
-        mask = idx < numel
-        pi = tl.load(p_ptr + idx, mask=mask).to(tl.float32)
-        d = sign * tl.load(g_ptr + idx, mask=mask).to(tl.float32)
-        d = tl.where(adapt, (d + wd * pi) * trust, d)
-        b = tl.load(b_ptr + idx, mask=mask & (first_flag == 0)).to(tl.float32)
-        b = tl.where(first, d, mom * b + d)
-        tl.store(b_ptr + idx, round_to(b, PT), mask=mask)
-        stored = round_to(pi - lr * b, PT)
-        tl.store(p_ptr + idx, stored, mask=mask)
-        if HAS_TEACHER:
-            _teacher_update(t_addr, idx, mask, stored, mt, wt, TT)
+def _teacher_mode(teacher, teacher_momentum: float) -> int:
+    if not teacher or teacher_momentum == 1.0:
+        return _TEACHER_NONE
+    return _TEACHER_COPY if teacher_momentum == 0.0 else _TEACHER_LERP
 
 
-class _Launch:
-    """What every step's launch needs after the C++ checks built `table`: the table on the
-    params' device, element types, teacher flag, grid, and the teacher weights in float32."""
-
-    def __init__(self, table, params, teacher, teacher_momentum: float):
-        self.table = table.to(params[0].device)
-        self.pt = _DTYPES[params[0].dtype]
-        self.tt = _DTYPES[teacher[0].dtype] if teacher else tl.float32
-        self.has_teacher = bool(teacher)
-        self.grid = (optim_counts(params)[1],)
-        self.mt = f32(teacher_momentum)
-        self.wt = f32(1.0 - self.mt)
+def _offsets(kind: str, names) -> dict:
+    """The scalar block's word offsets as the kernels' S_* constexprs."""
+    return {f"S_{name.upper()}": _SCALARS[kind][name] for name in names}
 
 
-def _launch(table, params, teacher, teacher_momentum) -> _Launch | None:
-    """None when there is nothing to launch (no params, or only empty ones)."""
-    if not params or optim_counts(params)[1] == 0:
-        return None
-    return _Launch(table, params, teacher, teacher_momentum)
+def stage_table(table: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """The host table on the params' device. It was built in pinned memory for a GPU (the table
+    op's `pinned`), so the copy does not block the host, as the CUDA C++ path's."""
+    return table.to(device, non_blocking=True)
 
 
-@triton_op("eman_fused::sgd_ema_step_triton_", mutates_args={"params", "momentum_buffers", "teacher"})
-def sgd_ema_step_triton_(params: list[torch.Tensor], grads: list[torch.Tensor],
-                         momentum_buffers: list[torch.Tensor], teacher: list[torch.Tensor],
-                         first: list[int], lr: float, momentum: float, dampening: float,
-                         nesterov: bool, weight_decay: float, maximize: bool,
-                         teacher_momentum: float) -> None:
-    table = torch.ops.eman_fused._sgd_ema_table(
-        params, grads, momentum_buffers, teacher, first, lr, momentum, dampening, nesterov,
-        weight_decay, maximize, teacher_momentum)
-    if (go := _launch(table, params, teacher, teacher_momentum)) is None:
+@triton_op("eman_fused::optim_ema_step_triton_",
+           mutates_args={"params", "first_moments", "second_moments", "max_second_moments",
+                         "teacher", "steps"})
+def optim_ema_step_triton_(optimizer: int, params: list[torch.Tensor], grads: list[torch.Tensor],
+                           first_moments: list[torch.Tensor], second_moments: list[torch.Tensor],
+                           max_second_moments: list[torch.Tensor], teacher: list[torch.Tensor],
+                           flags: list[int], steps: list[torch.Tensor], hyper: list[float]) -> None:
+    """torch.ops.eman_fused.optim_ema_step_ (without device hyper-parameters) in Triton."""
+    device = params[0].device if params else torch.device("cpu")
+    table = torch.ops.eman_fused._optim_ema_table(
+        optimizer, params, grads, first_moments, second_moments, max_second_moments, teacher, flags,
+        steps, hyper, [], pinned=device.type == "cuda")
+    num_chunks = optim_counts(params)[1]
+    if num_chunks:
+        _launch(optimizer, table, params, first_moments, max_second_moments, teacher, hyper, num_chunks)
+    if steps:  # this step's bias corrections were read into the table; the counts advance
+        torch._foreach_add_(steps, 1.0)
+
+
+def _launch(optimizer, table, params, first_moments, max_second_moments, teacher, hyper, num_chunks):
+    device = params[0].device
+    table = stage_table(table, device)
+    grid = (num_chunks,)
+    pt = _DTYPES[params[0].dtype]
+    tt = _DTYPES[teacher[0].dtype] if teacher else tl.float32
+    names = OPTIM["hyper"]["adamw" if optimizer == _IDS["adamw"] else
+                           "sgd" if optimizer == _IDS["sgd"] else "lars"]
+    h = dict(zip(names, hyper))
+    mode = _teacher_mode(teacher, h["teacher_momentum"])
+    common = dict(BLOCK=BLOCK, CHUNK=OPTIM_CHUNK_ELEMS, ENTRY_WORDS=OPTIM_ENTRY_WORDS,
+                  CHUNK_WORDS=OPTIM_CHUNK_WORDS, num_warps=NUM_WARPS)
+    n = len(params)
+    scalars_at = n * OPTIM_ENTRY_WORDS + num_chunks * OPTIM_CHUNK_WORDS
+    if optimizer == _IDS["adamw"]:
+        wrap_triton(_adamw_kernel)[grid](
+            table, n, scalars_at, PT=pt, TT=tt, TEACHER=mode, AMSGRAD=bool(max_second_moments),
+            **_offsets("adamw", ("teacher_w", "teacher_v", "decay", "w1", "w1c", "beta2", "w2", "eps",
+                                 "sign", "lr")), **common)
         return
-    wrap_triton(_sgd_kernel)[go.grid](
-        go.table, len(params), f32(lr), f32(momentum), f32(1.0 - f32(dampening)),
-        f32(weight_decay), -1.0 if maximize else 1.0, go.mt, go.wt,
-        PT=go.pt, TT=go.tt, HAS_TEACHER=go.has_teacher, DECAY=weight_decay != 0.0,
-        HAS_BUF=bool(momentum_buffers), NESTEROV=nesterov, BLOCK=BLOCK, CHUNK=OPTIM_CHUNK_ELEMS,
-        ENTRY_WORDS=OPTIM_ENTRY_WORDS, CHUNK_WORDS=OPTIM_CHUNK_WORDS, FIRST=OPTIM_FIRST,
-        num_warps=NUM_WARPS)
-
-
-@triton_op("eman_fused::adamw_ema_step_triton_",
-           mutates_args={"params", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs", "teacher"})
-def adamw_ema_step_triton_(params: list[torch.Tensor], grads: list[torch.Tensor],
-                           exp_avgs: list[torch.Tensor], exp_avg_sqs: list[torch.Tensor],
-                           max_exp_avg_sqs: list[torch.Tensor], teacher: list[torch.Tensor],
-                           step_sizes: list[float], bias_correction2_sqrts: list[float], lr: float,
-                           beta1: float, beta2: float, eps: float, weight_decay: float,
-                           amsgrad: bool, maximize: bool, teacher_momentum: float) -> None:
-    table = torch.ops.eman_fused._adamw_ema_table(
-        params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, teacher, step_sizes,
-        bias_correction2_sqrts, lr, beta1, beta2, eps, weight_decay, amsgrad, maximize,
-        teacher_momentum)
-    if (go := _launch(table, params, teacher, teacher_momentum)) is None:
-        return
-    w1 = f32(1.0 - f32(beta1))
-    b2 = f32(beta2)
-    wrap_triton(_adamw_kernel)[go.grid](
-        go.table, len(params), f32(1.0 - f32(lr * weight_decay)), w1,
-        f32(1.0 - w1), b2, f32(1.0 - b2), f32(eps), -1.0 if maximize else 1.0, go.mt, go.wt,
-        PT=go.pt, TT=go.tt, HAS_TEACHER=go.has_teacher, AMSGRAD=bool(max_exp_avg_sqs),
-        LERP_SMALL=abs(w1) < 0.5, BLOCK=BLOCK, CHUNK=OPTIM_CHUNK_ELEMS,
-        ENTRY_WORDS=OPTIM_ENTRY_WORDS, CHUNK_WORDS=OPTIM_CHUNK_WORDS, num_warps=NUM_WARPS)
-
-
-@triton_op("eman_fused::lars_ema_step_triton_", mutates_args={"params", "momentum_buffers", "teacher"})
-def lars_ema_step_triton_(params: list[torch.Tensor], grads: list[torch.Tensor],
-                          momentum_buffers: list[torch.Tensor], teacher: list[torch.Tensor],
-                          adapt: list[int], first: list[int], lr: float, momentum: float,
-                          weight_decay: float, trust_coefficient: float, maximize: bool,
-                          teacher_momentum: float) -> None:
-    """Two launches (as the C++ kernels: two passes): per-chunk sums of squares, then the update."""
-    table = torch.ops.eman_fused._lars_ema_table(
-        params, grads, momentum_buffers, teacher, adapt, first, lr, momentum, weight_decay,
-        trust_coefficient, maximize, teacher_momentum)
-    if (go := _launch(table, params, teacher, teacher_momentum)) is None:
-        return
-    partial = torch.empty(2 * go.grid[0], dtype=torch.float64, device=params[0].device)
-    sign = -1.0 if maximize else 1.0
-    wrap_triton(_lars_sumsq_kernel)[go.grid](
-        go.table, len(params), partial, f32(weight_decay), sign, PT=go.pt, BLOCK=BLOCK,
-        CHUNK=OPTIM_CHUNK_ELEMS, ENTRY_WORDS=OPTIM_ENTRY_WORDS, CHUNK_WORDS=OPTIM_CHUNK_WORDS,
-        ADAPT=OPTIM_ADAPT, num_warps=NUM_WARPS)
-    wrap_triton(_lars_kernel)[go.grid](
-        go.table, len(params), partial, f32(lr), f32(momentum), f32(weight_decay), trust_coefficient,
-        sign, go.mt, go.wt, PT=go.pt, TT=go.tt, HAS_TEACHER=go.has_teacher, BLOCK=BLOCK,
-        CHUNK=OPTIM_CHUNK_ELEMS, ENTRY_WORDS=OPTIM_ENTRY_WORDS, CHUNK_WORDS=OPTIM_CHUNK_WORDS, FIRST=OPTIM_FIRST,
-        ADAPT=OPTIM_ADAPT, num_warps=NUM_WARPS)
+    lars = 0 if optimizer == _IDS["sgd"] else 1 if optimizer == _IDS["lars_simclr"] else 2
+    kind = "sgd" if lars == 0 else "lars"
+    partial = table  # unused by SGD (any pointer)
+    if lars:
+        partial = torch.empty(2 * num_chunks, dtype=torch.float64, device=device)
+        wrap_triton(_lars_sumsq_kernel)[grid](
+            table, n, scalars_at, partial, PT=pt, **_offsets("lars", ("sign", "norm_weight_decay")),
+            **common)
+    lars_only = ("trust_coefficient", "weight_decay_d", "lr_d")
+    offsets = _offsets(kind, ("teacher_w", "teacher_v", "lr", "momentum", "dampening_weight",
+                              "weight_decay", "sign") + (lars_only if lars else ()))
+    offsets.update({f"S_{name.upper()}": 0 for name in lars_only if not lars})  # not read by SGD
+    decay = (1 if h["weight_decay"] != 0.0 else 0) if lars == 0 else 2 if lars == 1 else 1
+    wrap_triton(_momentum_kernel)[grid](
+        table, n, scalars_at, partial, PT=pt, TT=tt, TEACHER=mode, DECAY=decay, LARS=lars,
+        HAS_BUF=bool(first_moments), NESTEROV=h["nesterov"] != 0.0, **offsets, **common)
