@@ -159,13 +159,18 @@ PyObject* table_layout(PyObject* /*self*/, PyObject* /*args*/) {
   optimizers["adamw"] = static_cast<int64_t>(Optimizer::kAdamW);
   optimizers["lars_simclr"] = static_cast<int64_t>(Optimizer::kLarsSimclr);
   optimizers["lars_you2017"] = static_cast<int64_t>(Optimizer::kLarsYou2017);
+  py::dict chunk_fields;  // common/multi_tensor.h's TensorChunk, shared by both tables
+  EMAN_FUSED_FIELD(chunk_fields, TensorChunk, tensor);
+  EMAN_FUSED_FIELD(chunk_fields, TensorChunk, start);
   py::dict ema, optim, out;
   ema["chunk_elems"] = kEmaChunkElems, ema["entry_words"] = kEmaEntryWords;
   ema["chunk_words"] = kChunkWords, ema["kind_copy_bytes"] = kKindCopyBytes;
   ema["num_float_tags"] = kNumFloatTags, ema["fields"] = ema_fields;
+  ema["chunk_fields"] = chunk_fields;
   optim["chunk_elems"] = kOptimChunkElems, optim["entry_words"] = kOptimEntryWords;
   optim["chunk_words"] = kChunkWords, optim["flag_first"] = kOptimFirst;
   optim["flag_adapt"] = kOptimAdapt, optim["fields"] = optim_fields;
+  optim["chunk_fields"] = chunk_fields;
   optim["scalar_words"] = kOptimScalarWords, optim["scalars"] = scalars;
   optim["hyper"] = hyper, optim["optimizers"] = optimizers;
   out["float_tags"] = tags, out["ema"] = ema, out["optim"] = optim;

@@ -42,11 +42,11 @@ def groups(params, opts, second):
 
 def run(factory, params0, grads, dtype):
     """factory(params) -> optimizer; the final params and state, as float64 lists by key."""
-    params = [nn.Parameter(p.to(dtype)) for p in params0]
+    params = [nn.Parameter(p.to(dtype, copy=True)) for p in params0]
     opt = factory(params)
     for gs in grads:
         for p, g in zip(params, gs):
-            p.grad = g.to(dtype)
+            p.grad = g.to(dtype, copy=True)
         opt.step()
     out = {"param": [p.detach().double() for p in params]}
     for p in params:
@@ -199,11 +199,11 @@ def lars_ratios(opts, exclude_group, dtype, steps):
         return _EagerLars(groups(ps, base, second), opts["formula"])
 
     def run_eager(dt):
-        params = [nn.Parameter(p.to(dt)) for p in params0]
+        params = [nn.Parameter(p.to(dt, copy=True)) for p in params0]
         opt = make_eager(params)
         for gs in grads:
             for p, g in zip(params, gs):
-                p.grad = g.to(dt)
+                p.grad = g.to(dt, copy=True)
             opt.step()
         out = {"param": [p.detach().double() for p in params]}
         if opts["formula"] == "simclr" or opts["momentum"] != 0:

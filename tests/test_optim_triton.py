@@ -288,3 +288,35 @@ def test_triton_and_cuda_kernels_agree_on_the_gpu():
     for x, y in zip(a, b):
         for s, t in zip(x, y):
             torch.testing.assert_close(s, t, rtol=1e-5, atol=1e-6)
+
+
+def test_the_table_is_staged_through_pinned_memory_without_blocking(monkeypatch):
+    """The Triton path asks the C++ table op for page-locked memory when the params are on a GPU
+    and copies the table with non_blocking=True, as the CUDA C++ path does."""
+    seen = {}
+    table_op = ops._optim_ema_table
+
+    def recording_table(*args, pinned=False):
+        seen["pinned"] = pinned
+        return table_op(*args, pinned=False)  # (no page-locked memory without a GPU)
+
+    class FakeTable:
+        def to(self, device, non_blocking=False):
+            seen["to"] = (device, non_blocking)
+            return self
+    monkeypatch.setattr(torch.ops.eman_fused, "_optim_ema_table", recording_table)
+    p, g, (b,), t = lists([(33,)], torch.float32, torch.float32, 1)
+    step("sgd", "triton", p, g, [b], t, [FIRST], **SGD_HYPER)
+    assert seen["pinned"] == (DEVICE == "cuda")
+    assert topt.stage_table(FakeTable(), torch.device("cuda")) is not None
+    assert seen["to"] == (torch.device("cuda"), True)
+
+
+@pytest.mark.skipif(not HAS_GPU, reason="page-locked memory needs a GPU")
+def test_the_triton_table_is_pinned_on_the_gpu(monkeypatch):
+    staged = []
+    real = topt.stage_table
+    monkeypatch.setattr(topt, "stage_table", lambda table, device: staged.append(table) or real(table, device))
+    p, g, (b,), t = lists([(33,)], torch.float32, torch.float32, 1)
+    step("sgd", "triton", p, g, [b], t, [FIRST], **SGD_HYPER)
+    assert staged and staged[0].is_pinned()

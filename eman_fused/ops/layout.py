@@ -16,8 +16,10 @@ _LAYOUT = _backends._C.table_layout() if _backends._C is not None else None
 
 if _LAYOUT is not None:
     FLOAT_TAGS = {getattr(torch, name): tag for name, tag in _LAYOUT["float_tags"].items() if name != "absent"}
-    EMA = _LAYOUT["ema"]  # chunk_elems, entry_words, chunk_words, kind_copy_bytes, fields
-    OPTIM = _LAYOUT["optim"]  # chunk_elems, entry_words, chunk_words, flag_first, flag_adapt, fields
+    EMA = _LAYOUT["ema"]  # chunk_elems, entry_words, chunk_words, kind_copy_bytes, fields, chunk_fields
+    # chunk_elems, entry_words, chunk_words, flag_first, flag_adapt, fields, chunk_fields, and the
+    # step op's: optimizers (enum values), hyper (names in order), scalars (offsets), scalar_words
+    OPTIM = _LAYOUT["optim"]
 
 
 def plan_counts(teacher: Sequence[torch.Tensor]) -> tuple[int, int]:

@@ -23,6 +23,13 @@ from ._common import ema_lerp, round_to, wrap_triton
 
 BLOCK = 2048
 NUM_WARPS = 4
+# The plan entry's fields (csrc/ema/layout.h), as the C++ struct lays them out.
+F_TEACHER = tl.constexpr(EMA["fields"]["teacher"])
+F_STUDENT = tl.constexpr(EMA["fields"]["student"])
+F_NUMEL = tl.constexpr(EMA["fields"]["numel"])
+F_KIND = tl.constexpr(EMA["fields"]["kind"])
+C_TENSOR = tl.constexpr(EMA["chunk_fields"]["tensor"])
+C_START = tl.constexpr(EMA["chunk_fields"]["start"])
 
 
 @triton.jit
@@ -61,12 +68,12 @@ def _ema_update_kernel(table, num_entries, m0, m1, m2, w0, w1, w2, m_ptr, MOMENT
                        BLOCK: tl.constexpr, CHUNK: tl.constexpr, ENTRY_WORDS: tl.constexpr,
                        CHUNK_WORDS: tl.constexpr, KIND_COPY: tl.constexpr):
     chunk = table + num_entries * ENTRY_WORDS + tl.program_id(0).to(tl.int64) * CHUNK_WORDS
-    entry = table + tl.load(chunk) * ENTRY_WORDS
-    start = tl.load(chunk + 1)
-    t_addr = tl.load(entry)
-    s_addr = tl.load(entry + 1)
-    numel = tl.load(entry + 2)
-    kind = tl.load(entry + 3)
+    entry = table + tl.load(chunk + C_TENSOR) * ENTRY_WORDS
+    start = tl.load(chunk + C_START)
+    t_addr = tl.load(entry + F_TEACHER)
+    s_addr = tl.load(entry + F_STUDENT)
+    numel = tl.load(entry + F_NUMEL)
+    kind = tl.load(entry + F_KIND)
     if kind == KIND_COPY:
         t_bytes = t_addr.to(tl.pointer_type(tl.uint8))
         s_bytes = s_addr.to(tl.pointer_type(tl.uint8))

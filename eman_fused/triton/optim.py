@@ -52,6 +52,8 @@ F_NUM_CHUNKS = tl.constexpr(_F["num_chunks"])
 F_FLAGS = tl.constexpr(_F["flags"])
 F_BIAS_CORRECTION1 = tl.constexpr(_F["bias_correction1"])
 F_BIAS_CORRECTION2_SQRT = tl.constexpr(_F["bias_correction2_sqrt"])
+C_TENSOR = tl.constexpr(OPTIM["chunk_fields"]["tensor"])
+C_START = tl.constexpr(OPTIM["chunk_fields"]["start"])
 FLAG_FIRST = tl.constexpr(OPTIM_FIRST)
 FLAG_ADAPT = tl.constexpr(OPTIM_ADAPT)
 _SCALARS = OPTIM["scalars"]  # per optimizer: scalar name -> word offset in the scalar block
@@ -64,8 +66,8 @@ _TEACHER_NONE, _TEACHER_COPY, _TEACHER_LERP = 0, 1, 2
 @triton.jit
 def _chunk_entry(table, num_entries, ENTRY_WORDS: tl.constexpr, CHUNK_WORDS: tl.constexpr):
     chunk = table + num_entries * ENTRY_WORDS + tl.program_id(0).to(tl.int64) * CHUNK_WORDS
-    entry = table + tl.load(chunk) * ENTRY_WORDS
-    return entry, tl.load(chunk + 1)
+    entry = table + tl.load(chunk + C_TENSOR) * ENTRY_WORDS
+    return entry, tl.load(chunk + C_START)
 
 
 @triton.jit
