@@ -3,8 +3,8 @@ error of every param and state tensor is at most 2x torch's own (LARS: the eager
 error in the params' dtype, on the full product of the options torch itself tests.
 
 The product runs a few steps per combination (CI time); a representative subset runs 100 steps.
-`python tests/test_optim_precision.py [steps]` runs the whole product at 100 steps (or `steps`)
-and prints the worst ratio per optimizer (reported in README). Error: the largest absolute
+`python tests/test_optim_precision.py [steps [SGD,AdamW,LARS]]` runs the whole product at 100
+steps (or `steps`) and prints the worst ratio per optimizer and dtype (reported in README). Error: the largest absolute
 difference from the float64 run over all params (or all tensors of one state key), compared
 with the best of torch's implementations that take the options (for-loop, foreach, fused=True).
 Two param groups with different options in every run.
@@ -266,10 +266,11 @@ def test_lars_precision_over_100_steps(opts, exclude_group, dtype):
     _assert_within(lars_ratios(opts, exclude_group, dtype, LONG_STEPS))
 
 
-def main(steps: int) -> None:
+def main(steps: int, which: str = "SGD,AdamW,LARS") -> None:
     """The worst ratio per optimizer (and dtype) over the whole product at `steps` steps."""
     runs = {"SGD": (sgd_cases, sgd_ratios), "AdamW": (adamw_cases, adamw_ratios), "LARS": (lars_cases, lars_ratios)}
-    for name, (cases, fn) in runs.items():
+    for name in which.split(","):
+        cases, fn = runs[name]
         for dtype in DTYPES:
             worst, where = 0.0, None
             n = 0
@@ -284,4 +285,4 @@ def main(steps: int) -> None:
 
 
 if __name__ == "__main__":
-    main(int(sys.argv[1]) if len(sys.argv) > 1 else LONG_STEPS)
+    main(int(sys.argv[1]) if len(sys.argv) > 1 else LONG_STEPS, *sys.argv[2:3])

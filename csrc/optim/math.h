@@ -176,9 +176,17 @@ EMAN_FUSED_HD float lars_norm_term(float p, float g, float sign, float norm_weig
   return sign * g + norm_weight_decay * p;
 }
 
+// a*b + c rounded once, as a fused multiply-add: the product of two floats is exact in double,
+// so one double sum and its rounding to float (the same bits on every CPU, CUDA and Triton;
+// the baseline x86-64 CPU loops have no FMA instruction).
+EMAN_FUSED_HD float fma_via_double(float a, float b, float c) {
+  return static_cast<float>(static_cast<double>(a) * static_cast<double>(b) + static_cast<double>(c));
+}
+
 // AdamW (torch.optim.AdamW's update, in its order of operations): p*(1 - lr*wd); exp_avg lerped
-// toward g with weight w1 (torch's lerp: the form depends on the weight); exp_avg_sq*beta2 +
-// w2*g*g; amsgrad keeps the max; p - step_size * exp_avg / (sqrt(v) / bc2_sqrt + eps).
+// toward g with weight w1 as torch's vectorized lerp does it, one fused multiply-add on g - m
+// (small weight: m + w1*(g - m); else g - (1 - w1)*(g - m)); exp_avg_sq*beta2 + w2*g*g; amsgrad
+// keeps the max; p - step_size * exp_avg / (sqrt(v) / bc2_sqrt + eps).
 struct AdamWOut {
   float param, exp_avg, exp_avg_sq, max_exp_avg_sq;
 };
@@ -186,7 +194,8 @@ EMAN_FUSED_HD AdamWOut adamw_update(float p, float g, float m, float v, float vm
                                     float step_size, float bc2_sqrt, bool lerp_small, bool amsgrad) {
   const float gi = f.sign * g;
   const float pi = p * f.decay;
-  const float mi = lerp_small ? m + f.w1 * (gi - m) : gi - (gi - m) * f.w1c;
+  const float d = gi - m;
+  const float mi = lerp_small ? fma_via_double(f.w1, d, m) : fma_via_double(-f.w1c, d, gi);
   const float vi = v * f.beta2 + f.w2 * gi * gi;
   float s = vi;
   if (amsgrad) {

@@ -206,7 +206,11 @@ def _adamw_kernel(table, num_entries, scalars_at,
         gi = sign * tl.load(g_ptr + idx, mask=mask).to(tl.float32)
         pi = tl.load(p_ptr + idx, mask=mask).to(tl.float32) * decay
         m0 = tl.load(m_ptr + idx, mask=mask).to(tl.float32)
-        mi = tl.where(small, m0 + w1 * (gi - m0), gi - (gi - m0) * w1c)
+        # torch's vectorized lerp: one fused multiply-add on g - m (formed in float64: the
+        # product of two floats is exact there, then one rounding)
+        dm = (gi - m0).to(tl.float64)
+        mi = tl.where(small, w1.to(tl.float64) * dm + m0.to(tl.float64),
+                      gi.to(tl.float64) - w1c.to(tl.float64) * dm).to(tl.float32, fp_downcast_rounding="rtne")
         vi = tl.load(v_ptr + idx, mask=mask).to(tl.float32) * b2 + w2 * gi * gi
         tl.store(m_ptr + idx, round_to(mi, PT), mask=mask)
         tl.store(v_ptr + idx, round_to(vi, PT), mask=mask)
