@@ -1,7 +1,6 @@
 """The teacher through a training run's life: build -> move/cast -> train -> save -> a new process
 -> load -> train on, bit for bit against an uninterrupted run; and what the update writes after
 every kind of move or cast."""
-import copy
 import gc
 import json
 import os

@@ -6,6 +6,7 @@
 
 #include "cuda_emu.h"
 #include "emu_launchers.h"
+#include "optim/math.h"  // kOptimScalarWords: the scalar block closing a step's table
 
 #define EMU_API extern "C" __attribute__((visibility("default")))
 
@@ -20,6 +21,8 @@ EMU_API int64_t emu_layout(const char* name) {
   if (n == "chunk_words") return kChunkWords;
   if (n == "optim_entry_words") return kOptimEntryWords;
   if (n == "optim_chunk_elems") return kOptimChunkElems;
+  if (n == "optim_scalar_words") return kOptimScalarWords;
+  if (n == "optim_max_hyper") return kMaxHyper;
   if (n == "tag_float32") return kF32;
   if (n == "tag_bfloat16") return kBF16;
   if (n == "tag_float16") return kF16;
@@ -91,61 +94,20 @@ EMU_API int emu_norm_backward(const void* grad, const void* x, const void* out, 
 
 // ---- fused optimizer steps ------------------------------------------------------------------
 
-EMU_API int emu_sgd(const void* entries, const void* chunks, int64_t num_chunks, int param_tag,
-                    int teacher_tag, float lr, float momentum, float dampening, float weight_decay,
-                    float sign, float teacher_momentum, int nesterov, const float* lr_ptr,
-                    const float* teacher_momentum_ptr) {
-  SgdHyper h{};
-  h.lr = lr;
-  h.momentum = momentum;
-  h.dampening = dampening;
-  h.weight_decay = weight_decay;
-  h.sign = sign;
-  h.teacher_momentum = teacher_momentum;
-  h.nesterov = nesterov != 0;
-  h.lr_ptr = lr_ptr;
-  h.teacher_momentum_ptr = teacher_momentum_ptr;
-  return launch_sgd_ema(static_cast<const OptimEntry*>(entries),
-                        static_cast<const TensorChunk*>(chunks), num_chunks,
-                        static_cast<FloatTag>(param_tag), static_cast<FloatTag>(teacher_tag), h,
-                        nullptr);
-}
-
-EMU_API int emu_adamw(const void* entries, const void* chunks, int64_t num_chunks, int param_tag,
-                      int teacher_tag, float lr, double beta1, double beta2, float eps,
-                      float weight_decay, float sign, float teacher_momentum, const float* lr_ptr,
-                      const float* teacher_momentum_ptr) {
-  AdamWHyper h{};
-  h.lr = lr;
-  h.beta1 = beta1;
-  h.beta2 = beta2;
-  h.eps = eps;
-  h.weight_decay = weight_decay;
-  h.sign = sign;
-  h.teacher_momentum = teacher_momentum;
-  h.lr_ptr = lr_ptr;
-  h.teacher_momentum_ptr = teacher_momentum_ptr;
-  return launch_adamw_ema(static_cast<const OptimEntry*>(entries),
+// One launch of the step op's kernels (optim/cuda.h: launch_optim_ema). values: the op's `hyper`
+// list (optim/hyper.h's order, `count` of them); device: null, or `count` float32 device
+// addresses, null where the host value holds (capturable hyper-parameters).
+EMU_API int emu_optim(int optimizer, const void* entries, const void* chunks, int64_t num_chunks,
+                      int param_tag, int teacher_tag, const double* values,
+                      const float* const* device, int64_t count, double* partials) {
+  if (count < 0 || count > kMaxHyper) return -1;
+  HyperArgs h{};
+  for (int64_t k = 0; k < count; ++k) {
+    h.value[k] = values[k];
+    h.device[k] = device != nullptr ? device[k] : nullptr;
+  }
+  return launch_optim_ema(static_cast<Optimizer>(optimizer), static_cast<const OptimEntry*>(entries),
                           static_cast<const TensorChunk*>(chunks), num_chunks,
                           static_cast<FloatTag>(param_tag), static_cast<FloatTag>(teacher_tag), h,
-                          nullptr);
-}
-
-EMU_API int emu_lars(const void* entries, const void* chunks, int64_t num_chunks, int param_tag,
-                     int teacher_tag, float lr, float momentum, float weight_decay,
-                     float trust_coefficient, float sign, float teacher_momentum,
-                     const float* lr_ptr, const float* teacher_momentum_ptr, double* partials) {
-  LarsHyper h{};
-  h.lr = lr;
-  h.momentum = momentum;
-  h.weight_decay = weight_decay;
-  h.trust_coefficient = trust_coefficient;
-  h.sign = sign;
-  h.teacher_momentum = teacher_momentum;
-  h.lr_ptr = lr_ptr;
-  h.teacher_momentum_ptr = teacher_momentum_ptr;
-  return launch_lars_ema(static_cast<const OptimEntry*>(entries),
-                         static_cast<const TensorChunk*>(chunks), num_chunks,
-                         static_cast<FloatTag>(param_tag), static_cast<FloatTag>(teacher_tag), h,
-                         partials, nullptr);
+                          partials, nullptr);
 }

@@ -9,7 +9,7 @@ a read of it yields NaN. `offset` places the buffer that many bytes past a 16-by
 from __future__ import annotations
 
 import ctypes
-from ctypes import c_double, c_float, c_int, c_int64, c_size_t, c_uint, c_uint64, c_void_p
+from ctypes import c_double, c_int, c_int64, c_size_t, c_uint, c_uint64, c_void_p
 from pathlib import Path
 
 import torch
@@ -36,12 +36,7 @@ _SIGNATURES = {
                                  c_int64]),
     "emu_norm_backward": (c_int, [P, P, P, P, P, P, P, P, c_double, c_int, c_int64, c_int64,
                                   c_int64, P, P, P]),
-    "emu_sgd": (c_int, [P, P, c_int64, c_int, c_int, c_float, c_float, c_float, c_float, c_float,
-                        c_float, c_int, P, P]),
-    "emu_adamw": (c_int, [P, P, c_int64, c_int, c_int, c_float, c_double, c_double, c_float,
-                          c_float, c_float, c_float, P, P]),
-    "emu_lars": (c_int, [P, P, c_int64, c_int, c_int, c_float, c_float, c_float, c_float,
-                         c_float, c_float, P, P, P]),
+    "emu_optim": (c_int, [c_int, P, P, c_int64, c_int, c_int, P, P, c_int64, P]),
     "emu_self_neighbour": (c_int, [P, c_int, c_int]),
     "emu_self_warp_sum": (c_int, [P, P, c_int]),
     "emu_self_write": (c_int, [P, c_int, c_int]),
