@@ -71,6 +71,15 @@ def _compiler_version() -> str:
         raise EmulatorUnavailable(f"no C++ compiler ({CXX}): {e}") from e
 
 
+def _rel(p: Path) -> Path:
+    """`p` relative to the source tree, or (the harness's own files, when tests/ is a copy
+    outside that tree) relative to the tests' parent folder."""
+    try:
+        return p.relative_to(ROOT)
+    except ValueError:
+        return p.relative_to(HERE.parents[1])
+
+
 def _key(inc: Path) -> str:
     h = hashlib.sha256()
     h.update(_compiler_version().encode())
@@ -78,7 +87,7 @@ def _key(inc: Path) -> str:
     files = sorted(CSRC.glob("**/*")) + sorted(HERE.glob("*.[ch]*"))
     for p in files:
         if p.is_file() and p.suffix in {".cu", ".cuh", ".h", ".hpp", ".cpp", ".inc"}:
-            h.update(str(p.relative_to(ROOT)).encode())
+            h.update(str(_rel(p)).encode())
             h.update(p.read_bytes())
     return h.hexdigest()[:16]
 
@@ -91,7 +100,7 @@ def _run(cmd: list[str], cwd: Path) -> None:
 
 def _object_name(src: Path) -> str:
     # csrc/cuda/ema.cu -> csrc__cuda__ema.cu.o: unique however the tree is laid out
-    return "__".join(src.relative_to(ROOT).parts) + ".o"
+    return "__".join(_rel(src).parts) + ".o"
 
 
 def build() -> Path:

@@ -4,7 +4,7 @@
 // Compiled only for the emulator (with cuda_emu.h), never by nvcc.
 #include <cstdint>
 
-#include "../../csrc/common/launch.cuh"
+#include "common/launch.cuh"  // csrc/ is on the include path (build.py)
 
 namespace {
 
