@@ -142,3 +142,103 @@ def lars_you2017_step_(params: Sequence[torch.Tensor], momentum_buffers: dict, l
                     buf.mul_(momentum).add_(d, alpha=1.0 - dampening)
                 d = d.add(buf, alpha=momentum) if nesterov else buf
             p.sub_(d)
+
+
+# ---- Post-hoc EMA: the power-function EMA of EDM2 ------------------------------------------
+# Karras, Aittala, Lehtinen, Hellsten, Aila, Laine: "Analyzing and Improving the Training
+# Dynamics of Diffusion Models", CVPR 2024 (arXiv:2312.02696), Sec. 3.1 and Appendix C.
+# Formulas only, transcribed from the paper; equation numbers as in that paper.
+#
+# Eq. 1:  theta_hat_gamma(t) = (gamma + 1) / t^(gamma + 1) * integral_0^t tau^gamma theta(tau) dtau
+#         (the averaging profile p(tau; t, gamma) = (gamma + 1) tau^gamma / t^(gamma + 1), 0<tau<t)
+# Eq. 2:  theta_hat(t) = beta_gamma(t) theta_hat(t - 1) + (1 - beta_gamma(t)) theta(t),
+#         beta_gamma(t) = (1 - 1/t)^(gamma + 1)           (t = 1 at the first update: a copy)
+# Eq. 3:  sigma_rel = (gamma + 1)^(1/2) (gamma + 2)^(-1) (gamma + 3)^(-1/2)
+# With the discrete update of Eq. 2, the weight of theta(tau) in theta_hat(t) is
+# (tau^(gamma+1) - (tau-1)^(gamma+1)) / t^(gamma+1) = integral_{tau-1}^{tau} p(u; t, gamma) du:
+# the discrete EMA is exactly the continuous profile of Eq. 1 over a piecewise-constant
+# theta, which is why the least-squares fit below (App. C) can work in the continuous form.
+
+SIGMA_REL_MAX = 12 ** -0.5  # Eq. 3 at gamma = 0 (a uniform average); gamma > 0 gives less
+
+
+def gamma_to_sigma_rel(gamma: float) -> float:
+    """Eq. 3."""
+    g = float(gamma)
+    return (g + 1) ** 0.5 / ((g + 2) * (g + 3) ** 0.5)
+
+
+def sigma_rel_to_gamma(sigma_rel: float) -> float:
+    """Eq. 3 solved for gamma: squaring gives the cubic
+    gamma^3 + 7 gamma^2 + (16 - sigma_rel^-2) gamma + (12 - sigma_rel^-2) = 0,
+    whose largest real root is the (only) gamma > 0 for 0 < sigma_rel < 12^-1/2."""
+    import numpy as np
+
+    s = float(sigma_rel)
+    if not (0.0 < s < SIGMA_REL_MAX):
+        raise ValueError(f"sigma_rel must be in (0, {SIGMA_REL_MAX:.6f}) (12^-1/2, a uniform "
+                         f"average, is the widest power-function EMA), got {sigma_rel}")
+    inv = s ** -2
+    roots = np.roots([1.0, 7.0, 16.0 - inv, 12.0 - inv])
+    gamma = float(max(r.real for r in roots if abs(r.imag) < 1e-9))
+    # one Newton step on Eq. 3 itself polishes what the polynomial root finder left
+    for _ in range(3):
+        f = gamma_to_sigma_rel(gamma) - s
+        h = 1e-6 * max(1.0, gamma)
+        d = (gamma_to_sigma_rel(gamma + h) - gamma_to_sigma_rel(gamma - h)) / (2 * h)
+        gamma -= f / d
+    return gamma
+
+
+def power_beta(t: int, gamma: float) -> float:
+    """Eq. 2's coefficient beta_gamma(t) = (1 - 1/t)^(gamma + 1), t >= 1 (in double)."""
+    if t < 1:
+        raise ValueError(f"t counts updates from 1, got {t}")
+    return (1.0 - 1.0 / t) ** (gamma + 1.0)
+
+
+def posthoc_ema_update_(profiles: Sequence[Sequence[torch.Tensor]], student: Sequence[torch.Tensor],
+                        t: int, gammas: Sequence[float]) -> None:
+    """Eq. 2 for every profile k (gamma_k), update number t: K separate EMA updates."""
+    for prof, g in zip(profiles, gammas, strict=True):
+        ema_update_(prof, student, power_beta(t, g))
+
+
+def _log_inner(t_a: float, g_a: float, t_b: float, g_b: float) -> float:
+    # App. C: <p_a, p_b> = integral_0^min(t_a,t_b) p(tau; t_a, g_a) p(tau; t_b, g_b) dtau
+    #       = (g_a+1)(g_b+1) min^(g_a+g_b+1) / ((g_a+g_b+1) t_a^(g_a+1) t_b^(g_b+1)),
+    # in logs: t^(gamma+1) overflows double for long runs and sharp profiles.
+    import math
+
+    m = min(t_a, t_b)
+    return (math.log((g_a + 1) * (g_b + 1) / (g_a + g_b + 1)) + (g_a + g_b + 1) * math.log(m)
+            - (g_a + 1) * math.log(t_a) - (g_b + 1) * math.log(t_b))
+
+
+def posthoc_coefficients(snapshot_steps: Sequence[int], snapshot_gammas: Sequence[float],
+                         t_r: float, gamma_r: float):
+    """App. C: the weights x of the snapshot profiles p_i (step t_i, exponent gamma_i) whose sum
+    is closest in L2 to the requested profile p_r (t_r, gamma_r): A x = b with
+    A_ij = <p_i, p_j>, b_i = <p_i, p_r>, solved by least squares (A is often ill-conditioned).
+    Returns (x, relative residual ||p_r - sum_i x_i p_i|| / ||p_r||)."""
+    import math
+
+    import numpy as np
+
+    ts = [float(t) for t in snapshot_steps]
+    gs = [float(g) for g in snapshot_gammas]
+    n = len(ts)
+    # times in units of the latest one keep every power in range
+    scale = max(ts + [float(t_r)])
+    ts = [t / scale for t in ts]
+    tr = float(t_r) / scale
+    a = np.empty((n, n))
+    b = np.empty(n)
+    for i in range(n):
+        b[i] = math.exp(_log_inner(ts[i], gs[i], tr, gamma_r))
+        for j in range(n):
+            a[i, j] = math.exp(_log_inner(ts[i], gs[i], ts[j], gs[j]))
+    x = np.linalg.lstsq(a, b, rcond=None)[0]
+    rr = math.exp(_log_inner(tr, gamma_r, tr, gamma_r))
+    err2 = rr - 2 * float(x @ b) + float(x @ a @ x)
+    return x, math.sqrt(max(err2, 0.0) / rr)

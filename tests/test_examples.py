@@ -20,6 +20,13 @@ def test_example_check_mode(script):
     assert "== reference" in run.stdout, run.stdout
 
 
+def test_posthoc_example_check_mode():
+    run = subprocess.run([sys.executable, str(ROOT / "examples" / "posthoc_ema.py"), "--check"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert "fused profiles == reference profiles" in run.stdout, run.stdout
+
+
 def test_reference_check_fails_on_a_wrong_teacher():
     import eman_fused
     from digits import ReferenceCheck

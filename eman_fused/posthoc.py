@@ -1,0 +1,222 @@
+"""PostHocEMA: EDM2's post-hoc EMA (Karras et al., CVPR 2024). K power-function EMA profiles
+follow the model, updated in one fused pass (torch.ops.eman_fused.posthoc_ema_update_: the
+student read once, each profile read and written once); every `snapshot_every` updates each
+profile is stored (CPU memory, or one torch.load-able file per snapshot in `snapshot_dir`);
+after training, `reconstruct(sigma_rel)` returns the EMA of any relative width as the
+least-squares combination of the snapshots (eman_fused.reference.posthoc_coefficients).
+
+Memory: K profile copies of the model on its device (in `profile_dtype`); each snapshot holds
+K copies more, on the CPU or on disk (K * model bytes per file), so a run with S snapshots
+stores S * K * model bytes.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from . import reference
+from .ops.posthoc import posthoc_ema_update_
+from .teacher import named_tensors, unwrap
+
+_SNAPSHOT_FORMAT = "posthoc-{step:010d}.pt"
+
+
+class PostHocEMA:
+    """K EDM2 power-function EMA profiles of `model`, snapshots, and reconstruction.
+
+    sigma_rels: the profiles' relative widths (EDM2 Eq. 3; gamma derived from each).
+    snapshot_every: store every profile each N updates (None: never; reconstruct then has
+        nothing to work from). snapshot_dir: a folder for the snapshot files (None: CPU memory).
+    profile_dtype: dtype of the floating profiles (default: each tensor's own dtype).
+    max_residual: reconstruct() refuses a request whose best least-squares fit leaves more
+        than this relative L2 error in the averaging profile (outside what the snapshots express).
+    backend: 'auto', 'cpu', 'cuda' or 'reference' (eman_fused.ops.posthoc_ema_update_).
+
+    Parameters and buffers are matched by name (wrappers such as DDP and torch.compile
+    removed): floating ones are averaged, integer ones (num_batches_tracked) copied.
+    Call update() after each optimizer step; t counts updates, 1 at the first, which copies
+    the model (beta_1 = 0).
+    """
+
+    def __init__(self, model: nn.Module, sigma_rels: Sequence[float] = (0.05, 0.10),
+                 snapshot_every: int | None = None, snapshot_dir: str | os.PathLike | None = None,
+                 *, profile_dtype: torch.dtype | None = None, max_residual: float = 0.05,
+                 backend: str = "auto"):
+        if not sigma_rels:
+            raise ValueError("PostHocEMA needs at least one sigma_rel")
+        if snapshot_every is not None and (not isinstance(snapshot_every, int) or snapshot_every < 1):
+            raise ValueError(f"snapshot_every must be a positive int or None, got {snapshot_every!r}")
+        if profile_dtype is not None and not profile_dtype.is_floating_point:
+            raise ValueError(f"profile_dtype must be a floating dtype, got {profile_dtype}")
+        self.sigma_rels = [float(s) for s in sigma_rels]
+        self.gammas = [reference.sigma_rel_to_gamma(s) for s in self.sigma_rels]
+        self.snapshot_every = snapshot_every
+        self.snapshot_dir = Path(snapshot_dir) if snapshot_dir is not None else None
+        self.max_residual = float(max_residual)
+        self.backend = backend
+        self._model = model
+        named = named_tensors(model)
+        self._names = list(named)
+        self._state_keys = set(unwrap(model).state_dict().keys())
+        self.profiles: list[dict[str, torch.Tensor]] = []
+        for _ in self.gammas:
+            prof = {}
+            for name, (t, _is_buffer) in named.items():
+                dtype = profile_dtype if (profile_dtype is not None and t.is_floating_point()) else t.dtype
+                prof[name] = t.detach().to(dtype=dtype, copy=True).requires_grad_(False)
+            self.profiles.append(prof)
+        device = next(iter(named.values()))[0].device if named else torch.device("cpu")
+        self.step = torch.zeros((), dtype=torch.int64, device=device)  # updates done, on the device
+        self._num_updates = 0  # its host mirror: snapshot times without reading the device
+        self.snapshots: list[dict] = []  # in-memory snapshots (snapshot_dir None)
+        if self.snapshot_dir is not None:
+            self.snapshot_dir.mkdir(parents=True, exist_ok=True)
+
+    # -- training ---------------------------------------------------------------------------
+    def _student(self) -> list[torch.Tensor]:
+        named = named_tensors(self._model)
+        if list(named) != self._names:
+            missing = sorted(set(self._names) - set(named))
+            extra = sorted(set(named) - set(self._names))
+            raise RuntimeError(f"PostHocEMA: the model's parameters and buffers changed since "
+                               f"construction (missing: {missing[:5]}, new: {extra[:5]})")
+        return [t.detach() for t, _ in named.values()]
+
+    @torch.no_grad()
+    def update(self) -> None:
+        """One update of every profile (one fused pass), then a snapshot when due."""
+        student = self._student()
+        lists = [[p[n] for n in self._names] for p in self.profiles]
+        posthoc_ema_update_(lists, student, self.step, self.gammas, backend=self.backend)
+        self._num_updates += 1
+        if self.snapshot_every is not None and self._num_updates % self.snapshot_every == 0:
+            self.snapshot()
+
+    @property
+    def num_updates(self) -> int:
+        return self._num_updates
+
+    def profile_state_dict(self, k: int) -> dict[str, torch.Tensor]:
+        """Profile k's current weights under the plain model's state_dict keys."""
+        prof = self.profiles[k]
+        return {n: prof[n] for n in self._names if n in self._state_keys}
+
+    # -- snapshots --------------------------------------------------------------------------
+    def snapshot(self) -> dict | Path:
+        """Store every profile now (CPU copies; a file in snapshot_dir when given)."""
+        snap = {"step": self._num_updates, "gammas": list(self.gammas),
+                "sigma_rels": list(self.sigma_rels),
+                "profiles": [{n: t.detach().to("cpu", copy=True) for n, t in
+                              self.profile_state_dict(k).items()} for k in range(len(self.gammas))]}
+        if self.snapshot_dir is None:
+            self.snapshots.append(snap)
+            return snap
+        path = self.snapshot_dir / _SNAPSHOT_FORMAT.format(step=self._num_updates)
+        tmp = path.with_suffix(".tmp")
+        torch.save(snap, tmp)
+        os.replace(tmp, path)  # a crash mid-write leaves no truncated snapshot behind
+        return path
+
+    def _snapshot_index(self) -> list[tuple[int, object]]:
+        """(step, snapshot or path) in step order."""
+        if self.snapshot_dir is None:
+            return [(s["step"], s) for s in self.snapshots]
+        out = []
+        for p in self.snapshot_dir.glob("posthoc-*.pt"):
+            out.append((int(p.stem.split("-")[1]), p))
+        return sorted(out, key=lambda x: x[0])
+
+    @staticmethod
+    def _load(item) -> dict:
+        return item if isinstance(item, dict) else torch.load(item, map_location="cpu", weights_only=True)
+
+    # -- reconstruction ---------------------------------------------------------------------
+    def coefficients(self, sigma_rel: float, step: int | None = None):
+        """The least-squares weights (one per snapshot profile), the residual, and what they
+        apply to: (weights [n_snapshots x K], residual, snapshot list)."""
+        gamma_r = reference.sigma_rel_to_gamma(sigma_rel)
+        index = self._snapshot_index()
+        if not index:
+            raise ValueError("PostHocEMA.reconstruct: there are no snapshots (set snapshot_every)")
+        last = index[-1][0]
+        t_r = last if step is None else int(step)
+        if t_r > last:
+            raise ValueError(f"PostHocEMA.reconstruct: step {t_r} is after the last snapshot "
+                             f"({last}); the snapshots know nothing later")
+        index = [(s, item) for s, item in index if s <= t_r]
+        if not index:
+            raise ValueError(f"PostHocEMA.reconstruct: no snapshot at or before step {t_r}")
+        gammas = self.gammas
+        steps = [s for s, _ in index for _ in gammas]
+        gs = [g for _ in index for g in gammas]
+        x, residual = reference.posthoc_coefficients(steps, gs, t_r, gamma_r)
+        if residual > self.max_residual:
+            raise ValueError(
+                f"PostHocEMA.reconstruct: sigma_rel={sigma_rel} at step {t_r} is outside what the "
+                f"snapshots express: the best fit leaves a relative L2 error of {residual:.3g} in "
+                f"the averaging profile (max_residual={self.max_residual}); profiles sigma_rel="
+                f"{self.sigma_rels}, {len(index)} snapshots at steps {index[0][0]}..{index[-1][0]}")
+        return x.reshape(len(index), len(gammas)), residual, index
+
+    @torch.no_grad()
+    def reconstruct(self, sigma_rel: float, step: int | None = None) -> dict[str, torch.Tensor]:
+        """The EMA of relative width sigma_rel at `step` (default: the last snapshot), as a plain
+        state_dict (the model's keys and dtypes, on the CPU) from the stored snapshots. Snapshots
+        on disk are read one at a time. Integer buffers come from the latest snapshot used."""
+        x, _, index = self.coefficients(sigma_rel, step)
+        model_sd = unwrap(self._model).state_dict()
+        acc: dict[str, torch.Tensor] = {}
+        ints: dict[str, torch.Tensor] = {}
+        for i, (_, item) in enumerate(index):
+            snap = self._load(item)
+            for k, prof in enumerate(snap["profiles"]):
+                w = float(x[i, k])
+                for n, t in prof.items():
+                    if t.is_floating_point():
+                        if n not in acc:
+                            acc[n] = torch.zeros(t.shape, dtype=torch.float64)
+                        acc[n].add_(t.to(torch.float64), alpha=w)
+                    elif k == 0:
+                        ints[n] = t.clone()
+        out = {}
+        for n in model_sd:
+            if n in acc:
+                out[n] = acc[n].to(model_sd[n].dtype)
+            elif n in ints:
+                out[n] = ints[n]
+        return out
+
+    # -- resume -----------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        return {"num_updates": self._num_updates, "gammas": list(self.gammas),
+                "sigma_rels": list(self.sigma_rels), "snapshot_every": self.snapshot_every,
+                "profiles": [{n: t.detach().clone() for n, t in p.items()} for p in self.profiles],
+                "snapshots": list(self.snapshots),
+                "snapshot_dir": None if self.snapshot_dir is None else str(self.snapshot_dir)}
+
+    @torch.no_grad()
+    def load_state_dict(self, state: dict) -> None:
+        if [float(g) for g in state["gammas"]] != self.gammas:
+            raise ValueError(f"PostHocEMA.load_state_dict: the state has gammas {state['gammas']}, "
+                             f"this object {self.gammas} (built with other sigma_rels)")
+        if len(state["profiles"]) != len(self.profiles):
+            raise ValueError("PostHocEMA.load_state_dict: number of profiles differs")
+        for mine, theirs in zip(self.profiles, state["profiles"]):
+            if set(mine) != set(theirs):
+                raise ValueError("PostHocEMA.load_state_dict: the profiles' tensor names differ "
+                                 f"(missing: {sorted(set(mine) - set(theirs))[:5]}, "
+                                 f"unexpected: {sorted(set(theirs) - set(mine))[:5]})")
+            for n, t in theirs.items():
+                if mine[n].shape != t.shape or mine[n].dtype != t.dtype:
+                    raise ValueError(f"PostHocEMA.load_state_dict: {n} is {t.dtype}{tuple(t.shape)} "
+                                     f"in the state, {mine[n].dtype}{tuple(mine[n].shape)} here")
+        for mine, theirs in zip(self.profiles, state["profiles"]):
+            for n, t in theirs.items():
+                mine[n].copy_(t)
+        self._num_updates = int(state["num_updates"])
+        self.step.fill_(self._num_updates)
+        self.snapshots = list(state.get("snapshots", []))
