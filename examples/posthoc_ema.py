@@ -11,12 +11,15 @@ from __future__ import annotations
 import argparse
 import copy
 import math
+import sys
 import tempfile
+from pathlib import Path
 
 import torch
 from torch import nn
 
-import eman_fused
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import eman_fused  # noqa: E402
 
 REQUESTED = (0.03, 0.15)
 
