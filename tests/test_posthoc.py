@@ -52,7 +52,7 @@ def test_fused_update_vs_eager_transcription_1000_steps(pair, k):
     fused, student = _lists(pair, k)
     eager = [[t.clone() for t in p] for p in fused]
     separate = [[t.clone() for t in p] for p in fused]  # K ema_update_ calls per step
-    truth = [[t.double() if t.is_floating_point() else t.clone() for t in p] for p in fused]
+    truth = [[t.to(torch.float64, copy=True) if t.is_floating_point() else t.clone() for t in p] for p in fused]
     step = torch.zeros((), dtype=torch.int64)
     g = torch.Generator().manual_seed(1)
     for t in range(1, 1001):
@@ -303,3 +303,4 @@ def test_load_state_dict_refuses_other_profiles():
     b = PostHocEMA(model, sigma_rels=(0.05, 0.12))
     with pytest.raises(ValueError, match="gammas"):
         b.load_state_dict(a.state_dict())
+
