@@ -18,6 +18,7 @@
 #include "optim/hyper.h"
 #include "optim/layout.h"
 #include "optim/math.h"
+#include "posthoc/layout.h"
 
 namespace {
 
@@ -162,7 +163,13 @@ PyObject* table_layout(PyObject* /*self*/, PyObject* /*args*/) {
   py::dict chunk_fields;  // common/multi_tensor.h's TensorChunk, shared by both tables
   EMAN_FUSED_FIELD(chunk_fields, TensorChunk, tensor);
   EMAN_FUSED_FIELD(chunk_fields, TensorChunk, start);
-  py::dict ema, optim, out;
+  py::dict posthoc_fields;
+  EMAN_FUSED_FIELD(posthoc_fields, PosthocTensorEntry, student);
+  EMAN_FUSED_FIELD(posthoc_fields, PosthocTensorEntry, numel);
+  EMAN_FUSED_FIELD(posthoc_fields, PosthocTensorEntry, kind);
+  EMAN_FUSED_FIELD(posthoc_fields, PosthocTensorEntry, num_profiles);
+  EMAN_FUSED_FIELD(posthoc_fields, PosthocTensorEntry, profiles);
+  py::dict ema, optim, posthoc, out;
   ema["chunk_elems"] = kEmaChunkElems, ema["entry_words"] = kEmaEntryWords;
   ema["chunk_words"] = kChunkWords, ema["kind_copy_bytes"] = kKindCopyBytes;
   ema["num_float_tags"] = kNumFloatTags, ema["fields"] = ema_fields;
@@ -173,7 +180,10 @@ PyObject* table_layout(PyObject* /*self*/, PyObject* /*args*/) {
   optim["chunk_fields"] = chunk_fields;
   optim["scalar_words"] = kOptimScalarWords, optim["scalars"] = scalars;
   optim["hyper"] = hyper, optim["optimizers"] = optimizers;
-  out["float_tags"] = tags, out["ema"] = ema, out["optim"] = optim;
+  posthoc["chunk_elems"] = kPosthocChunkElems, posthoc["entry_words"] = kPosthocEntryWords;
+  posthoc["chunk_words"] = kChunkWords, posthoc["kind_copy_bytes"] = kKindCopyBytes;
+  posthoc["max_profiles"] = kMaxPosthocProfiles, posthoc["fields"] = posthoc_fields;
+  out["float_tags"] = tags, out["ema"] = ema, out["optim"] = optim, out["posthoc"] = posthoc;
   return out.release().ptr();
   END_HANDLE_TH_ERRORS
 }

@@ -10,6 +10,7 @@
 
 #include "common/convert.cuh"
 #include "common/dtype.h"
+#include "common/launch.cuh"
 #include "posthoc/cuda.h"
 
 namespace eman_fused {
@@ -22,10 +23,12 @@ struct alignas(16) Pack {
   T v[N];
 };
 
-// The EMA update's expression (ema/cuda.cu), so a profile gets the bits ema_update_ gives.
+// The EMA update's expression (ema/cuda.cu: torch.lerp's two forms, t + w(s - t), or
+// s - (s - t)v with v = 1 - w for w >= 1/2), so a profile gets the bits ema_update_ gives.
 template <typename TT, typename ST, typename Acc>
-__device__ __forceinline__ TT combine(TT t, ST s, Acc m, Acc w, bool copy) {
-  return copy ? from_acc<TT>(to_acc<Acc>(s)) : from_acc<TT>(m * to_acc<Acc>(t) + w * to_acc<Acc>(s));
+__device__ __forceinline__ TT combine(TT t, ST s, Acc w, Acc v, bool small, bool copy) {
+  const Acc ta = to_acc<Acc>(t), sa = to_acc<Acc>(s);
+  return copy ? from_acc<TT>(sa) : from_acc<TT>(small ? ta + w * (sa - ta) : sa - (sa - ta) * v);
 }
 
 template <typename TT, typename ST>
@@ -35,12 +38,13 @@ __device__ void posthoc_chunk(const PosthocTensorEntry& e, int64_t start, int64_
   constexpr int kVec = 16 / (sizeof(TT) < sizeof(ST) ? sizeof(TT) : sizeof(ST));
   const int k = static_cast<int>(e.num_profiles);
   const ST* __restrict__ s = reinterpret_cast<const ST*>(e.student) + start;
-  Acc mm[kMaxPosthocProfiles], ww[kMaxPosthocProfiles];
-  bool copy[kMaxPosthocProfiles], skip[kMaxPosthocProfiles];
+  Acc ww[kMaxPosthocProfiles], vv[kMaxPosthocProfiles];
+  bool small[kMaxPosthocProfiles], copy[kMaxPosthocProfiles], skip[kMaxPosthocProfiles];
   uintptr_t align = reinterpret_cast<uintptr_t>(s);
   for (int j = 0; j < k; ++j) {
-    mm[j] = static_cast<Acc>(betas[j]);
     ww[j] = static_cast<Acc>(1.0 - betas[j]);
+    vv[j] = static_cast<Acc>(1) - ww[j];
+    small[j] = ww[j] < static_cast<Acc>(0.5);
     copy[j] = betas[j] == 0.0;
     skip[j] = betas[j] == 1.0;
     align |= reinterpret_cast<uintptr_t>(reinterpret_cast<TT*>(e.profiles[j]) + start);
@@ -53,7 +57,7 @@ __device__ void posthoc_chunk(const PosthocTensorEntry& e, int64_t start, int64_
       TT* t = reinterpret_cast<TT*>(e.profiles[j]) + start + i;
       Pack<TT, kVec> tv = *reinterpret_cast<const Pack<TT, kVec>*>(t);
 #pragma unroll
-      for (int q = 0; q < kVec; ++q) tv.v[q] = combine(tv.v[q], sv.v[q], mm[j], ww[j], copy[j]);
+      for (int q = 0; q < kVec; ++q) tv.v[q] = combine(tv.v[q], sv.v[q], ww[j], vv[j], small[j], copy[j]);
       *reinterpret_cast<Pack<TT, kVec>*>(t) = tv;
     }
   }
@@ -62,7 +66,7 @@ __device__ void posthoc_chunk(const PosthocTensorEntry& e, int64_t start, int64_
     for (int j = 0; j < k; ++j) {
       if (skip[j]) continue;
       TT* t = reinterpret_cast<TT*>(e.profiles[j]) + start + i;
-      *t = combine(*t, sv, mm[j], ww[j], copy[j]);
+      *t = combine(*t, sv, ww[j], vv[j], small[j], copy[j]);
     }
   }
 }
@@ -108,12 +112,12 @@ cudaError_t launch_posthoc_ema_update(const PosthocTensorEntry* entries, const T
                                       cudaStream_t stream) {
   if (num_chunks > INT32_MAX) return cudaErrorInvalidConfiguration;
   if (num_chunks > 0) {
-    posthoc_ema_kernel<<<static_cast<unsigned>(num_chunks), kThreads, 0, stream>>>(
+    EMAN_FUSED_LAUNCH(static_cast<unsigned>(num_chunks), kThreads, 0, stream, posthoc_ema_kernel)(
         entries, chunks, gammas, step);
     const cudaError_t err = cudaGetLastError();
     if (err != cudaSuccess) return err;
   }
-  advance_step_kernel<<<1, 1, 0, stream>>>(step);
+  EMAN_FUSED_LAUNCH(1, 1, 0, stream, advance_step_kernel)(step);
   return cudaGetLastError();
 }
 

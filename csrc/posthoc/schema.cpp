@@ -24,6 +24,18 @@ void posthoc_no_kernel(at::TensorList profiles, at::TensorList student, const at
 
 int64_t posthoc_plan_builds_op() { return posthoc_plan_builds(); }
 
+// Every check of a call (lists, gammas, step, grad mode), then the cached plan's table: the
+// Triton kernel and the emulated CUDA tests walk the table the C++ kernels walk.
+at::Tensor posthoc_plan(at::TensorList profiles, at::TensorList student, const at::Tensor& step,
+                        c10::ArrayRef<double> gammas) {
+  const int64_t k = check_posthoc_lists(profiles, student, gammas);
+  if (!profiles.empty()) {
+    check_posthoc_step(step, profiles[0].device());
+    check_posthoc_grad_mode(profiles);
+  }
+  return get_posthoc_plan(profiles, student, k)->table;
+}
+
 constexpr char kPosthocName[] = "eman_fused::posthoc_ema_update_";
 using PosthocSig = void(at::TensorList, at::TensorList, const at::Tensor&, c10::ArrayRef<double>);
 
@@ -42,6 +54,8 @@ TORCH_LIBRARY_FRAGMENT(eman_fused, m) {
   m.impl("posthoc_ema_update_", c10::DispatchKey::Autograd,
          &BelowAutograd<kPosthocName, kDefaultOverload, PosthocSig>::call);
   m.def("_posthoc_plan_builds() -> int", &posthoc_plan_builds_op);
+  m.def("posthoc_plan(Tensor[] profiles, Tensor[] student, Tensor step, float[] gammas) -> Tensor");
+  m.impl("posthoc_plan", c10::DispatchKey::CompositeExplicitAutograd, &posthoc_plan);
 }
 
 }  // namespace eman_fused

@@ -1,4 +1,5 @@
 """The memory layouts the kernels walk: the multi-tensor table layouts (csrc/common/multi_tensor.h, csrc/ema/layout.h,
+csrc/posthoc/layout.h,
 csrc/optim/layout.h) as Python reads them: taken from the C++ structs at import
 (`_C.table_layout()`), so the Triton kernels and the fake kernels cannot drift from the C++
 kernels. Also the tables' sizes from shapes alone (for fake tensors: a compiled graph knows its
@@ -20,6 +21,8 @@ if _LAYOUT is not None:
     # chunk_elems, entry_words, chunk_words, flag_first, flag_adapt, fields, chunk_fields, and the
     # step op's: optimizers (enum values), hyper (names in order), scalars (offsets), scalar_words
     OPTIM = _LAYOUT["optim"]
+    # chunk_elems, entry_words, chunk_words, kind_copy_bytes, max_profiles, fields
+    POSTHOC = _LAYOUT["posthoc"]
 
 
 def plan_counts(teacher: Sequence[torch.Tensor]) -> tuple[int, int]:
@@ -37,6 +40,23 @@ def plan_counts(teacher: Sequence[torch.Tensor]) -> tuple[int, int]:
 def ema_table_words(teacher: Sequence[torch.Tensor]) -> int:
     entries, chunks = plan_counts(teacher)
     return entries * EMA["entry_words"] + chunks * EMA["chunk_words"]
+
+
+def posthoc_counts(student: Sequence[torch.Tensor]) -> tuple[int, int]:
+    """(tensor entries, chunks) of the post-hoc EMA plan: one entry per non-empty student
+    tensor (holding all K profiles); integer tensors chunked in bytes (copied as bytes)."""
+    entries = chunks = 0
+    for s in student:
+        units = s.numel() if s.is_floating_point() else s.numel() * s.element_size()
+        if units:
+            entries += 1
+            chunks += math.ceil(units / POSTHOC["chunk_elems"])
+    return entries, chunks
+
+
+def posthoc_table_words(student: Sequence[torch.Tensor]) -> int:
+    entries, chunks = posthoc_counts(student)
+    return entries * POSTHOC["entry_words"] + chunks * POSTHOC["chunk_words"]
 
 
 def optim_counts(params: Sequence[torch.Tensor]) -> tuple[int, int]:

@@ -20,6 +20,9 @@ EMU_API int64_t emu_layout(const char* name) {
   if (n == "ema_chunk_elems") return kEmaChunkElems;
   if (n == "chunk_words") return kChunkWords;
   if (n == "optim_entry_words") return kOptimEntryWords;
+  if (n == "posthoc_entry_words") return kPosthocEntryWords;
+  if (n == "posthoc_chunk_elems") return kPosthocChunkElems;
+  if (n == "posthoc_max_profiles") return kMaxPosthocProfiles;
   if (n == "optim_chunk_elems") return kOptimChunkElems;
   if (n == "optim_scalar_words") return kOptimScalarWords;
   if (n == "optim_max_hyper") return kMaxHyper;
@@ -43,6 +46,20 @@ EMU_API int emu_ema_update(const void* entries, const void* chunks, int64_t num_
   return launch_ema_update(static_cast<const EmaTensorEntry*>(entries),
                            static_cast<const TensorChunk*>(chunks), num_chunks, momentum,
                            momentum_ptr, momentum_is_double != 0, nullptr);
+}
+
+// ---- post-hoc EMA (K power-function profiles) -----------------------------------------------
+
+// gammas: `count` doubles, 1 <= count <= kMaxPosthocProfiles (the host op checks it before a
+// launch); step: device int64, read by the kernel, then advanced by the launcher.
+EMU_API int emu_posthoc_update(const void* entries, const void* chunks, int64_t num_chunks,
+                               const double* gammas, int64_t count, void* step) {
+  PosthocGammas g{};
+  g.count = count;
+  for (int64_t j = 0; j < count; ++j) g.gamma[j] = gammas[j];
+  return launch_posthoc_ema_update(static_cast<const PosthocTensorEntry*>(entries),
+                                   static_cast<const TensorChunk*>(chunks), num_chunks, g,
+                                   static_cast<int64_t*>(step), nullptr);
 }
 
 // ---- eman_norm ------------------------------------------------------------------------------

@@ -31,6 +31,7 @@ _SIGNATURES = {
     "emu_layout": (c_int64, [ctypes.c_char_p]),
     "emu_optim_set_step": (None, [P, c_int64, P]),
     "emu_ema_update": (c_int, [P, P, c_int64, c_double, P, c_int]),
+    "emu_posthoc_update": (c_int, [P, P, c_int64, P, c_int64, P]),
     "emu_norm_backward_workspace": (c_int64, [c_int64, c_int64, c_int64]),
     "emu_norm_forward": (c_int, [P, P, P, P, P, P, P, c_double, c_int, c_int, c_int64, c_int64,
                                  c_int64]),
