@@ -17,6 +17,7 @@ from pathlib import Path
 from eman_fused.bench.ema import markdown
 from eman_fused.bench.norm import markdown as norm_markdown
 from eman_fused.bench.optim import markdown as optim_markdown
+from eman_fused.bench.posthoc import markdown as posthoc_markdown
 from eman_fused.bench.teacher import markdown as teacher_markdown
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -35,6 +36,9 @@ def render(results_dir: Path = ROOT / "benchmarks" / "results") -> str:
         where = f"**{kind}** (`{path.relative_to(ROOT)}`): "
         if data.get("op") == "optim":  # benchmarks/bench_optim.py
             blocks[kind].append(where + optim_markdown(data))
+            continue
+        if data.get("op") == "posthoc":  # benchmarks/bench_posthoc.py
+            blocks[kind].append(where + posthoc_markdown(data))
             continue
         if data.get("op") == "teacher":  # benchmarks/bench_teacher.py
             blocks[kind].append(where + teacher_markdown(data))

@@ -127,7 +127,7 @@ def main(argv=None) -> dict:
     args = ap.parse_args(argv)
     device = torch.device(args.device)
     prepare(device)
-    result = {"environment": environment(device), "cases": [],
+    result = {"op": "posthoc", "environment": environment(device), "cases": [],
               "load": "load average %.2f, %.2f, %.2f" % os.getloadavg()}
     biggest = 0
     for spec in args.model.split(","):
