@@ -19,6 +19,7 @@ if _backends._AVAILABLE["triton"]:
     from ..triton import ema as _triton_ema  # noqa: F401  (registers the Triton ops)
     from ..triton import norm as _triton_norm  # noqa: F401
     from ..triton import optim as _triton_optim  # noqa: F401
+    from ..triton import posthoc as _triton_posthoc  # noqa: F401
 
 __all__ = ["FusedEMA", "NORM_BACKENDS", "POSTHOC_BACKENDS", "ema_plan", "ema_update_", "eman_norm",
            "posthoc_ema_update_"]

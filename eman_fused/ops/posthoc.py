@@ -8,10 +8,11 @@ from typing import Sequence
 import torch
 
 from .. import _backends, reference
+from .layout import posthoc_table_words
 
 _ops = torch.ops.eman_fused if _backends._C_ERROR is None else None
 
-POSTHOC_BACKENDS = ("cpu", "cuda", "reference")
+POSTHOC_BACKENDS = ("cpu", "cuda", "triton", "reference")
 
 
 def posthoc_ema_update_(profiles: Sequence[Sequence[torch.Tensor]], student: Sequence[torch.Tensor],
@@ -24,7 +25,8 @@ def posthoc_ema_update_(profiles: Sequence[Sequence[torch.Tensor]], student: Seq
     the student, as ema_update_; the K copies of one tensor share a dtype). step: a 0-dim int64
     tensor on the profiles' device counting the updates done (read and advanced on the device,
     so a CUDA graph can replay the update). Everything is validated before the first write.
-    backend: 'auto', 'cpu', 'cuda' or 'reference' (K eager updates, for comparison).
+    backend: 'auto' (CUDA tensors: the CUDA C++ kernel, else Triton; CPU tensors: the C++ CPU
+    kernel), 'cpu', 'cuda', 'triton' or 'reference' (K eager updates, for comparison).
     """
     profiles = [list(p) for p in profiles]
     student = list(student)
@@ -45,6 +47,12 @@ def posthoc_ema_update_(profiles: Sequence[Sequence[torch.Tensor]], student: Seq
         reference.posthoc_ema_update_(profiles, student, t, gammas)
         step.fill_(t)
         return
+    if name == "triton":
+        # every check here, outside the op: a triton_op's body runs below autograd with grad
+        # mode off, where the leaf-requires-grad check could not fire
+        _ops.posthoc_plan(flat, student, step, gammas)
+        torch.ops.eman_fused.posthoc_ema_update_triton_(flat, student, step, gammas)
+        return
     _ops.posthoc_ema_update_(flat, student, step, gammas)
 
 
@@ -60,3 +68,9 @@ if _ops is not None:
             if p.device != s.device or p.device != step.device:
                 raise ValueError(f"posthoc_ema_update_: devices differ at profile tensor {i}: "
                                  f"{p.device}, student {s.device}, step {step.device}")
+
+    @torch.library.register_fake("eman_fused::posthoc_plan")
+    def _posthoc_plan_fake(profiles, student, step, gammas):
+        _posthoc_fake(profiles, student, step, gammas)
+        device = (profiles or student or [step])[0].device
+        return torch.empty((posthoc_table_words(student),), dtype=torch.int64, device=device)
