@@ -7,13 +7,17 @@ least-squares combination of the snapshots (eman_fused.reference.posthoc_coeffic
 
 Memory: K profile copies of the model on its device (in `profile_dtype`); each snapshot holds
 K copies more, on the CPU or on disk (K * model bytes per file), so a run with S snapshots
-stores S * K * model bytes.
+stores S * K * model bytes. With CUDA profiles a snapshot is asynchronous: one set of pinned
+host staging buffers (K * model bytes, allocated at the first snapshot and reused) receives
+the copy on a side stream while training goes on; a worker thread then writes the file (or
+moves the copy to pageable CPU memory) off the training thread.
 """
 from __future__ import annotations
 
 import os
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 from torch import nn
@@ -25,16 +29,137 @@ from .teacher import named_tensors, unwrap
 _SNAPSHOT_FORMAT = "posthoc-{step:010d}.pt"
 
 
+class _Done:
+    def __init__(self, fn):
+        fn()
+
+    def result(self):
+        return None
+
+
+class _SyncCopies:
+    """Snapshot copies for CPU profiles: made at once (the "event" is complete on return), and
+    the snapshot stored at once."""
+
+    asynchronous = False
+
+    def host_buffer(self, like: torch.Tensor) -> torch.Tensor:
+        return torch.empty(like.shape, dtype=like.dtype)
+
+    def copy(self, dsts: list[torch.Tensor], srcs: list[torch.Tensor]):
+        for d, s in zip(dsts, srcs, strict=True):
+            d.copy_(s)
+        return None
+
+    def before_write(self, event) -> None:
+        pass
+
+    def wait_host(self, event) -> None:
+        pass
+
+    def submit(self, fn):
+        return _Done(fn)
+
+
+class _CudaCopies:
+    """Snapshot copies for CUDA profiles: device -> pinned host on a side stream. The side stream
+    first waits for the training stream (the profiles' latest update); the returned event marks
+    the copy's end. Before the next update writes the profiles, the training stream waits for
+    that event (on the GPU: no host synchronization); before the staging buffers are read on
+    the host, or filled again, the host waits for it."""
+
+    asynchronous = True
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.side = torch.cuda.Stream(device)
+        self._worker = ThreadPoolExecutor(1, thread_name_prefix="posthoc-snapshot")
+
+    def host_buffer(self, like: torch.Tensor) -> torch.Tensor:
+        return torch.empty(like.shape, dtype=like.dtype, pin_memory=True)
+
+    def copy(self, dsts, srcs):
+        self.side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(self.side):
+            for d, s in zip(dsts, srcs, strict=True):
+                d.copy_(s, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record(self.side)
+        return event
+
+    def before_write(self, event) -> None:
+        torch.cuda.current_stream(self.device).wait_event(event)
+
+    def wait_host(self, event) -> None:
+        event.synchronize()
+
+    def submit(self, fn) -> Future:
+        return self._worker.submit(fn)
+
+
+class _SnapshotPipeline:
+    """One snapshot in flight at most: start() copies every profile into host buffers
+    (asynchronously for CUDA profiles) and hands the rest (wait for the copy, then keep it in
+    memory or write the file) to `finish`, submitted to the copies' executor (a worker thread
+    for CUDA, inline for the CPU). The staging buffers are filled again only after the previous
+    snapshot's finish has returned, and the profiles are written again (the next update) only
+    after the copy out of them has ended. own=True: fresh host buffers that the snapshot keeps
+    (CPU profiles kept in memory: one copy, no staging)."""
+
+    def __init__(self, copies):
+        self.copies = copies
+        self.staging: list[list[torch.Tensor]] | None = None
+        self._pending = None
+        self._copy_event = None
+
+    def before_update(self) -> None:
+        if self._copy_event is not None:
+            self.copies.before_write(self._copy_event)
+            self._copy_event = None
+
+    def start(self, profiles: list[list[torch.Tensor]],
+              finish: Callable[[list[list[torch.Tensor]]], None], own: bool = False) -> None:
+        self.flush()  # the previous snapshot is done with the staging buffers
+        if own:
+            buffers = [[self.copies.host_buffer(t) for t in prof] for prof in profiles]
+        else:
+            if self.staging is None:
+                self.staging = [[self.copies.host_buffer(t) for t in prof] for prof in profiles]
+            buffers = self.staging
+        event = self.copies.copy([d for prof in buffers for d in prof],
+                                 [t for prof in profiles for t in prof])
+        self._copy_event = event
+        copies = self.copies
+
+        def complete():
+            copies.wait_host(event)
+            finish(buffers)
+
+        self._pending = copies.submit(complete)
+
+    def flush(self) -> None:
+        """Waits for the snapshot in flight (and raises what its finish raised)."""
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending.result()
+
+    @property
+    def staging_bytes(self) -> int:
+        return 0 if self.staging is None else sum(t.nbytes for prof in self.staging for t in prof)
+
+
 class PostHocEMA:
     """K EDM2 power-function EMA profiles of `model`, snapshots, and reconstruction.
 
     sigma_rels: the profiles' relative widths (EDM2 Eq. 3; gamma derived from each).
     snapshot_every: store every profile each N updates (None: never; reconstruct then has
         nothing to work from). snapshot_dir: a folder for the snapshot files (None: CPU memory).
+        CUDA profiles are snapshotted asynchronously (pinned staging buffers, a side stream, a
+        worker thread for the file or the CPU copy); flush() waits for the one in flight.
     profile_dtype: dtype of the floating profiles (default: each tensor's own dtype).
     max_residual: reconstruct() refuses a request whose best least-squares fit leaves more
         than this relative L2 error in the averaging profile (outside what the snapshots express).
-    backend: 'auto', 'cpu', 'cuda' or 'reference' (eman_fused.ops.posthoc_ema_update_).
+    backend: 'auto', 'cpu', 'cuda', 'triton' or 'reference' (eman_fused.ops.posthoc_ema_update_).
 
     Parameters and buffers are matched by name (wrappers such as DDP and torch.compile
     removed): floating ones are averaged, integer ones (num_batches_tracked) copied.
@@ -75,6 +200,7 @@ class PostHocEMA:
         self.snapshots: list[dict] = []  # in-memory snapshots (snapshot_dir None)
         if self.snapshot_dir is not None:
             self.snapshot_dir.mkdir(parents=True, exist_ok=True)
+        self._pipeline = _SnapshotPipeline(_CudaCopies(device) if device.type == "cuda" else _SyncCopies())
 
     # -- training ---------------------------------------------------------------------------
     def _student(self) -> list[torch.Tensor]:
@@ -91,6 +217,7 @@ class PostHocEMA:
         """One update of every profile (one fused pass), then a snapshot when due."""
         student = self._student()
         lists = [[p[n] for n in self._names] for p in self.profiles]
+        self._pipeline.before_update()  # a snapshot's copy out of the profiles has ended
         posthoc_ema_update_(lists, student, self.step, self.gammas, backend=self.backend)
         self._num_updates += 1
         if self.snapshot_every is not None and self._num_updates % self.snapshot_every == 0:
@@ -107,22 +234,46 @@ class PostHocEMA:
 
     # -- snapshots --------------------------------------------------------------------------
     def snapshot(self) -> dict | Path:
-        """Store every profile now (CPU copies; a file in snapshot_dir when given)."""
-        snap = {"step": self._num_updates, "gammas": list(self.gammas),
-                "sigma_rels": list(self.sigma_rels),
-                "profiles": [{n: t.detach().to("cpu", copy=True) for n, t in
-                              self.profile_state_dict(k).items()} for k in range(len(self.gammas))]}
-        if self.snapshot_dir is None:
+        """Store every profile now: the snapshot's dict (kept in memory) or the path of its file in
+        snapshot_dir. With CUDA profiles this returns once the copy is queued; the dict is filled
+        in, or the file appears, when the copy has landed (flush() waits for that)."""
+        keys = [n for n in self._names if n in self._state_keys]
+        step = self._num_updates
+        meta = {"step": step, "gammas": list(self.gammas), "sigma_rels": list(self.sigma_rels)}
+        path = None if self.snapshot_dir is None else \
+            self.snapshot_dir / _SNAPSHOT_FORMAT.format(step=step)
+        snap = dict(meta, profiles=[])
+        if path is None:
             self.snapshots.append(snap)
-            return snap
-        path = self.snapshot_dir / _SNAPSHOT_FORMAT.format(step=self._num_updates)
-        tmp = path.with_suffix(".tmp")
-        torch.save(snap, tmp)
-        os.replace(tmp, path)  # a crash mid-write leaves no truncated snapshot behind
-        return path
+
+        own = path is None and not self._pipeline.copies.asynchronous
+
+        def finish(buffers):
+            profiles = [dict(zip(keys, prof)) for prof in buffers]
+            if path is None:  # staging buffers are reused: the snapshot takes its own copy
+                snap["profiles"] = profiles if own else \
+                    [{n: torch.empty(t.shape, dtype=t.dtype).copy_(t) for n, t in p.items()}
+                     for p in profiles]
+                return
+            tmp = path.with_suffix(".tmp")
+            torch.save(dict(meta, profiles=profiles), tmp)
+            os.replace(tmp, path)  # a crash mid-write leaves no truncated snapshot behind
+
+        self._pipeline.start([[prof[n] for n in keys] for prof in self.profiles], finish, own)
+        return snap if path is None else path
+
+    def flush(self) -> None:
+        """Waits until the snapshot in flight (if any) is stored."""
+        self._pipeline.flush()
+
+    @property
+    def snapshot_staging_bytes(self) -> int:
+        """Host bytes held for snapshot staging (K * model bytes after the first snapshot)."""
+        return self._pipeline.staging_bytes
 
     def _snapshot_index(self) -> list[tuple[int, object]]:
         """(step, snapshot or path) in step order."""
+        self.flush()
         if self.snapshot_dir is None:
             return [(s["step"], s) for s in self.snapshots]
         out = []
@@ -192,6 +343,7 @@ class PostHocEMA:
 
     # -- resume -----------------------------------------------------------------------------
     def state_dict(self) -> dict:
+        self.flush()
         return {"num_updates": self._num_updates, "gammas": list(self.gammas),
                 "sigma_rels": list(self.sigma_rels), "snapshot_every": self.snapshot_every,
                 "profiles": [{n: t.detach().clone() for n, t in p.items()} for p in self.profiles],
@@ -214,6 +366,8 @@ class PostHocEMA:
                 if mine[n].shape != t.shape or mine[n].dtype != t.dtype:
                     raise ValueError(f"PostHocEMA.load_state_dict: {n} is {t.dtype}{tuple(t.shape)} "
                                      f"in the state, {mine[n].dtype}{tuple(mine[n].shape)} here")
+        self.flush()
+        self._pipeline.before_update()
         for mine, theirs in zip(self.profiles, state["profiles"]):
             for n, t in theirs.items():
                 mine[n].copy_(t)
