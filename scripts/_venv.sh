@@ -26,13 +26,14 @@ wheelhouse_install() {
     --find-links "$EMAN_FUSED_WHEELHOUSE" "$@"
 }
 
-# stage_suite SRC DEST: the tests and what they read (examples, benchmark results, scripts, README,
+# stage_suite SRC DEST: the tests and what they read (examples, benchmark results, scripts and
+# setup.py for gpu_check.sh --dry-run, README,
 # pytest's configuration) copied to DEST, which holds no eman_fused/ directory: run from DEST,
 # `import eman_fused` can only find the installed package.
 stage_suite() {
   rm -rf "$2"
   mkdir -p "$2"
-  (cd "$1" && tar -cf - --exclude=__pycache__ tests examples benchmarks scripts README.md pyproject.toml) | tar -xf - -C "$2"
+  (cd "$1" && tar -cf - --exclude=__pycache__ tests examples benchmarks scripts setup.py README.md pyproject.toml) | tar -xf - -C "$2"
   if [ -e "$2/eman_fused" ]; then
     echo "stage_suite: $2/eman_fused exists; the source package would shadow the installed one" >&2
     return 1
