@@ -14,6 +14,22 @@ DESELECTED = pytest.StashKey[int]()
 # Thread order, then seeded random orders between barriers: uniform picks, and warp priorities.
 ORDERS = ["sequential", ("random", 1), ("random", 2), ("warps", 1), ("warps", 2)]
 
+# Buffers the EMA kernels copy byte for byte (num_batches_tracked and other integer state), and
+# sizes that reach both the vector loop and its tail at every byte offset the tests shift by.
+INTEGER_DTYPES = [torch.int64, torch.int32, torch.int16, torch.uint8, torch.bool]
+INTEGER_SIZES = [1, 3, 4097, 70000]
+
+
+def random_values(n: int, dtype: torch.dtype, gen: torch.Generator) -> torch.Tensor:
+    """n seeded values of dtype: normal for floating types, within +-1000 (and the type's
+    range) for integers, 0/1 for bool."""
+    if dtype.is_floating_point:
+        return torch.randn(n, generator=gen).to(dtype)
+    if dtype == torch.bool:
+        return torch.randint(0, 2, (n,), generator=gen).bool()
+    info = torch.iinfo(dtype)
+    return torch.randint(max(info.min, -1000), min(info.max, 1000), (n,), generator=gen).to(dtype)
+
 
 @pytest.fixture(scope="session")
 def emu_session() -> harness.Emulator:

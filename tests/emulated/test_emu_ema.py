@@ -9,6 +9,8 @@ import torch
 from conftest import FLOAT_DTYPES, FLOAT_PAIRS, assert_same_bits_or_both_nan, bits
 from eman_fused.ops.layout import plan_counts
 
+from .conftest import INTEGER_DTYPES, INTEGER_SIZES, random_values
+
 pytestmark = pytest.mark.emulated
 COVERS = {"ema_update_kernel"}
 ops = torch.ops.eman_fused
@@ -17,13 +19,6 @@ ops = torch.ops.eman_fused
 SIZES = [0, 1, 3, 4097, 2 * 32768 + 5]
 
 
-def rand(n, dtype, gen):
-    if dtype.is_floating_point:
-        return torch.randn(n, generator=gen).to(dtype)
-    if dtype == torch.bool:
-        return torch.randint(0, 2, (n,), generator=gen).bool()
-    info = torch.iinfo(dtype)
-    return torch.randint(max(info.min, -1000), min(info.max, 1000), (n,), generator=gen).to(dtype)
 
 
 def run(emu, teacher_cpu, student_cpu, momentum, t_offset=0, s_offset=0, m_tensor=None):
@@ -63,8 +58,8 @@ def test_layout_is_the_one_python_reads(emu):
 @pytest.mark.parametrize("offsets", [(0, 0), (1, 0), (0, 1)], ids=["aligned", "t+1", "s+1"])
 def test_every_pair_size_and_alignment(emu, tdt, sdt, offsets):
     gen = torch.Generator().manual_seed(hash((tdt, sdt)) % 1000)
-    teacher = [rand(n, tdt, gen) for n in SIZES]
-    student = [rand(n, sdt, gen) for n in SIZES]
+    teacher = [random_values(n, tdt, gen) for n in SIZES]
+    student = [random_values(n, sdt, gen) for n in SIZES]
     # an offset of one element: 16-byte vectors impossible, the scalar path runs
     t_off = offsets[0] * teacher[0].element_size()
     s_off = offsets[1] * student[0].element_size()
@@ -77,8 +72,8 @@ def test_every_pair_size_and_alignment(emu, tdt, sdt, offsets):
 def test_thread_orders_give_the_same_bits(emu, order_):
     emu.set_order(order_)
     gen = torch.Generator().manual_seed(5)
-    teacher = [rand(n, torch.bfloat16, gen) for n in SIZES]
-    student = [rand(n, torch.float32, gen) for n in SIZES]
+    teacher = [random_values(n, torch.bfloat16, gen) for n in SIZES]
+    student = [random_values(n, torch.float32, gen) for n in SIZES]
     got = run(emu, teacher, student, 0.99)
     for g, e in zip(got, reference(teacher, student, 0.99)):
         assert torch.equal(bits(g), bits(e))
@@ -88,8 +83,8 @@ def test_thread_orders_give_the_same_bits(emu, order_):
 @pytest.mark.parametrize("tdt", FLOAT_DTYPES, ids=lambda d: str(d).replace("torch.", ""))
 def test_momentum_zero_copies_one_skips(emu, momentum, tdt):
     gen = torch.Generator().manual_seed(3)
-    teacher = [rand(n, tdt, gen) for n in (1, 3, 4097)]
-    student = [rand(n, torch.float32, gen) for n in (1, 3, 4097)]
+    teacher = [random_values(n, tdt, gen) for n in (1, 3, 4097)]
+    student = [random_values(n, torch.float32, gen) for n in (1, 3, 4097)]
     teacher[2][7] = float("nan")  # momentum 0 replaces a NaN teacher; momentum 1 keeps it
     got = run(emu, teacher, student, momentum)
     for g, t, s, e in zip(got, teacher, student, reference(teacher, student, momentum)):
@@ -104,21 +99,21 @@ def test_momentum_zero_copies_one_skips(emu, momentum, tdt):
 @pytest.mark.parametrize("value", [0.0, 0.75, 1.0])
 def test_momentum_from_device_scalar(emu, mdt, value):
     gen = torch.Generator().manual_seed(11)
-    teacher = [rand(n, torch.float32, gen) for n in (3, 4097)]
-    student = [rand(n, torch.float16, gen) for n in (3, 4097)]
+    teacher = [random_values(n, torch.float32, gen) for n in (3, 4097)]
+    student = [random_values(n, torch.float16, gen) for n in (3, 4097)]
     m = torch.tensor(value, dtype=mdt)
     got = run(emu, teacher, student, 0.123, m_tensor=m)  # the scalar wins over the argument
     for g, e in zip(got, reference(teacher, student, float(m))):
         assert torch.equal(bits(g), bits(e))
 
 
-@pytest.mark.parametrize("dtype", [torch.int64, torch.int32, torch.int16, torch.uint8, torch.bool])
+@pytest.mark.parametrize("dtype", INTEGER_DTYPES)
 @pytest.mark.parametrize("offset", [0, 1, 3])
 def test_integer_buffers_copied_as_bytes(emu, dtype, offset):
     gen = torch.Generator().manual_seed(2)
-    sizes = [1, 3, 4097, 70000]
-    teacher = [rand(n, dtype, gen) for n in sizes]
-    student = [rand(n, dtype, gen) for n in sizes]
+    sizes = INTEGER_SIZES
+    teacher = [random_values(n, dtype, gen) for n in sizes]
+    student = [random_values(n, dtype, gen) for n in sizes]
     got = run(emu, teacher, student, 0.9, t_offset=offset, s_offset=0)
     for g, s in zip(got, student):
         assert torch.equal(g, s)
@@ -129,8 +124,8 @@ def test_many_tensors_mixed_kinds(emu, order):
     kinds = [(torch.float32, torch.float32), (torch.int64, torch.int64), (torch.float16, torch.bfloat16),
              (torch.float64, torch.float32), (torch.bool, torch.bool)] * 8
     sizes = [(k * 997) % 5000 for k in range(len(kinds))]
-    teacher = [rand(n, t, gen) for n, (t, _) in zip(sizes, kinds)]
-    student = [rand(n, s, gen) for n, (_, s) in zip(sizes, kinds)]
+    teacher = [random_values(n, t, gen) for n, (t, _) in zip(sizes, kinds)]
+    student = [random_values(n, s, gen) for n, (_, s) in zip(sizes, kinds)]
     got = run(emu, teacher, student, 0.7)
     for g, e in zip(got, reference(teacher, student, 0.7)):
         assert_same_bits_or_both_nan(g, e)

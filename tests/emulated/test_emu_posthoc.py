@@ -13,6 +13,8 @@ import torch
 from conftest import FLOAT_PAIRS, assert_same_bits_or_both_nan, bits
 from eman_fused import reference as R
 
+from .conftest import INTEGER_DTYPES, INTEGER_SIZES, random_values
+
 pytestmark = pytest.mark.emulated
 COVERS = {"posthoc_ema_kernel", "advance_step_kernel"}
 ops = torch.ops.eman_fused
@@ -23,13 +25,6 @@ SIGMA_RELS = [0.05, 0.10, 0.15, 0.2, 0.03, 0.08, 0.25, 0.12]
 GAMMAS = [R.sigma_rel_to_gamma(s) for s in SIGMA_RELS]
 
 
-def rand(n, dtype, gen):
-    if dtype.is_floating_point:
-        return torch.randn(n, generator=gen).to(dtype)
-    if dtype == torch.bool:
-        return torch.randint(0, 2, (n,), generator=gen).bool()
-    info = torch.iinfo(dtype)
-    return torch.randint(max(info.min, -1000), min(info.max, 1000), (n,), generator=gen).to(dtype)
 
 
 def counts(emu, student):
@@ -89,8 +84,8 @@ def test_layout_is_the_one_the_extension_builds(emu):
 def test_every_pair_size_and_alignment(emu, pdt, sdt, offsets):
     gen = torch.Generator().manual_seed(hash((pdt, sdt)) % 1000)
     gammas = GAMMAS[:2]
-    profiles = [[rand(n, pdt, gen) for n in SIZES] for _ in gammas]
-    student = [rand(n, sdt, gen) for n in SIZES]
+    profiles = [[random_values(n, pdt, gen) for n in SIZES] for _ in gammas]
+    student = [random_values(n, sdt, gen) for n in SIZES]
     # an offset of one element: 16-byte vectors impossible for the whole chunk, scalar path
     p_off = [o * profiles[0][0].element_size() for o in offsets[0]]
     s_off = offsets[1] * student[0].element_size()
@@ -107,8 +102,8 @@ def test_profile_counts_and_steps(emu, k, step):
     carried afterwards, as the CPU kernel does."""
     gen = torch.Generator().manual_seed(17 * k + step % 97)
     gammas = GAMMAS[:k]
-    profiles = [[rand(n, torch.float32, gen) for n in (1, 3, 4097, 40000)] for _ in gammas]
-    student = [rand(n, torch.bfloat16, gen) for n in (1, 3, 4097, 40000)]
+    profiles = [[random_values(n, torch.float32, gen) for n in (1, 3, 4097, 40000)] for _ in gammas]
+    student = [random_values(n, torch.bfloat16, gen) for n in (1, 3, 4097, 40000)]
     profiles[-1][2][5] = float("nan")
     got, new_step = run(emu, profiles, student, step, gammas)
     assert new_step == step + 1
@@ -123,22 +118,22 @@ def test_profile_counts_and_steps(emu, k, step):
 def test_thread_orders_give_the_same_bits(emu, order):
     gen = torch.Generator().manual_seed(5)
     gammas = GAMMAS[:3]
-    profiles = [[rand(n, torch.float16, gen) for n in SIZES] for _ in gammas]
-    student = [rand(n, torch.float32, gen) for n in SIZES]
+    profiles = [[random_values(n, torch.float16, gen) for n in SIZES] for _ in gammas]
+    student = [random_values(n, torch.float32, gen) for n in SIZES]
     got, _ = run(emu, profiles, student, 77, gammas)
     for gp, ep in zip(got, reference(profiles, student, 77, gammas)):
         for g, e in zip(gp, ep):
             assert torch.equal(bits(g), bits(e))
 
 
-@pytest.mark.parametrize("dtype", [torch.int64, torch.int32, torch.int16, torch.uint8, torch.bool])
+@pytest.mark.parametrize("dtype", INTEGER_DTYPES)
 @pytest.mark.parametrize("offset", [0, 1, 3])
 def test_integer_buffers_copied_to_every_profile(emu, dtype, offset):
     gen = torch.Generator().manual_seed(2)
-    sizes = [1, 3, 4097, 70000]
+    sizes = INTEGER_SIZES
     gammas = GAMMAS[:2]
-    profiles = [[rand(n, dtype, gen) for n in sizes] for _ in gammas]
-    student = [rand(n, dtype, gen) for n in sizes]
+    profiles = [[random_values(n, dtype, gen) for n in sizes] for _ in gammas]
+    student = [random_values(n, dtype, gen) for n in sizes]
     got, _ = run(emu, profiles, student, 50, gammas, p_offsets=[offset, 0])
     for prof in got:
         for g, s in zip(prof, student):
@@ -151,8 +146,8 @@ def test_many_tensors_mixed_kinds(emu, order):
              (torch.float64, torch.float32), (torch.bool, torch.bool), (torch.bfloat16, torch.float64)] * 6
     sizes = [(k * 997) % 5000 for k in range(len(kinds))]
     gammas = GAMMAS[:2]
-    profiles = [[rand(n, t, gen) for n, (t, _) in zip(sizes, kinds)] for _ in gammas]
-    student = [rand(n, s, gen) for n, (_, s) in zip(sizes, kinds)]
+    profiles = [[random_values(n, t, gen) for n, (t, _) in zip(sizes, kinds)] for _ in gammas]
+    student = [random_values(n, s, gen) for n, (_, s) in zip(sizes, kinds)]
     got, _ = run(emu, profiles, student, 3, gammas)
     check(got, reference(profiles, student, 3, gammas))
 
@@ -162,8 +157,8 @@ def test_untouched_memory_stays_untouched(emu):
     a zero-size tensor's neighbours and the student itself."""
     gen = torch.Generator().manual_seed(4)
     gammas = GAMMAS[:2]
-    student = [rand(n, torch.float32, gen) for n in (5, 0, 33)]
-    profiles = [[rand(n, torch.float32, gen) for n in (5, 0, 33)] for _ in gammas]
+    student = [random_values(n, torch.float32, gen) for n in (5, 0, 33)]
+    profiles = [[random_values(n, torch.float32, gen) for n in (5, 0, 33)] for _ in gammas]
     s_before = [bits(s) for s in student]
     s_bufs = [emu.copy_in(s) for s in student]
     p_bufs = [[emu.copy_in(t) for t in p] for p in profiles]
