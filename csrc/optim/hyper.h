@@ -1,11 +1,13 @@
-// The fused optimizers and their hyper-parameters. Each optimizer's hyper-parameters are ONE
-// list here, X(name, check), in the order of the step op's `hyper` argument (float[]); from it
-// come the structs the kernels read, the checks, and the names Python reads through
-// _C.table_layout() (it takes each value from the param group's key of that name). A new
-// hyper-parameter is one line here plus its use in the kernels' math (optim/math.h, shared by
-// the CPU and CUDA kernels, and eman_fused/triton/optim.py). Torch-free (the .cu files use it).
+// The fused optimizers: which one a step op call runs, how each hyper-parameter is checked, and
+// the per-optimizer traits the host code dispatches on. The hyper-parameter lists themselves,
+// X(name, check), live in optim/math.h beside the math that reads them; from them come the
+// structs the kernels read, the checks here, and the names Python reads through
+// _C.table_layout() (it takes each value from the param group's key of that name).
+// Torch-free (the .cu files use it).
 #pragma once
 #include <cstdint>
+
+#include "optim/math.h"
 
 namespace eman_fused {
 
@@ -23,24 +25,6 @@ enum class HyperCheck : int64_t {
   kFlag = 4,         // 0 or 1 (a bool)
 };
 
-#define EMAN_FUSED_SGD_HYPER(X)                                                       \
-  X(lr, kNonNegative) X(momentum, kNonNegative) X(dampening, kFinite)                 \
-  X(weight_decay, kNonNegative) X(nesterov, kFlag) X(maximize, kFlag)                 \
-  X(teacher_momentum, kUnit)
-#define EMAN_FUSED_ADAMW_HYPER(X)                                                     \
-  X(lr, kNonNegative) X(beta1, kBelowOne) X(beta2, kBelowOne) X(eps, kNonNegative)   \
-  X(weight_decay, kNonNegative) X(amsgrad, kFlag) X(maximize, kFlag)                  \
-  X(teacher_momentum, kUnit)
-#define EMAN_FUSED_LARS_HYPER(X)                                                      \
-  X(lr, kNonNegative) X(momentum, kNonNegative) X(dampening, kFinite)                 \
-  X(weight_decay, kNonNegative) X(nesterov, kFlag) X(trust_coefficient, kNonNegative) \
-  X(maximize, kFlag) X(teacher_momentum, kUnit)
-
-#define EMAN_FUSED_HYPER_FIELD(name, check) double name;
-struct SgdHyper { EMAN_FUSED_SGD_HYPER(EMAN_FUSED_HYPER_FIELD) };
-struct AdamWHyper { EMAN_FUSED_ADAMW_HYPER(EMAN_FUSED_HYPER_FIELD) };
-struct LarsHyper { EMAN_FUSED_LARS_HYPER(EMAN_FUSED_HYPER_FIELD) };
-#undef EMAN_FUSED_HYPER_FIELD
 
 struct HyperInfo {
   const char* name;

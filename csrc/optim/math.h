@@ -10,11 +10,35 @@
 // in torch's order of operations.
 #pragma once
 #include <cmath>
+#include <cstdint>
 
 #include "common/ema_lerp.h"
-#include "optim/hyper.h"
 
 namespace eman_fused {
+
+// Each optimizer's hyper-parameters, ONE list X(name, check) in the order of the step op's
+// `hyper` argument (float[]); `check` names a HyperCheck (optim/hyper.h: how the value is
+// checked before anything is written). A new hyper-parameter is one line here, its use below
+// (shared by the CPU loops and the CUDA kernels), its use in eman_fused/triton/optim.py, and
+// its default in the optimizer's constructor (eman_fused/optim.py): three files.
+#define EMAN_FUSED_SGD_HYPER(X)                                                       \
+  X(lr, kNonNegative) X(momentum, kNonNegative) X(dampening, kFinite)                 \
+  X(weight_decay, kNonNegative) X(nesterov, kFlag) X(maximize, kFlag)                 \
+  X(teacher_momentum, kUnit)
+#define EMAN_FUSED_ADAMW_HYPER(X)                                                     \
+  X(lr, kNonNegative) X(beta1, kBelowOne) X(beta2, kBelowOne) X(eps, kNonNegative)   \
+  X(weight_decay, kNonNegative) X(amsgrad, kFlag) X(maximize, kFlag)                  \
+  X(teacher_momentum, kUnit)
+#define EMAN_FUSED_LARS_HYPER(X)                                                      \
+  X(lr, kNonNegative) X(momentum, kNonNegative) X(dampening, kFinite)                 \
+  X(weight_decay, kNonNegative) X(nesterov, kFlag) X(trust_coefficient, kNonNegative) \
+  X(maximize, kFlag) X(teacher_momentum, kUnit)
+
+#define EMAN_FUSED_HYPER_FIELD(name, check) double name;
+struct SgdHyper { EMAN_FUSED_SGD_HYPER(EMAN_FUSED_HYPER_FIELD) };
+struct AdamWHyper { EMAN_FUSED_ADAMW_HYPER(EMAN_FUSED_HYPER_FIELD) };
+struct LarsHyper { EMAN_FUSED_LARS_HYPER(EMAN_FUSED_HYPER_FIELD) };
+#undef EMAN_FUSED_HYPER_FIELD
 
 // x rounded to float32 once, held in a double.
 EMAN_FUSED_HD double to_f32(double x) { return static_cast<double>(static_cast<float>(x)); }

@@ -4,7 +4,7 @@ and `step_`, a keyword front end for calling the op directly (tests, benchmarks)
 classes (torch.optim-compatible) are eman_fused.optim; the Triton twin eman_fused/triton/optim.py.
 
 The op takes the optimizer as an enum and its hyper-parameters as one float list, in the order
-csrc/optim/hyper.h defines (exported as OPTIM["hyper"], flags as 0/1)."""
+csrc/optim/math.h lists them (exported as OPTIM["hyper"], flags as 0/1)."""
 from __future__ import annotations
 
 from typing import Sequence
