@@ -13,6 +13,7 @@
 #include "common/convert.h"
 #include "common/ema_lerp.h"
 #include "common/isa.h"
+#include "common/parallel_chunks.h"
 
 namespace eman_fused {
 namespace {
@@ -20,27 +21,12 @@ namespace {
 #define EMAN_FUSED_LOOPS "ema/cpu_loops.inc"
 #include "common/isa_loops.h"
 
-// First chunk of the part-th of `parts` equal shares of the plan's work.
-int64_t share_start(const EmaPlan& plan, int64_t part, int64_t parts) {
-  const auto& prefix = plan.work_prefix;
-  const int64_t target = prefix.back() / parts * part;
-  return std::lower_bound(prefix.begin(), prefix.end(), target) - prefix.begin();
-}
-
 void run_plan(const EmaPlan& plan, double m) {
-  if (plan.num_chunks == 0) return;
   const EmaTensorEntry* entries = plan.entries();
   const TensorChunk* chunks = plan.chunks();
-  const int64_t parts = std::min<int64_t>(at::get_num_threads(), plan.num_chunks);
   const auto run = EMAN_FUSED_ISA_FN(run_chunk);
-  at::parallel_for(0, parts, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t part = begin; part < end; ++part) {
-      const int64_t last = part + 1 == parts ? plan.num_chunks : share_start(plan, part + 1, parts);
-      for (int64_t c = share_start(plan, part, parts); c < last; ++c) {
-        run(entries[chunks[c].tensor], chunks[c].start, m);
-      }
-    }
-  });
+  parallel_over_chunks(plan.work_prefix, plan.num_chunks,
+                       [&](int64_t c) { run(entries[chunks[c].tensor], chunks[c].start, m); });
 }
 
 void update(at::TensorList teacher, at::TensorList student, double momentum) {

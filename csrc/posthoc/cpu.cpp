@@ -12,6 +12,7 @@
 #include "common/convert.h"
 #include "common/dtype.h"
 #include "common/isa.h"
+#include "common/parallel_chunks.h"
 #include "posthoc/plan.h"
 
 namespace eman_fused {
@@ -19,12 +20,6 @@ namespace {
 
 #define EMAN_FUSED_LOOPS "posthoc/cpu_loops.inc"
 #include "common/isa_loops.h"
-
-int64_t share_start(const PosthocPlan& plan, int64_t part, int64_t parts) {
-  const auto& prefix = plan.work_prefix;
-  const int64_t target = prefix.back() / parts * part;
-  return std::lower_bound(prefix.begin(), prefix.end(), target) - prefix.begin();
-}
 
 void posthoc_ema_update_cpu(at::TensorList profiles, at::TensorList student,
                             const at::Tensor& step, c10::ArrayRef<double> gammas) {
@@ -37,24 +32,15 @@ void posthoc_ema_update_cpu(at::TensorList profiles, at::TensorList student,
   step.unsafeGetTensorImpl()->bump_version();
   const int64_t now = step.item<int64_t>() + 1;
   step.fill_(now);
-  if (plan->num_chunks == 0) return;
   // EDM2's power-function coefficient, in double (eman_fused.reference.power_beta).
   const double t = static_cast<double>(now);
   double betas[kMaxPosthocProfiles];
   for (int64_t j = 0; j < k; ++j) betas[j] = std::pow(1.0 - 1.0 / t, gammas[j] + 1.0);
   const PosthocTensorEntry* entries = plan->entries();
   const TensorChunk* chunks = plan->chunks();
-  const int64_t parts = std::min<int64_t>(at::get_num_threads(), plan->num_chunks);
   const auto run = EMAN_FUSED_ISA_FN(run_chunk);
-  at::parallel_for(0, parts, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t part = begin; part < end; ++part) {
-      const int64_t last =
-          part + 1 == parts ? plan->num_chunks : share_start(*plan, part + 1, parts);
-      for (int64_t c = share_start(*plan, part, parts); c < last; ++c) {
-        run(entries[chunks[c].tensor], chunks[c].start, betas);
-      }
-    }
-  });
+  parallel_over_chunks(plan->work_prefix, plan->num_chunks,
+                       [&](int64_t c) { run(entries[chunks[c].tensor], chunks[c].start, betas); });
 }
 
 }  // namespace
