@@ -21,7 +21,7 @@ py="$work/venv/bin/python"
 t0=$(date +%s)
 fresh_venv "$work/venv"
 # ===: exactly this release (a bare == would also take a local +cpu build, without triton).
-wheelhouse_install "$work/venv" "torch===$version" "$@" pytest hypothesis expecttest numpy ninja setuptools wheel
+wheelhouse_install "$work/venv" "torch===$version" "$@" pytest pytest-xdist hypothesis expecttest numpy ninja setuptools wheel
 t1=$(date +%s)
 # --no-index: pip may not swap torch for another one to satisfy our declared range; the check
 # after it proves the torch under test is the one asked for.
@@ -71,4 +71,4 @@ SMOKE=(
   tests/test_norm.py::test_module_loads_batchnorm_state_and_matches_eval_bn_in_train_mode_too
   tests/test_norm.py::test_convert_to_eman_on_a_resnet
 )
-"$py" -m pytest -q -rs "${SMOKE[@]}"
+"$py" -m pytest -q -rs -n "${EMAN_FUSED_TEST_WORKERS:-$(nproc)}" "${SMOKE[@]}"

@@ -4,8 +4,10 @@
 # the wheel installed with its [test,bench] extras into a fresh venv, and pytest run there from a
 # copy of tests/ outside the source tree, so only the installed package can be imported
 # (tests/test_packaging.py proves it, and that every file of eman_fused/ is in the wheel).
-# Extra arguments go to pytest. EMAN_FUSED_TEST_LARGE=1 then also runs the `large` tier (several
-# GiB per test, deselected by default) with its memory check.
+# Extra arguments go to pytest; the suite runs on one pytest-xdist worker per core
+# (EMAN_FUSED_TEST_WORKERS=N sets how many, 0 none), the emulated CUDA tests in one process.
+# EMAN_FUSED_TEST_LARGE=1 then also runs the `large` tier (several GiB per test, deselected by
+# default) with its memory check.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$(pwd)
@@ -35,7 +37,12 @@ stage_suite "$root" "$work/suite"
 cd "$work/suite"
 export EMAN_FUSED_SOURCE_TREE="$root" PYTHONDONTWRITEBYTECODE=1
 "$work/venv/bin/python" -m eman_fused info
-"$work/venv/bin/python" -m pytest tests "$@"
+# One pytest-xdist worker per core (EMAN_FUSED_TEST_WORKERS overrides; 0 runs in this process),
+# then the emulated CUDA tests in one process of their own: their coverage check reads what
+# that process executed (tests/emulated/test_emu_coverage.py).
+workers="${EMAN_FUSED_TEST_WORKERS:-$(nproc)}"
+"$work/venv/bin/python" -m pytest tests -n "$workers" --ignore=tests/emulated "$@"
+"$work/venv/bin/python" -m pytest tests/emulated "$@"
 if [ "${EMAN_FUSED_TEST_LARGE:-0}" = 1 ]; then
   # On purpose, in a process of their own (the peak-RSS check is exact there), and a test
   # that cannot get its memory fails instead of skipping.

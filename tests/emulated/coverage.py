@@ -57,7 +57,7 @@ _state: dict[str, Coverage] = {}
 def start(emu) -> None:
     """Drops gcov data of earlier processes: gcov would add this session's counts to them."""
     for f in Path(emu.dir).glob("*.gcda"):
-        f.unlink()
+        f.unlink(missing_ok=True)  # another pytest-xdist worker may have dropped it first
     _state.clear()
 
 
