@@ -118,6 +118,30 @@ def test_bench_optim(tiny_json, tmp_path):
         assert all(m["ms"] > 0 and m["eman_fused_speedup"] > 0 for m in c["methods"].values())
 
 
+def test_bench_posthoc_measures_every_arm_or_says_why_not(tiny_json, tmp_path):
+    from eman_fused.bench import posthoc
+    result = posthoc.main(["--model", str(tiny_json), "--k", "2", "--dtypes", "fp32:fp32,bf16:fp32",
+                           "--device", "cpu", "--json", str(tmp_path / "p.json"),
+                           "--markdown", str(tmp_path / "p.md")])
+    same, mixed = result["cases"]
+    assert same["bytes_ratio_fused_vs_separate"] < 1
+    for case, methods in ((same, ("eman_fused_posthoc", "k_ema_update", "k_foreach_lerp")),
+                          (mixed, ("eman_fused_posthoc", "k_ema_update"))):
+        for m in methods:
+            assert case["methods"][m]["ms"] > 0 and case["methods"][m]["GB/s"] > 0, (case["case"], m)
+    assert "error" in mixed["methods"]["k_foreach_lerp"]  # torch's lerp takes one dtype
+    try:
+        import ema_pytorch  # noqa: F401
+        assert same["methods"]["ema_pytorch"]["ms"] > 0
+    except ImportError:
+        assert "not installed" in same["methods"]["ema_pytorch"]["error"]
+    # ema-pytorch keeps its profiles in the model's dtype: a bf16 profile of an fp32 model is
+    # reported as not measured, with the reason.
+    assert "model's dtype" in mixed["methods"]["ema_pytorch"]["error"]
+    md = (tmp_path / "p.md").read_text()
+    assert "not measured" in md and "ema_pytorch on tiny K=2 p=bf16 s=fp32" in md
+
+
 def test_bench_norm_forward_and_backward(tmp_path):
     out = cli("bench", "--ops", "norm", "--device", "cpu", "--batch", "1", "--json", str(tmp_path / "n.json"))
     assert out.returncode == 0, out.stderr

@@ -7,8 +7,13 @@ For each model's parameter + buffer shapes and K (the number of profiles):
   k_foreach_lerp      K torch._foreach_lerp_ passes (+ _foreach_copy_ of the counters), the way
                       per-profile EMA code runs today (3K passes)
 Bytes moved count every pass (profile read + write, student read per pass); GB/s is each
-method's own bytes over its time; "x" = that method's time / the fused time. ema-pytorch's
-PostHocEMA is not measured (not installed here). CPU numbers are CPU numbers.
+method's own bytes over its time; "x" = that method's time / the fused time.
+  ema_pytorch         ema-pytorch's PostHocEMA.update() over a module of the same shapes (K
+                      KarrasEMA copies, each updated on its own: 3K passes), when ema-pytorch is
+                      installed (`pip install ema-pytorch`, in the [bench] extra) and the
+                      profiles have the student's dtype (it keeps them in the model's dtype);
+                      else its row says why it was not measured.
+CPU numbers are CPU numbers.
 
   python benchmarks/bench_posthoc.py [--model resnet50,vit_b16] [--k 2,3] [--dtypes fp32:fp32]
       [--device cpu|cuda] [--json out.json] [--markdown out.md]
@@ -18,6 +23,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import tempfile
 from pathlib import Path
 
 import torch
@@ -33,7 +39,26 @@ SIGMA_RELS = (0.05, 0.10, 0.15)
 START_STEP = 10_000  # coefficients of a run well under way (beta_t near 1, never exactly)
 
 
-def run_case(name, table, k, p_dtype, s_dtype, device):
+def ema_pytorch_update(table, k, p_dtype, s_dtype, device, workdir):
+    """ema-pytorch's PostHocEMA over a module of the table's shapes, its K profiles well under
+    way (step START_STEP, so every call is a moving-average update): its update(), or the reason
+    it cannot be measured here (raised as RuntimeError)."""
+    try:
+        from ema_pytorch import PostHocEMA
+    except ImportError as exc:
+        raise RuntimeError(f"ema-pytorch is not installed (pip install ema-pytorch): {exc}") from None
+    if p_dtype != s_dtype:
+        raise RuntimeError(f"ema-pytorch keeps profiles in the model's dtype ({s_dtype}), not {p_dtype}")
+    model = shapes.ShapeModel(table, device, DTYPES[s_dtype])
+    ema = PostHocEMA(model, sigma_rels=SIGMA_RELS[:k], update_every=1, checkpoint_every_num_steps="manual",
+                     checkpoint_folder=str(workdir))
+    for profile in ema.ema_models:
+        profile.step.fill_(START_STEP)
+        profile.initted.fill_(True)
+    return ema.update
+
+
+def run_case(name, table, k, p_dtype, s_dtype, device, workdir):
     profiles, student = [], None
     for j in range(k):
         teacher, student_j = shapes.make_model_tensors(table, DTYPES[p_dtype], DTYPES[s_dtype], device)
@@ -65,13 +90,15 @@ def run_case(name, table, k, p_dtype, s_dtype, device):
 
     profile_bytes = sum(t.nbytes for t in profiles[0])
     student_bytes = sum(t.nbytes for t in student)
+    separate = k * (2 * profile_bytes + student_bytes)
     moved = {"eman_fused_posthoc": k * 2 * profile_bytes + student_bytes,
-             "k_ema_update": k * (2 * profile_bytes + student_bytes),
-             "k_foreach_lerp": k * (2 * profile_bytes + student_bytes)}
+             "k_ema_update": separate, "k_foreach_lerp": separate, "ema_pytorch": separate}
     rows = {}
     for method, fn in (("eman_fused_posthoc", fused), ("k_ema_update", k_ema_update),
-                       ("k_foreach_lerp", k_foreach_lerp)):
+                       ("k_foreach_lerp", k_foreach_lerp), ("ema_pytorch", None)):
         try:
+            if fn is None:
+                fn = ema_pytorch_update(table, k, p_dtype, s_dtype, device, workdir)
             seconds = measure(fn, device)
             rows[method] = {"ms": seconds * 1e3, "bytes": moved[method],
                             "GB/s": moved[method] / seconds / 1e9}
@@ -90,7 +117,7 @@ def run_case(name, table, k, p_dtype, s_dtype, device):
 def markdown(result):
     lines = [header("Post-hoc EMA update (K EDM2 profiles)", result), "",
              f"Machine load while measuring (uptime): {result['load']}.", ""]
-    methods = ["eman_fused_posthoc", "k_ema_update", "k_foreach_lerp"]
+    methods = ["eman_fused_posthoc", "k_ema_update", "k_foreach_lerp", "ema_pytorch"]
     lines.append("| case | MB moved fused / separate | " + " | ".join(methods) + " |")
     lines.append("|---|---:|" + "---:|" * len(methods))
     for case in result["cases"]:
@@ -98,7 +125,7 @@ def markdown(result):
         for m in methods:
             row = case["methods"][m]
             if "error" in row:
-                cells.append("fails")
+                cells.append("not measured" if m == "ema_pytorch" else "fails")
             elif m == "eman_fused_posthoc":
                 cells.append(f"**{row['ms']:.2f} ms** ({row['GB/s']:.1f} GB/s)")
             else:
@@ -108,7 +135,7 @@ def markdown(result):
         lines.append(f"| {case['case']} | {fm:.0f} / {sm:.0f} ({case['bytes_ratio_fused_vs_separate']:.3f}) | "
                      + " | ".join(cells) + " |")
     lines += ["", "(Nx) = that method's time / the fused time. Bytes: fused (2K+1) tensor passes, "
-              "separate 3K. ema-pytorch's PostHocEMA: not installed here, not measured."]
+              "separate 3K (ema-pytorch: its K KarrasEMA updates, counted as 3K passes)."]
     for c in result["cases"]:
         for m, r in c["methods"].items():
             if "error" in r:
@@ -130,16 +157,18 @@ def main(argv=None) -> dict:
     result = {"op": "posthoc", "environment": environment(device), "cases": [],
               "load": "load average %.2f, %.2f, %.2f" % os.getloadavg()}
     biggest = 0
+    workdir = tempfile.TemporaryDirectory(prefix="eman_fused_bench_posthoc_")  # ema-pytorch's folder
     for spec in args.model.split(","):
         name, table = shapes.load_table(spec)
         for k in (int(x) for x in args.k.split(",")):
             for pair in args.dtypes.split(","):
                 p_dtype, s_dtype = pair.split(":")
-                case = run_case(name, table, k, p_dtype, s_dtype, device)
+                case = run_case(name, table, k, p_dtype, s_dtype, device, Path(workdir.name))
                 biggest = max(biggest, case["methods"]["k_ema_update"].get("bytes", 0))
                 result["cases"].append(case)
     result["copy_GBps"] = copy_bandwidth(device, max(biggest // 6, 1 << 20))
     result["load_after"] = "load average %.2f, %.2f, %.2f" % os.getloadavg()
+    workdir.cleanup()
     write_result(result, markdown(result), args.json, args.markdown)
     return result
 
