@@ -35,7 +35,10 @@ def _channel_params(mean, var, w, b, c, cmask, eps, HAS_W: tl.constexpr, HAS_B: 
     scale = invstd
     if HAS_W:
         scale = tl.load(w + c, mask=cmask, other=0.0).to(ACC) * invstd
-    shift = -tl.load(mean + c, mask=cmask, other=0.0).to(ACC) * scale
+    # -(mean*scale) written as a product with -1.0, an exact negation on every Triton: Triton
+    # 3.6 lowers unary minus to 0 - x, which turns -(+0.0) into +0.0 (then x = -0.0 with a
+    # -0.0 bias would come out +0.0, not torch's -0.0).
+    shift = tl.load(mean + c, mask=cmask, other=0.0).to(ACC) * scale * -1.0
     if HAS_B:
         shift += tl.load(b + c, mask=cmask, other=0.0).to(ACC)
     return scale, shift
