@@ -117,7 +117,9 @@ def run_case(name, table, k, p_dtype, s_dtype, device, workdir):
 def markdown(result):
     lines = [header("Post-hoc EMA update (K EDM2 profiles)", result), "",
              f"Machine load while measuring (uptime): {result['load']}.", ""]
-    methods = ["eman_fused_posthoc", "k_ema_update", "k_foreach_lerp", "ema_pytorch"]
+    # Results written before ema-pytorch was measured have no ema_pytorch rows.
+    methods = [m for m in ("eman_fused_posthoc", "k_ema_update", "k_foreach_lerp", "ema_pytorch")
+               if any(m in case["methods"] for case in result["cases"])]
     lines.append("| case | MB moved fused / separate | " + " | ".join(methods) + " |")
     lines.append("|---|---:|" + "---:|" * len(methods))
     for case in result["cases"]:
@@ -135,7 +137,8 @@ def markdown(result):
         lines.append(f"| {case['case']} | {fm:.0f} / {sm:.0f} ({case['bytes_ratio_fused_vs_separate']:.3f}) | "
                      + " | ".join(cells) + " |")
     lines += ["", "(Nx) = that method's time / the fused time. Bytes: fused (2K+1) tensor passes, "
-              "separate 3K (ema-pytorch: its K KarrasEMA updates, counted as 3K passes)."]
+              "separate 3K (ema-pytorch: its K KarrasEMA updates, counted as 3K passes)."
+              + ("" if "ema_pytorch" in methods else " ema-pytorch's PostHocEMA: not measured in this run.")]
     for c in result["cases"]:
         for m, r in c["methods"].items():
             if "error" in r:
