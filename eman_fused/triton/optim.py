@@ -156,7 +156,10 @@ def _momentum_kernel(table, num_entries, scalars_at, partial,
             d = tl.where(adapt, d + wd * pi, d)
         d = d * factor
         if HAS_BUF:
-            b = tl.load(b_ptr + idx, mask=mask & (first_flag == 0)).to(tl.float32)
+            # The flag broadcast as an integer block before the comparison: Triton 3.9's
+            # interpreter refuses a load mask made of a block and a 0-d bool.
+            buf_exists = (tl.zeros_like(idx) + first_flag) == 0
+            b = tl.load(b_ptr + idx, mask=mask & buf_exists).to(tl.float32)
             b = tl.where(first, d, mom * b + damp * d)  # a new buffer is the first update
             tl.store(b_ptr + idx, round_to(b, PT), mask=mask)
             if NESTEROV:
