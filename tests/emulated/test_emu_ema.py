@@ -19,8 +19,6 @@ ops = torch.ops.eman_fused
 SIZES = [0, 1, 3, 4097, 2 * 32768 + 5]
 
 
-
-
 def run(emu, teacher_cpu, student_cpu, momentum, t_offset=0, s_offset=0, m_tensor=None):
     """Copies the lists into guarded buffers, runs the emulated kernel on the C++ planner's table,
     and returns the teachers after the update (and the buffers, still mapped)."""
@@ -111,9 +109,8 @@ def test_momentum_from_device_scalar(emu, mdt, value):
 @pytest.mark.parametrize("offset", [0, 1, 3])
 def test_integer_buffers_copied_as_bytes(emu, dtype, offset):
     gen = torch.Generator().manual_seed(2)
-    sizes = INTEGER_SIZES
-    teacher = [random_values(n, dtype, gen) for n in sizes]
-    student = [random_values(n, dtype, gen) for n in sizes]
+    teacher = [random_values(n, dtype, gen) for n in INTEGER_SIZES]
+    student = [random_values(n, dtype, gen) for n in INTEGER_SIZES]
     got = run(emu, teacher, student, 0.9, t_offset=offset, s_offset=0)
     for g, s in zip(got, student):
         assert torch.equal(g, s)

@@ -25,8 +25,6 @@ SIGMA_RELS = [0.05, 0.10, 0.15, 0.2, 0.03, 0.08, 0.25, 0.12]
 GAMMAS = [R.sigma_rel_to_gamma(s) for s in SIGMA_RELS]
 
 
-
-
 def counts(emu, student):
     """(entries, chunks) of the post-hoc plan: one entry per non-empty student tensor, chunks of
     posthoc_chunk_elems elements (bytes for integer tensors)."""
@@ -130,10 +128,9 @@ def test_thread_orders_give_the_same_bits(emu, order):
 @pytest.mark.parametrize("offset", [0, 1, 3])
 def test_integer_buffers_copied_to_every_profile(emu, dtype, offset):
     gen = torch.Generator().manual_seed(2)
-    sizes = INTEGER_SIZES
     gammas = GAMMAS[:2]
-    profiles = [[random_values(n, dtype, gen) for n in sizes] for _ in gammas]
-    student = [random_values(n, dtype, gen) for n in sizes]
+    profiles = [[random_values(n, dtype, gen) for n in INTEGER_SIZES] for _ in gammas]
+    student = [random_values(n, dtype, gen) for n in INTEGER_SIZES]
     got, _ = run(emu, profiles, student, 50, gammas, p_offsets=[offset, 0])
     for prof in got:
         for g, s in zip(prof, student):
