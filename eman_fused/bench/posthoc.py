@@ -160,18 +160,17 @@ def main(argv=None) -> dict:
     result = {"op": "posthoc", "environment": environment(device), "cases": [],
               "load": "load average %.2f, %.2f, %.2f" % os.getloadavg()}
     biggest = 0
-    workdir = tempfile.TemporaryDirectory(prefix="eman_fused_bench_posthoc_")  # ema-pytorch's folder
-    for spec in args.model.split(","):
-        name, table = shapes.load_table(spec)
-        for k in (int(x) for x in args.k.split(",")):
-            for pair in args.dtypes.split(","):
-                p_dtype, s_dtype = pair.split(":")
-                case = run_case(name, table, k, p_dtype, s_dtype, device, Path(workdir.name))
-                biggest = max(biggest, case["methods"]["k_ema_update"].get("bytes", 0))
-                result["cases"].append(case)
+    with tempfile.TemporaryDirectory(prefix="eman_fused_bench_posthoc_") as workdir:  # ema-pytorch's folder
+        for spec in args.model.split(","):
+            name, table = shapes.load_table(spec)
+            for k in (int(x) for x in args.k.split(",")):
+                for pair in args.dtypes.split(","):
+                    p_dtype, s_dtype = pair.split(":")
+                    case = run_case(name, table, k, p_dtype, s_dtype, device, Path(workdir))
+                    biggest = max(biggest, case["methods"]["k_ema_update"].get("bytes", 0))
+                    result["cases"].append(case)
     result["copy_GBps"] = copy_bandwidth(device, max(biggest // 6, 1 << 20))
     result["load_after"] = "load average %.2f, %.2f, %.2f" % os.getloadavg()
-    workdir.cleanup()
     write_result(result, markdown(result), args.json, args.markdown)
     return result
 
