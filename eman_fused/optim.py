@@ -74,6 +74,7 @@ class _TeacherLink:
             momentum = Constant(momentum)
         self.teacher, self.schedule = teacher, momentum
         self._generation = None
+        self.teacher_params: set[int] = set()  # ids of the teacher's own tensors among the params
 
     @staticmethod
     def _refuse_unsupported(teacher: EMATeacher) -> None:
@@ -91,13 +92,29 @@ class _TeacherLink:
         self._generation = generation
 
     def check_params(self, groups) -> None:
+        """Every param is the student's, or one of the teacher's own frozen tensors: those come
+        with `self.parameters()` of a module holding both models (a LightningModule with a
+        teacher attribute) and are skipped, as torch skips params without a grad."""
         self._refresh()
         for gi, group in enumerate(groups):
             for pi, p in enumerate(group["params"]):
-                if not self.teacher.is_student_tensor(p):
-                    raise ValueError(f"param {pi} of param group {gi} (shape {tuple(p.shape)}) is not a "
-                                     "parameter of the teacher's student; the teacher does not match "
-                                     "this optimizer")
+                if self.teacher.is_student_tensor(p):
+                    continue
+                if self.teacher.is_teacher_tensor(p):
+                    self.teacher_params.add(id(p))
+                    continue
+                raise ValueError(f"param {pi} of param group {gi} (shape {tuple(p.shape)}) is not a "
+                                 "parameter of the teacher's student; the teacher does not match "
+                                 "this optimizer")
+
+    def refuse_teacher_grads(self, params) -> None:
+        """A teacher tensor with a grad would be written twice (by the step and by the EMA):
+        refused before any write."""
+        for p in params:
+            if id(p) in self.teacher_params:
+                raise ValueError(f"a param of this optimizer (shape {tuple(p.shape)}) is one of the "
+                                 "teacher's own tensors and has a grad; the teacher is written by "
+                                 "its EMA only (its params are frozen: requires_grad=False)")
 
     def momentum(self):
         self._refresh()  # first: a re-match may move the teacher (and its step tensor)
@@ -259,6 +276,8 @@ class _FusedStep:
             params, grads = self._grads(group)
             if not params:
                 continue
+            if link is not None and link.teacher_params:
+                link.refuse_teacher_grads(params)
             # One kernel call per (device, param dtype, teacher dtype): params whose teacher
             # tensor the kernel can update go with it; the rest (all, without a teacher) without.
             by_id = {id(p): g for p, g in zip(params, grads)}

@@ -357,6 +357,8 @@ class EMATeacher(nn.Module):
                                        if slot.is_buffer and slot.tensor.is_floating_point()]
         self._student_all = [slot.tensor for slot in s_slots.values()]
         self._student_ids = {id(t) for t in self._student_all}
+        self._teacher_ids = {id(slot.tensor) for slot in t_slots.values()}
+        self._all_pairs = [(s_slots[name].tensor, slot.tensor) for name, slot in t_slots.items()]
         self.names = list(t_slots)
         self._rest_cache = None
         if mirror:
@@ -430,6 +432,18 @@ class EMATeacher(nn.Module):
     def is_student_tensor(self, t: torch.Tensor) -> bool:
         """Whether `t` is one of the student's parameters or buffers (by identity)."""
         return id(t) in self._student_ids
+
+    def is_teacher_tensor(self, t: torch.Tensor) -> bool:
+        """Whether `t` is one of the teacher's own parameters or buffers (by identity): what an
+        optimizer over `module.parameters()` of a module holding both models meets, frozen."""
+        self.refresh()
+        return id(t) in self._teacher_ids
+
+    def matched_pairs(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """(student tensor, teacher tensor) for every parameter and buffer name of the two
+        models, written by the update or not: what a weight swap exchanges."""
+        self.refresh()
+        return list(self._all_pairs)
 
     def momentum_for_step(self, schedule: Schedule | None = None):
         """The momentum of the next update: `schedule` (default: the teacher's) at the update

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Set-up (scripts/setup.sh), then the whole test suite against the package as a user installs it:
 # a wheel and an sdist built from this tree into dist/ (with .venv's torch, --no-build-isolation),
-# the wheel installed with its [test,bench] extras into a fresh venv, and pytest run there from a
+# the wheel installed with its [test,bench,lightning,diffusers] extras into a fresh venv, and pytest run there from a
 # copy of tests/ outside the source tree, so only the installed package can be imported
 # (tests/test_packaging.py proves it, and that every file of eman_fused/ is in the wheel).
 # Extra arguments go to pytest; the suite runs on one pytest-xdist worker per core
@@ -30,12 +30,13 @@ trap 'rm -rf "$work"' EXIT
 t0=$(date +%s)
 fresh_venv "$work/venv"
 # requirements-dev.txt pins the versions; the extras say what is installed.
-wheelhouse_install "$work/venv" -c requirements-dev.txt "$wheel[test,bench]"
-echo "fresh venv with $(basename "$wheel")[test,bench] in $(( $(date +%s) - t0 )) s"
+wheelhouse_install "$work/venv" -c requirements-dev.txt "$wheel[test,bench,lightning,diffusers]"
+echo "fresh venv with $(basename "$wheel")[test,bench,lightning,diffusers] in $(( $(date +%s) - t0 )) s"
 stage_suite "$root" "$work/suite"
 
 cd "$work/suite"
-export EMAN_FUSED_SOURCE_TREE="$root" PYTHONDONTWRITEBYTECODE=1
+# EMAN_FUSED_REQUIRE_EXTRAS: the integration tests fail, not skip, without Lightning / diffusers.
+export EMAN_FUSED_SOURCE_TREE="$root" PYTHONDONTWRITEBYTECODE=1 EMAN_FUSED_REQUIRE_EXTRAS=1
 "$work/venv/bin/python" -m eman_fused info
 # One pytest-xdist worker per core (EMAN_FUSED_TEST_WORKERS overrides; 0 runs in this process),
 # then the emulated CUDA tests in one process of their own: their coverage check reads what

@@ -182,6 +182,39 @@ def test_a_teacher_of_another_model_is_refused():
         optim.SGD(student.parameters(), lr=0.1, teacher=copy.deepcopy(student))
 
 
+
+@pytest.mark.parametrize("cls", [optim.SGD, optim.AdamW, optim.LARS])
+def test_parameters_of_a_module_holding_student_and_teacher(cls):
+    # `self.parameters()` of a LightningModule with a teacher attribute: the teacher's frozen
+    # tensors come along and are skipped; the step equals the one over the student's params.
+    def build():
+        holder = nn.Module()
+        holder.student = make_model()
+        holder.teacher = EMATeacher(holder.student, 0.9)
+        return holder
+    holder, ref = build(), build()
+    opt = cls(holder.parameters(), lr=0.05, teacher=holder.teacher)
+    ref_opt = cls(ref.student.parameters(), lr=0.05, teacher=ref.teacher)
+    data = batches(3)
+    train(holder.student, opt, data)
+    train(ref.student, ref_opt, data)
+    assert holder.teacher.num_updates == 3
+    for a, b in zip([*holder.state_dict().values()], [*ref.state_dict().values()]):
+        assert torch.equal(a, b)
+    # A teacher tensor with a grad would be written by the step and the EMA: refused before
+    # any write.
+    w = holder.teacher.module[0].weight
+    w.grad = torch.ones_like(w)
+    before = {k: v.clone() for k, v in holder.state_dict().items()}
+    x, y = data[0]
+    nn.functional.mse_loss(holder.student(x), y).backward()
+    with pytest.raises(ValueError, match="one of the teacher's own tensors"):
+        opt.step()
+    for k, v in holder.state_dict().items():
+        if not k.endswith(("running_mean", "running_var", "num_batches_tracked")):  # the forward's
+            assert torch.equal(v, before[k]), k
+
+
 SGD_H = dict(lr=0.1, momentum=0.9, dampening=0.0, nesterov=False, weight_decay=0.0, maximize=False,
              teacher_momentum=0.9)
 ADAMW_H = dict(lr=0.1, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.01, amsgrad=True, maximize=False,
