@@ -27,6 +27,15 @@ def test_posthoc_example_check_mode():
     assert "fused profiles == reference profiles" in run.stdout, run.stdout
 
 
+
+def test_lightning_example_check_mode():
+    pytest.importorskip("lightning")
+    run = subprocess.run([sys.executable, str(ROOT / "examples" / "lightning_eman.py"), "--check", "--epochs", "2"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert "teacher bit-identical to the uninterrupted run: True" in run.stdout, run.stdout
+    assert "== reference: the fused teacher equals the eager reference teacher after each of 40" in run.stdout
+
 def test_reference_check_fails_on_a_wrong_teacher():
     import eman_fused
     from digits import ReferenceCheck
