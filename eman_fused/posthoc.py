@@ -23,6 +23,8 @@ import torch
 from torch import nn
 
 from . import reference
+from .nn import convert_to_eman
+from .ops.ema import ema_update_
 from .ops.posthoc import posthoc_ema_update_
 from .teacher import named_tensors, unwrap
 
@@ -160,9 +162,17 @@ class PostHocEMA:
     max_residual: reconstruct() refuses a request whose best least-squares fit leaves more
         than this relative L2 error in the averaging profile (outside what the snapshots express).
     backend: 'auto', 'cpu', 'cuda', 'triton' or 'reference' (eman_fused.ops.posthoc_ema_update_).
+    buffers: 'ema' (default): floating buffers (BatchNorm running statistics) are averaged
+        with each profile's power function like the weights, as EMAN averages them, so a
+        profile normalizes with statistics that match its weights; 'copy': they are copied
+        from the model at every update (one more fused call, momentum 0, for all profiles).
+        Integer buffers (num_batches_tracked) are copied either way.
 
     Parameters and buffers are matched by name (wrappers such as DDP and torch.compile
-    removed): floating ones are averaged, integer ones (num_batches_tracked) copied.
+    removed). profile_module(k) / reconstruct_module(sigma_rel) give a copy of the model with
+    those weights whose BatchNorms are EMAN layers (eman_fused.nn.EMANBatchNorm*d: they
+    normalize with the averaged running statistics in train and eval mode alike), e.g. for
+    evaluation or as the teacher of a student-teacher method.
     Call update() after each optimizer step; t counts updates, 1 at the first, which copies
     the model (beta_1 = 0).
     """
@@ -170,7 +180,9 @@ class PostHocEMA:
     def __init__(self, model: nn.Module, sigma_rels: Sequence[float] = (0.05, 0.10),
                  snapshot_every: int | None = None, snapshot_dir: str | os.PathLike | None = None,
                  *, profile_dtype: torch.dtype | None = None, max_residual: float = 0.05,
-                 backend: str = "auto"):
+                 backend: str = "auto", buffers: str = "ema"):
+        if buffers not in ("ema", "copy"):
+            raise ValueError(f"buffers must be 'ema' or 'copy', got {buffers!r}")
         if not sigma_rels:
             raise ValueError("PostHocEMA needs at least one sigma_rel")
         if snapshot_every is not None and (not isinstance(snapshot_every, int) or snapshot_every < 1):
@@ -183,9 +195,15 @@ class PostHocEMA:
         self.snapshot_dir = Path(snapshot_dir) if snapshot_dir is not None else None
         self.max_residual = float(max_residual)
         self.backend = backend
+        self.buffers = buffers
         self._model = model
         named = named_tensors(model)
         self._names = list(named)
+        # buffers='copy': the floating buffers leave the averaging call for a copy call.
+        self._copied = [n for n, (t, is_buffer) in named.items()
+                        if buffers == "copy" and is_buffer and t.is_floating_point()]
+        copied = set(self._copied)
+        self._averaged = [n for n in self._names if n not in copied]
         self._state_keys = set(unwrap(model).state_dict().keys())
         self.profiles: list[dict[str, torch.Tensor]] = []
         for _ in self.gammas:
@@ -203,22 +221,26 @@ class PostHocEMA:
         self._pipeline = _SnapshotPipeline(_CudaCopies(device) if device.type == "cuda" else _SyncCopies())
 
     # -- training ---------------------------------------------------------------------------
-    def _student(self) -> list[torch.Tensor]:
+    def _student(self) -> dict[str, torch.Tensor]:
         named = named_tensors(self._model)
         if list(named) != self._names:
             missing = sorted(set(self._names) - set(named))
             extra = sorted(set(named) - set(self._names))
             raise RuntimeError(f"PostHocEMA: the model's parameters and buffers changed since "
                                f"construction (missing: {missing[:5]}, new: {extra[:5]})")
-        return [t.detach() for t, _ in named.values()]
+        return {n: t.detach() for n, (t, _) in named.items()}
 
     @torch.no_grad()
     def update(self) -> None:
         """One update of every profile (one fused pass), then a snapshot when due."""
         student = self._student()
-        lists = [[p[n] for n in self._names] for p in self.profiles]
+        lists = [[p[n] for n in self._averaged] for p in self.profiles]
         self._pipeline.before_update()  # a snapshot's copy out of the profiles has ended
-        posthoc_ema_update_(lists, student, self.step, self.gammas, backend=self.backend)
+        posthoc_ema_update_(lists, [student[n] for n in self._averaged], self.step, self.gammas,
+                            backend=self.backend)
+        if self._copied:
+            ema_update_([p[n] for p in self.profiles for n in self._copied],
+                        [student[n] for _ in self.profiles for n in self._copied], 0.0, backend=self.backend)
         self._num_updates += 1
         if self.snapshot_every is not None and self._num_updates % self.snapshot_every == 0:
             self.snapshot()
@@ -231,6 +253,28 @@ class PostHocEMA:
         """Profile k's current weights under the plain model's state_dict keys."""
         prof = self.profiles[k]
         return {n: prof[n] for n in self._names if n in self._state_keys}
+
+    def profile_module(self, k: int, *, eman: bool = True, fuse_relu: bool = False) -> nn.Module:
+        """A copy of the model holding profile k's current weights, frozen, in eval mode; with
+        eman=True its BatchNorms are EMAN layers (normalizing with the profile's statistics in
+        train mode too)."""
+        return self._module_with(self.profile_state_dict(k), eman, fuse_relu)
+
+    def reconstruct_module(self, sigma_rel: float, step: int | None = None, *, eman: bool = True,
+                           fuse_relu: bool = False) -> nn.Module:
+        """reconstruct(sigma_rel, step) loaded into a copy of the model (see profile_module)."""
+        return self._module_with(self.reconstruct(sigma_rel, step), eman, fuse_relu)
+
+    @torch.no_grad()
+    def _module_with(self, state: dict[str, torch.Tensor], eman: bool, fuse_relu: bool) -> nn.Module:
+        import copy
+        module = copy.deepcopy(unwrap(self._model))
+        module.load_state_dict(state)
+        if eman:
+            module = convert_to_eman(module, fuse_relu=fuse_relu, backend=self.backend)
+        for p in module.parameters():
+            p.requires_grad_(False)
+        return module.eval()
 
     # -- snapshots --------------------------------------------------------------------------
     def snapshot(self) -> dict | Path:
@@ -344,7 +388,7 @@ class PostHocEMA:
     # -- resume -----------------------------------------------------------------------------
     def state_dict(self) -> dict:
         self.flush()
-        return {"num_updates": self._num_updates, "gammas": list(self.gammas),
+        return {"num_updates": self._num_updates, "gammas": list(self.gammas), "buffers": self.buffers,
                 "sigma_rels": list(self.sigma_rels), "snapshot_every": self.snapshot_every,
                 "profiles": [{n: t.detach().clone() for n, t in p.items()} for p in self.profiles],
                 "snapshots": list(self.snapshots),
@@ -355,6 +399,9 @@ class PostHocEMA:
         if [float(g) for g in state["gammas"]] != self.gammas:
             raise ValueError(f"PostHocEMA.load_state_dict: the state has gammas {state['gammas']}, "
                              f"this object {self.gammas} (built with other sigma_rels)")
+        if state.get("buffers", "ema") != self.buffers:
+            raise ValueError(f"PostHocEMA.load_state_dict: the state was made with buffers="
+                             f"{state.get('buffers', 'ema')!r}, this object has buffers={self.buffers!r}")
         if len(state["profiles"]) != len(self.profiles):
             raise ValueError("PostHocEMA.load_state_dict: number of profiles differs")
         for mine, theirs in zip(self.profiles, state["profiles"]):

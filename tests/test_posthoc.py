@@ -188,6 +188,48 @@ def test_class_matches_eager_profiles_and_copies_integer_buffers():
     model.load_state_dict(ph.profile_state_dict(0))  # loads into the plain model
 
 
+
+def test_buffers_copy_copies_the_statistics_and_averages_the_weights():
+    model = _toy()
+    ema, copy_ = PostHocEMA(model, sigma_rels=(0.05, 0.10)), PostHocEMA(model, sigma_rels=(0.05, 0.10), buffers="copy")
+    _train(model, 20, [ema.update, copy_.update])
+    for k in range(2):
+        a, b = ema.profile_state_dict(k), copy_.profile_state_dict(k)
+        for n, v in model.state_dict().items():
+            if n.endswith(("running_mean", "running_var")):
+                assert torch.equal(b[n], v), n  # copied at every update
+                assert not torch.equal(a[n], v), n  # averaged
+            else:
+                assert torch.equal(a[n], b[n]), n  # the weights: the same fused averaging
+    with pytest.raises(ValueError, match="buffers must be"):
+        PostHocEMA(model, buffers="own")
+    with pytest.raises(ValueError, match="buffers="):
+        ema.load_state_dict(copy_.state_dict())
+
+
+def test_profile_and_reconstructed_modules_normalize_with_emans_statistics():
+    model = _toy()
+    ph = PostHocEMA(model, sigma_rels=(0.05, 0.10), snapshot_every=10)
+    _train(model, 60, [ph.update])
+    before = {n: v.clone() for n, v in model.state_dict().items()}
+    x = torch.randn(16, 6)
+    for module, state in ((ph.profile_module(1), ph.profile_state_dict(1)),
+                          (ph.reconstruct_module(0.07), ph.reconstruct(0.07))):
+        assert isinstance(module[1], eman_fused.nn.EMANBatchNorm1d)
+        assert not any(p.requires_grad for p in module.parameters())
+        sd = module.state_dict()
+        assert all(torch.equal(sd[n], state[n]) for n in state)
+        # The eval-mode plain model with these weights, whatever the EMAN module's mode:
+        plain = _toy()
+        plain.load_state_dict(state)
+        plain.eval()
+        want = plain(x)
+        torch.testing.assert_close(module(x), want, rtol=1e-5, atol=1e-6)
+        module.train()
+        torch.testing.assert_close(module(x), want, rtol=1e-5, atol=1e-6)
+    assert isinstance(ph.profile_module(0, eman=False)[1], nn.BatchNorm1d)
+    assert all(torch.equal(v, before[n]) for n, v in model.state_dict().items())  # the model untouched
+
 def _reconstruction_run(tmp_path=None, steps=2000, every=50):
     model = _toy()
     ph = PostHocEMA(model, sigma_rels=(0.05, 0.10), snapshot_every=every, snapshot_dir=tmp_path)
