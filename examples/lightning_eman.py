@@ -17,7 +17,6 @@ import tempfile
 from pathlib import Path
 
 import torch
-from torch import nn
 from torch.nn import functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))

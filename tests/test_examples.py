@@ -36,6 +36,14 @@ def test_lightning_example_check_mode():
     assert "teacher bit-identical to the uninterrupted run: True" in run.stdout, run.stdout
     assert "== reference: the fused teacher equals the eager reference teacher after each of 40" in run.stdout
 
+
+def test_diffusers_example_check_mode():
+    pytest.importorskip("diffusers")
+    run = subprocess.run([sys.executable, str(ROOT / "examples" / "diffusers_ema.py"), "--check", "--steps", "300"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert "== diffusers: our shadows vs diffusers' EMAModel after 300 steps" in run.stdout, run.stdout
+
 def test_reference_check_fails_on_a_wrong_teacher():
     import eman_fused
     from digits import ReferenceCheck
