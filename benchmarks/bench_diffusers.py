@@ -7,6 +7,7 @@ ResNet-50's tensors (torchvision), float32, in the same run, alternating, median
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import subprocess
 
@@ -63,7 +64,9 @@ def main(argv=None):
     lines = [f"# diffusers EMAModel.step vs eman_fused.integrations.diffusers.EMAModel.step ({device_name(device)})",
              "", f"torch {env['torch']}, diffusers {diffusers.__version__}, {env['threads']} threads; {args.rounds} "
              "alternating rounds, median; float32 params and shadows, decay 0.9999. CPU numbers (no GPU).",
-             f"Load before: `{load_before}`; after: `{load_after}`.", "",
+             f"Load before: `{load_before}`; after: `{load_after}`.",
+             f"The machine: {os.cpu_count()} CPU cores shared with other jobs, so single timings are noisy "
+             "(the ratios compare methods measured alternately in the same run).", "",
              "| model | tensors | MB | diffusers (foreach=False) | diffusers (foreach=True) | eman_fused |",
              "|---|---:|---:|---:|---:|---:|"]
     for r in rows:

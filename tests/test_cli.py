@@ -64,7 +64,7 @@ def test_check_covers_eman_norm_and_fails_when_wrong():
 
 
 def test_bench_writes_json_markdown_and_png(tiny_json, tmp_path):
-    out = cli("bench", "--model", f"{tiny_json},tiny_model:make", "--device", "cpu",
+    out = cli("bench", "--model", f"{tiny_json},tiny_model:make", "--device", "cpu", "--no-compile",
               "--dtypes", "fp32:fp32,fp32:bf16", "--json", str(tmp_path / "r.json"),
               "--markdown", str(tmp_path / "r.md"), "--plot", str(tmp_path / "r.png"))
     assert out.returncode == 0, out.stderr
@@ -80,6 +80,50 @@ def test_bench_writes_json_markdown_and_png(tiny_json, tmp_path):
     assert (tmp_path / "r.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "| tiny t=fp32 s=fp32 |" in (tmp_path / "r.md").read_text()
     assert "[ema 4/4]" in out.stderr  # progress
+    # --no-compile: no compiled peer measured, and the table says it was not run
+    assert result["compile"] == {"enabled": False, "why": "--no-compile"}
+    assert not any("foreach_compile" in c["methods"] for c in result["cases"])
+    assert "- foreach_compile (the torch.compile peer: foreach lerp, 0-dim tensor weight): not run (--no-compile)" \
+        in (tmp_path / "r.md").read_text()
+
+
+def test_bench_times_the_compiled_peers_by_default(tiny_json, tmp_path):
+    """The default bench compiles its torch.compile peers (EMA, optimizer step + EMA; eval BN +
+    add + ReLU below, in-process on one small site), times them after compiling, reports the
+    compile time, and says which case it did not compile and why."""
+    out = cli("bench", "--ops", "ema,optim", "--model", f"{tiny_json},tiny_model:make", "--device", "cpu",
+              "--dtypes", "fp32:fp32,fp32:bf16", "--optim", "sgd,lars", "--compile-max-tensors", "5",
+              "--repeats", "2", "--json", str(tmp_path / "c.json"), "--markdown", str(tmp_path / "c.md"))
+    assert out.returncode == 0, out.stderr
+    result = json.loads((tmp_path / "c.json").read_text())
+    assert result["compile"]["enabled"] and result["optim"]["compile"]["enabled"]
+    tiny_same, tiny_mixed, make_same, _ = result["cases"]
+    for case in (tiny_same, tiny_mixed):  # mixed dtypes too: the cast is part of the compiled update
+        peer = case["methods"]["foreach_compile"]
+        assert peer["ms"] > 0 and peer["GB/s"] > 0 and peer["eman_fused_speedup"] > 0, peer
+        assert peer["compile_s"] > 0 and peer["graphs"] == 1 and peer["graph_breaks"] == 0
+        assert len(peer["runs_ms"]) == 2
+    assert "9 tensors > --compile-max-tensors 5" in make_same["methods"]["foreach_compile"]["skipped"]
+    sgd, lars = result["optim"]["cases"][:2]
+    peer = sgd["methods"]["torch_compile+foreach_lerp"]
+    assert peer["ms"] > 0 and peer["compile_s"] > 0 and peer["eman_fused_speedup"] > 0
+    assert "torch has no LARS" in lars["skipped"]["torch_compile+foreach_lerp"]
+    md = (tmp_path / "c.md").read_text()
+    assert "| foreach_compile | compile time |" in md and "| torch_compile+foreach_lerp | compile time |" in md
+    assert "- foreach_compile on make t=fp32 s=fp32: not compiled: 9 tensors" in md
+    assert "eman_fused behind torch.compile in" in md or "eman_fused ahead of torch.compile in every" in md
+    assert "median of 2 round-robin rounds" in md
+
+    from eman_fused.bench import norm
+    from eman_fused.bench.common import compile_settings, prepare
+    prepare(torch.device("cpu"))
+    case = norm.run_case(("tiny bn+add+relu", 8, 4, True), 2, "channels_last", "fp32", torch.device("cpu"))
+    peer = case["methods"]["eager_compile"]
+    assert peer["fwd_ms"] > 0 and peer["bwd_ms"] > 0 and peer["bwd_speedup"] > 0, peer
+    assert peer["compile_fwd_s"] > 0 and peer["compile_bwd_s"] > 0
+    text = norm.markdown({"environment": result["environment"], "copy_GBps": 1.0, "batch": 2,
+                          "compile": compile_settings(True, 1000), "cases": [case]})
+    assert "| compile fwd | compile bwd | compile time (fwd + bwd) |" in text
 
 
 def test_bench_refuses_unknown_ops():
@@ -100,7 +144,7 @@ def test_check_covers_the_fused_optimizers_and_fails_when_wrong(tiny_json):
 
 
 def test_bench_optim(tiny_json, tmp_path):
-    out = cli("bench", "--ops", "optim", "--model", str(tiny_json), "--device", "cpu",
+    out = cli("bench", "--ops", "optim", "--model", str(tiny_json), "--device", "cpu", "--no-compile",
               "--json", str(tmp_path / "o.json"))
     assert out.returncode == 0, out.stderr
     cases = json.loads((tmp_path / "o.json").read_text())["optim"]["cases"]
@@ -109,7 +153,7 @@ def test_bench_optim(tiny_json, tmp_path):
                                         "torch_fused+EMATeacher", "torch+foreach_lerp"}
     assert set(cases[2]["methods"]) == set(cases[3]["methods"]) == {"eman_fused", "eager_lars+EMATeacher"}
     tensors = cli("bench", "--ops", "optim", "--model", str(tiny_json), "--device", "cpu", "--optim",
-                  "adamw_tensor", "--json", str(tmp_path / "t.json"))
+                  "adamw_tensor", "--no-compile", "--json", str(tmp_path / "t.json"))
     assert tensors.returncode == 0, tensors.stderr
     case, = json.loads((tmp_path / "t.json").read_text())["optim"]["cases"]
     assert case["case"] == "tiny adamw_tensor" and "torch_foreach+EMATeacher" in case["skipped"]
@@ -143,7 +187,8 @@ def test_bench_posthoc_measures_every_arm_or_says_why_not(tiny_json, tmp_path):
 
 
 def test_bench_norm_forward_and_backward(tmp_path):
-    out = cli("bench", "--ops", "norm", "--device", "cpu", "--batch", "1", "--json", str(tmp_path / "n.json"))
+    out = cli("bench", "--ops", "norm", "--device", "cpu", "--batch", "1", "--no-compile",
+              "--json", str(tmp_path / "n.json"))
     assert out.returncode == 0, out.stderr
     norm = json.loads((tmp_path / "n.json").read_text())["norm"]
     assert len(norm["cases"]) == 20  # 5 ResNet-50 sites x 2 layouts x 2 dtypes

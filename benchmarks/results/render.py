@@ -1,7 +1,9 @@
 """Renders README.md's performance tables from the committed results in benchmarks/results/
 (JSON written by `python -m eman_fused bench --json`, benchmarks/bench_optim.py and
 benchmarks/bench_teacher.py): only measured numbers, each table
-with its device, date, versions and commit; GPU results first.
+with its device, date, versions and commit; GPU results first. Of the files of one series
+(the same name up to its date, e.g. ema_cpu_2026-11-23.json and ema_cpu_2026-12-02.json) only
+the newest is rendered; the older ones stay committed as the record of earlier runs.
 
   python benchmarks/results/render.py          # rewrite the block in README.md
   python benchmarks/results/render.py --check  # exit 1 if README.md is out of date
@@ -11,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -26,9 +29,25 @@ START = "<!-- perf-tables:start (rendered by benchmarks/results/render.py) -->"
 END = "<!-- perf-tables:end -->"
 
 
+DATED = re.compile(r"^(?P<series>.+)_(?P<date>\d{4}-\d{2}-\d{2})$")
+
+
+def newest_of_each_series(paths) -> list[Path]:
+    """The newest file of each series: files in one folder whose names differ only in their
+    trailing _YYYY-MM-DD date. Undated names are a series of their own."""
+    newest = {}
+    for path in paths:
+        match = DATED.match(path.stem)
+        key = (path.parent, match["series"] if match else path.stem)
+        date = match["date"] if match else ""
+        if key not in newest or date > newest[key][0]:
+            newest[key] = (date, path)
+    return sorted(path for _, path in newest.values())
+
+
 def render(results_dir: Path = ROOT / "benchmarks" / "results") -> str:
     blocks = {"GPU": [], "CPU": []}
-    for path in sorted(results_dir.rglob("*.json")):
+    for path in newest_of_each_series(results_dir.rglob("*.json")):
         data = json.loads(path.read_text())
         if "environment" not in data:
             continue  # e.g. a tuning sweep

@@ -11,7 +11,8 @@ import torch
 import eman_fused
 from eman_fused.bench import ema as bench_ema
 from eman_fused.bench import shapes
-from eman_fused.bench.common import copy_bandwidth, environment, prepare, write_result
+from eman_fused.bench.common import (COMPILE_MAX_TENSORS, compile_settings, copy_bandwidth, environment,
+                                     load_average, prepare, write_result)
 
 OPS = {"ema": "the fused EMA teacher update", "norm": "eman_norm (BN with running stats + add + ReLU)",
        "optim": "optimizer step + teacher update (SGD, AdamW, LARS simclr and you2017) vs torch's optimizer + a separate EMA"}
@@ -25,8 +26,24 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtypes", "--dtype", dest="dtypes", default="fp32:fp32,fp32:bf16",
                     help="teacher:student pairs, e.g. fp32:fp32,fp32:bf16,bf16:bf16")
-    ap.add_argument("--compile", action="store_true",
-                    help="also time torch.compile(foreach_lerp) (minutes of compiling on a CPU)")
+    ap.add_argument("--no-compile", dest="compile", action="store_false",
+                    help="leave out the torch.compile peers (timed by default: the foreach EMA, "
+                         "eval BN + add + ReLU, torch's optimizer step + the EMA, each compiled "
+                         "before it is timed, its compile time reported); the tables say they "
+                         "were not run")
+    ap.add_argument("--compile", dest="compile", action="store_true",
+                    help="accepted for older scripts and does nothing: the torch.compile peers are "
+                         "on by default")
+    ap.add_argument("--compile-max-tensors", type=int, default=COMPILE_MAX_TENSORS, metavar="N",
+                    help="cases with more tensors are not compiled, and the tables say so "
+                         f"(default {COMPILE_MAX_TENSORS}; on a 2-thread CPU inductor took about a minute "
+                         "for ResNet-50's 320 tensors, 4.6 min for 1,000 and had not finished 5,000 "
+                         "after 20 min); 0 compiles every case")
+    ap.add_argument("--repeats", type=int, default=1, metavar="R",
+                    help="time every method R times, round-robin within each case, and report "
+                         "the median (every round's time goes to the JSON); for a noisy machine")
+    ap.add_argument("--note", help="a sentence for the results' markdown, under the machine load and "
+                    "the spread of the rounds (e.g. what else ran on the machine)")
     ap.add_argument("--json", type=Path)
     ap.add_argument("--markdown", type=Path)
     ap.add_argument("--plot", type=Path, help="write a PNG: bars per method, log-scale time")
@@ -50,44 +67,59 @@ def run(args) -> dict:
     say("backends:", *[str(b) for b in eman_fused.backends().values()], sep="\n  ")
     ops = args.ops.split(",")
     prepare(device)
+    compiling = compile_settings(args.compile, args.compile_max_tensors)
     result = {"environment": environment(device), "copy_GBps": copy_bandwidth(device, 256 << 20),
               "cases": []}
-    texts = []
+    parts = []  # (markdown function, record) per op, rendered once every op has run
+
+    def record(extra: dict) -> dict:
+        """One op's record: environment, yardstick, compile settings, the load at its start."""
+        return {"environment": result["environment"], "copy_GBps": result["copy_GBps"], **extra,
+                "compile": compiling, "load": load_average(), "cases": []}
+
     if "ema" in ops:
+        result.update(compile=compiling, load=load_average())
         models = [shapes.load_table(spec) for spec in args.models.split(",")]
         pairs = [pair.split(":") for pair in args.dtypes.split(",")]
         total = len(models) * len(pairs)
         for name, table in models:
             for t_dtype, s_dtype in pairs:
                 say(f"[ema {len(result['cases']) + 1}/{total}] {name} teacher {t_dtype}, student {s_dtype} ...")
-                result["cases"].append(bench_ema.run_case(name, table, t_dtype, s_dtype, device, args.compile))
-        texts.append(bench_ema.markdown(result))
+                result["cases"].append(bench_ema.run_case(name, table, t_dtype, s_dtype, device, args.compile,
+                                                          args.compile_max_tensors, args.repeats))
+        result["load_after"] = load_average()
+        parts.append((bench_ema.markdown, result))
     if "norm" in ops:
         from eman_fused.bench import norm as bench_norm
-        batch = args.batch or (32 if device.type == "cuda" else 4)
-        norm = {"environment": result["environment"], "copy_GBps": result["copy_GBps"],
-                "batch": batch, "cases": []}
+        norm = result["norm"] = record({"batch": args.batch or (32 if device.type == "cuda" else 4)})
         combos = [(site, layout, dtype) for site in shapes.RESNET50_SITES
                   for layout in ("contiguous", "channels_last") for dtype in ("fp32", "bf16")]
         for i, (site, layout, dtype) in enumerate(combos):
             say(f"[norm {i + 1}/{len(combos)}] {site[0]} {layout} {dtype} ...")
-            norm["cases"].append(bench_norm.run_case(site, batch, layout, dtype, device, args.compile))
-        result["norm"] = norm
-        texts.append(bench_norm.markdown(norm))
+            norm["cases"].append(bench_norm.run_case(site, norm["batch"], layout, dtype, device, args.compile,
+                                                     args.repeats))
+        norm["load_after"] = load_average()
+        parts.append((bench_norm.markdown, norm))
     if "optim" in ops:
         from eman_fused.bench import optim as bench_optim
-        optim = {"environment": result["environment"], "copy_GBps": result["copy_GBps"], "cases": []}
         models = [shapes.load_table(spec) for spec in args.models.split(",")]
         names = (args.optim or bench_optim.DEFAULT_OPTIMS).split(",")
         if unknown := [o for o in names if o not in bench_optim.CONFIGS]:
             raise SystemExit(f"bench: unknown optimizer(s) {', '.join(unknown)}; available: "
                              f"{', '.join(bench_optim.CONFIGS)}")
+        optim = result["optim"] = record({})
         combos = [(name, table, o) for name, table in models for o in names]
         for i, (name, table, o) in enumerate(combos):
             say(f"[optim {i + 1}/{len(combos)}] {name} {o} ...")
-            optim["cases"].append(bench_optim.run_case(name, table, o, device))
-        result["optim"] = optim
-        texts.append(bench_optim.markdown(optim))
+            optim["cases"].append(bench_optim.run_case(name, table, o, device, use_compile=args.compile,
+                                                       compile_max_tensors=args.compile_max_tensors,
+                                                       rounds=args.repeats))
+        optim["load_after"] = load_average()
+        parts.append((bench_optim.markdown, optim))
+    for _, r in parts:
+        if args.note:
+            r["note"] = args.note
+    texts = [markdown(r) for markdown, r in parts]
     write_result(result, "\n".join(texts), args.json, args.markdown)
     if args.plot and result["cases"]:
         bench_ema.plot(result, args.plot)

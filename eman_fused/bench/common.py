@@ -6,6 +6,7 @@ import ctypes
 import datetime
 import json
 import math
+import os
 import platform
 import statistics
 import subprocess
@@ -127,3 +128,178 @@ def write_result(result: dict, text: str, json_path: Path | None, markdown_path:
         if path:
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(content())
+
+
+# ---- torch.compile peers ------------------------------------------------------------------------
+
+# Cases with more tensors than this are not compiled by default (the tables say so, and why).
+# Inductor's compile time of the foreach update grows faster than the tensor count; cold, on a
+# 2-thread CPU (2026-12-02, torch 2.14.1): ViT-B/16's 152 tensors 51 s, ResNet-50's 320 64 s,
+# 1,000 small tensors 279 s, and 5,000 (many_small) had not finished after 20 minutes.
+COMPILE_MAX_TENSORS = 1000
+
+
+def compile_skip_reason(n_tensors: int, max_tensors: int) -> str | None:
+    """Why a case with `n_tensors` tensors is not compiled under --compile-max-tensors, or None."""
+    if max_tensors and n_tensors > max_tensors:
+        return (f"not compiled: {n_tensors} tensors > --compile-max-tensors {max_tensors} "
+                "(inductor's compile time grows faster than the tensor count: on a 2-thread CPU "
+                "1,000 tensors took 4.6 min and 5,000 had not finished after 20 min; "
+                "--compile-max-tensors 0 compiles every case)")
+    return None
+
+
+def _sync(device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+class CompiledPeer:
+    """One torch.compile peer, compiled before it is timed.
+
+    Each peer starts from torch._dynamo.reset(): the benchmarks compile the same Python function
+    for model after model, and dynamo, seeing new sizes for a code object it has compiled,
+    would recompile it with dynamic sizes (slower kernels than a model's own static ones), and
+    after its recompile limit fall back to eager without failing. dynamic=False keeps every
+    size static, as a training loop with fixed shapes gets. `warm` times the calls that compile
+    (tracing, inductor, the C++/Triton build, and the calls' own run time: seconds against
+    milliseconds); `no_recompile` then runs the peer with recompiles turned into errors, after
+    `vary` (a new momentum or learning rate written into its 0-dim tensor), so a peer that would
+    recompile as the momentum moves fails instead of being timed. With fullgraph=True (the EMA
+    and norm peers) a value read on the host would be a graph break, which fails as well."""
+
+    def __init__(self, fn, device, fullgraph=True):
+        import torch._dynamo
+        from torch._dynamo.utils import counters
+
+        torch._dynamo.reset()
+        counters.clear()
+        self._counters = counters
+        self.device = device
+        self.fn = torch.compile(fn, fullgraph=fullgraph, dynamic=False)
+        self.seconds = {}
+
+    def warm(self, key: str, call, calls: int = 2) -> None:
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            call()
+        _sync(self.device)
+        self.seconds[key] = time.perf_counter() - t0
+
+    def no_recompile(self, call, vary=None) -> None:
+        import torch._dynamo
+
+        if vary is not None:
+            vary()
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            call()
+            call()
+        _sync(self.device)
+
+    def info(self) -> dict:
+        """What compiling cost and made: seconds per warm-up, graphs, graph breaks, and whether
+        inductor's on-disk cache of compiled graphs answered (a hit skips most of the work, so
+        a rerun on the same machine compiles faster than the first run)."""
+        c = self._counters
+        return {**{k: round(v, 3) for k, v in self.seconds.items()},
+                "graphs": int(c["stats"]["unique_graphs"]),
+                "graph_breaks": int(sum(c["graph_break"].values())),
+                "fx_graph_cache_hits": int(c["inductor"]["fxgraph_cache_hit"]),
+                "fx_graph_cache_misses": int(c["inductor"]["fxgraph_cache_miss"])}
+
+
+def compile_settings(enabled: bool, max_tensors: int) -> dict:
+    """The result's record of how the compiled peers were run (or that they were not)."""
+    if not enabled:
+        return {"enabled": False, "why": "--no-compile"}
+    import torch._inductor.config
+
+    return {"enabled": True, "dynamic": False, "max_tensors": max_tensors,
+            "inductor_fx_graph_cache": bool(torch._inductor.config.fx_graph_cache)}
+
+
+def compile_time_cell(row: dict | None, keys=("compile_s",)) -> str:
+    """A compile-time cell: seconds, '(cache hit)' when inductor's cache answered every graph."""
+    if not row or not all(k in row for k in keys):
+        return "—"
+    text = " + ".join(f"{row[k]:.1f} s" for k in keys)
+    if row.get("fx_graph_cache_hits") and not row.get("fx_graph_cache_misses"):
+        text += " (cache hit)"
+    return text
+
+
+def versus_compiled(ratio: float) -> str:
+    """How eman_fused compares with the compiled peer, from the peer's time / eman_fused's."""
+    return f"{ratio:.2f}x" if ratio >= 1.0 else f"{ratio:.2f}x, **behind compiled**"
+
+
+def compile_note(result: dict, peer: str) -> list[str]:
+    """The lines under a table that say how the compiled peer ran, or that it did not."""
+    settings = result.get("compile")
+    if settings is None:
+        return [f"- {peer}: not measured in this run"]
+    if not settings["enabled"]:
+        return [f"- {peer}: not run ({settings['why']})"]
+    cache = ("inductor's graph cache on: '(cache hit)' marks a compile answered from an earlier "
+             "run's cache" if settings.get("inductor_fx_graph_cache") else "inductor's graph cache off")
+    return [f"- {peer}: torch.compile(dynamic=False), timed after the warm-up calls that compile "
+            f"(compile time: those calls' wall time); {cache}"]
+
+
+def error_text(exc: Exception) -> str:
+    return f"{type(exc).__name__}: {str(exc).splitlines()[0][:120] if str(exc) else ''}"
+
+
+def measure_rounds(methods: dict, device, rounds: int = 1) -> tuple[dict, dict]:
+    """Times every method (a callable, or None for one that failed before) `rounds` times,
+    round-robin: each round times each method once (`measure`) before the next round starts,
+    so a burst of load from other work on the machine lands on every method alike instead of
+    on whichever ran during it. Returns ({name: [seconds per round]}, {name: error}); a method
+    that raises is recorded with its error and left out of later rounds."""
+    runs = {name: [] for name, fn in methods.items() if fn is not None}
+    errors = {}
+    for _ in range(max(1, rounds)):
+        for name in list(runs):
+            try:
+                runs[name].append(measure(methods[name], device))
+            except Exception as exc:  # an alternative that cannot run this case says why
+                errors[name] = error_text(exc)
+                del runs[name]
+    return runs, errors
+
+
+def timing_row(runs: list[float], nbytes: int, prefix: str = "") -> dict:
+    """ms and GB/s of the median round; every round's ms too when there were several."""
+    seconds = statistics.median(runs)
+    row = {f"{prefix}ms": seconds * 1e3, f"{prefix}GB/s": nbytes / seconds / 1e9}
+    if len(runs) > 1:
+        row[f"{prefix}runs_ms"] = [round(s * 1e3, 4) for s in runs]
+    return row
+
+
+def load_average() -> list[float] | None:
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return None
+
+
+def noise_lines(result: dict) -> list[str]:
+    """What the reader needs to judge a result's noise: the machine's load while it ran, how
+    many rounds each time is the median of and how far one method's rounds spread, and the
+    note given with --note."""
+    lines = []
+    if result.get("load"):
+        after = f"; at the end: {', '.join(map(str, result['load_after']))}" if result.get("load_after") else ""
+        lines.append(f"Machine load average (1, 5, 15 min) at the start: {', '.join(map(str, result['load']))}"
+                     f"{after} ({result['environment']['threads']} threads used).")
+    runs = [row[k] for c in result.get("cases", []) for row in c.get("methods", {}).values()
+            for k in row if k.endswith("runs_ms") and min(row[k]) > 0]
+    if runs:
+        spread = sorted(max(r) / min(r) for r in runs)
+        lines.append(f"Each time is the median of {len(runs[0])} round-robin rounds (every method timed once "
+                     f"per round, in turn); one method's rounds spread by {spread[len(spread) // 2]:.2f}x "
+                     f"(median over methods and cases), at most {spread[-1]:.2f}x (max / min).")
+    if result.get("note"):
+        lines.append(result["note"])
+    return ["", " ".join(lines)] if lines else []

@@ -3,6 +3,14 @@ teacher update, against eman_fused.optim with the teacher fused into the step, i
 
 For each model (a shape table: parameters, buffers, counters; fp32, or the whole model in
 bf16/fp16 with --param-dtype, teacher in the same dtype) and optimizer:
+  torch_compile+foreach_lerp  the measured peer, on by default (--no-compile: left out, said
+                       so): torch.compile (dynamic=False, graph breaks allowed, as PyTorch's
+                       recipe for compiling the optimizer step) of one function calling
+                       torch.optim.X.step() and then the foreach EMA with its weight 1-m as a
+                       0-dim tensor; the learning rate is a 0-dim tensor too, so a scheduler's
+                       new lr or a new momentum is a write, not a recompile. Timed after the
+                       warm-up calls that compile (their wall time: its compile time). LARS:
+                       none (torch has no LARS, and the eager one branches on values per tensor)
   torch+foreach_lerp   torch.optim.X (its default CPU/GPU implementation), then timm-style
                        torch._foreach_lerp_ over parameters and floating buffers + counter copies
   torch+EMATeacher     torch.optim.X, then eman_fused.EMATeacher.update() (one fused EMA call)
@@ -37,7 +45,10 @@ from torch import nn
 import eman_fused
 from eman_fused import reference
 from eman_fused.bench import shapes
-from eman_fused.bench.common import DTYPES, copy_bandwidth, environment, header, measure, prepare, write_result
+from eman_fused.bench.common import (COMPILE_MAX_TENSORS, DTYPES, CompiledPeer, compile_note, compile_settings,
+                                     compile_skip_reason, compile_time_cell, copy_bandwidth, environment,
+                                     error_text, header, load_average, measure_rounds, noise_lines, prepare,
+                                     timing_row, versus_compiled, write_result)
 from eman_fused.bench.shapes import ShapeModel, make
 
 M = 0.999
@@ -83,11 +94,16 @@ def _kwargs(kwargs):
     return {k: v() if callable(v) else v for k, v in kwargs.items()}
 
 
-def timm_style_update(teacher: nn.Module, student: nn.Module):
+def _split_state(teacher: nn.Module, student: nn.Module):
     t_f, s_f, t_i, s_i = [], [], [], []
     for t, s in zip(teacher.state_dict().values(), student.state_dict().values()):
         (t_f if t.is_floating_point() else t_i).append(t)
         (s_f if t.is_floating_point() else s_i).append(s)
+    return t_f, s_f, t_i, s_i
+
+
+def timm_style_update(teacher: nn.Module, student: nn.Module):
+    t_f, s_f, t_i, s_i = _split_state(teacher, student)
 
     @torch.no_grad()
     def step():
@@ -97,7 +113,44 @@ def timm_style_update(teacher: nn.Module, student: nn.Module):
     return step
 
 
-def run_case(model_name, table, optim_name, device, param_dtype="fp32"):
+LARS_NO_PEER = ("no torch.compile peer: torch has no LARS, and the eager LARS branches on each "
+                "tensor's norms (a graph break per tensor)")
+
+
+def compiled_peer(table, torch_cls, kw, device, dt):
+    """torch_compile+foreach_lerp, compiled and checked (see the module's docstring):
+    (peer, timed call)."""
+    student = make(table, device, dt)
+    teacher = ShapeModel(table, device, dt)
+    kwargs = _kwargs(kw)
+    if not isinstance(kwargs["lr"], torch.Tensor):
+        kwargs["lr"] = torch.tensor(kwargs["lr"], device=device)
+    opt = torch_cls(student.parameters(), **kwargs)
+    t_f, s_f, t_i, s_i = _split_state(teacher, student)
+    weight = torch.tensor(1.0 - M, device=device)
+
+    def step(w):
+        opt.step()
+        torch._foreach_lerp_(t_f, s_f, w)
+        if t_i:
+            torch._foreach_copy_(t_i, s_i)
+
+    def vary():  # what a scheduler does between steps: new values in the same tensors
+        weight.fill_(1.0 - 0.99)
+        opt.param_groups[0]["lr"].mul_(0.5)
+
+    peer = CompiledPeer(step, device, fullgraph=False)
+    call = torch.no_grad()(lambda: peer.fn(weight))
+    peer.warm("compile_s", call, calls=3)  # the first step also creates the optimizer's state
+    lr = opt.param_groups[0]["lr"].clone()
+    peer.no_recompile(call, vary)
+    weight.fill_(1.0 - M)
+    opt.param_groups[0]["lr"].copy_(lr)
+    return peer, call
+
+
+def run_case(model_name, table, optim_name, device, param_dtype="fp32", use_compile=True,
+             compile_max_tensors=COMPILE_MAX_TENSORS, rounds=1):
     torch_cls, ours_cls, kw, passes = CONFIGS[optim_name]
     dt = DTYPES[param_dtype]  # params, grads, buffers and teacher
     methods = {}
@@ -154,38 +207,71 @@ def run_case(model_name, table, optim_name, device, param_dtype="fp32"):
                                         "runs them, for tests)" if device.type == "cpu" else triton.detail)
     param_bytes = sum(p.nbytes for p in s3.parameters())
     nbytes = passes * param_bytes + 3 * sum(b.nbytes for b in s3.buffers() if b.is_floating_point())
-    rows = {}
-    for name, fn in methods.items():
-        seconds = measure(fn, device)
-        rows[name] = {"ms": seconds * 1e3, "GB/s": nbytes / seconds / 1e9}
-
+    rows, info = {}, {}
+    if use_compile:
+        if lars:
+            skipped["torch_compile+foreach_lerp"] = LARS_NO_PEER
+        elif why := compile_skip_reason(len(table), compile_max_tensors):
+            skipped["torch_compile+foreach_lerp"] = why
+        else:
+            try:
+                peer, methods["torch_compile+foreach_lerp"] = compiled_peer(table, torch_cls, kw, device, dt)
+                info = peer.info()
+            except Exception as exc:  # a peer that cannot compile this case says why
+                rows["torch_compile+foreach_lerp"] = {"error": error_text(exc)}
+    runs, errors = measure_rounds(methods, device, rounds)
+    for name in methods:
+        rows[name] = timing_row(runs[name], nbytes) if name in runs else {"error": errors[name]}
+    if "ms" in rows.get("torch_compile+foreach_lerp", {}):
+        rows["torch_compile+foreach_lerp"].update(info)
     for row in rows.values():
-        row["eman_fused_speedup"] = row["ms"] / rows["eman_fused"]["ms"]
+        if "ms" in row:
+            row["eman_fused_speedup"] = row["ms"] / rows["eman_fused"]["ms"]
     label = f"{model_name} {optim_name}" + ("" if param_dtype == "fp32" else f" {param_dtype}")
     return {"case": label, "tensors": len(table), "bytes_per_step": nbytes, "param_dtype": param_dtype,
             "methods": rows, "skipped": skipped}
 
 
 def markdown(result) -> str:
-    names = ["eman_fused", "eman_fused_triton", "torch_fused+EMATeacher", "torch_foreach+EMATeacher",
-             "torch+EMATeacher", "torch+foreach_lerp", "eager_lars+EMATeacher"]
-    names = [n for n in names if any(n in c["methods"] for c in result["cases"])]
+    names = ["eman_fused", "torch_compile+foreach_lerp", "eman_fused_triton", "torch_fused+EMATeacher",
+             "torch_foreach+EMATeacher", "torch+EMATeacher", "torch+foreach_lerp", "eager_lars+EMATeacher"]
+    peer = "torch_compile+foreach_lerp"
+    names = [n for n in names if n == peer or any(n in c["methods"] for c in result["cases"])]
+    heads = [n if n != peer else f"{n} | compile time" for n in names]
     lines = [header("Optimizer step + EMA teacher update", result), "",
-             "| case | MB/step | " + " | ".join(names) + " |", "|---|---:|" + "---:|" * len(names)]
+             "| case | MB/step | " + " | ".join(heads) + " |", "|---|---:|" + "---:|" * (len(names) + 1)]
+    behind = []
     for c in result["cases"]:
         cells = []
         for n in names:
             r = c["methods"].get(n)
-            if r is None:
-                cells.append("—")
-                continue
-            cells.append(f"**{r['ms']:.3f} ms** ({r['GB/s']:.1f} GB/s)" if n == "eman_fused"
-                         else f"{r['ms']:.3f} ms ({r['eman_fused_speedup']:.2f}x)")
+            if r is None or "error" in r:
+                cells.append("—" if r is None else "fails")
+            elif n == "eman_fused":
+                cells.append(f"**{r['ms']:.3f} ms** ({r['GB/s']:.1f} GB/s)")
+            elif n == peer:
+                cells.append(f"{r['ms']:.3f} ms ({r['GB/s']:.1f} GB/s, {versus_compiled(r['eman_fused_speedup'])})")
+                if r["eman_fused_speedup"] < 1.0:
+                    behind.append(c["case"])
+            else:
+                cells.append(f"{r['ms']:.3f} ms ({r['eman_fused_speedup']:.2f}x)")
+            if n == peer:
+                cells.append(compile_time_cell(r))
         lines.append(f"| {c['case']} | {c['bytes_per_step'] / 1e6:.1f} | " + " | ".join(cells) + " |")
-    lines += ["", "(Nx) = that method's time / eman_fused's time, same run. Gradients are fixed; "
-              "forward/backward not included."]
-    skipped = {f"{name}: {why}" for c in result["cases"] for name, why in c.get("skipped", {}).items()}
+    lines += ["", "(Nx) = that method's time / eman_fused's time, same run; below 1 eman_fused is behind. "
+              "Gradients are fixed; forward/backward not included."]
+    lines += compile_note(result, f"{peer} (the torch.compile peer: optimizer step + foreach EMA)")
+    if any("ms" in c["methods"].get(peer, {}) for c in result["cases"]):
+        lines.append("- eman_fused behind torch.compile in: " + ", ".join(behind) if behind else
+                     "- eman_fused ahead of torch.compile in every case it compiled")
+    lines += [f"- {peer} on {c['case']}: {c['methods'][peer]['error']}"
+              for c in result["cases"] if "error" in c["methods"].get(peer, {})]
+    lines += [f"- {name} on {c['case']}: {why}" for c in result["cases"]
+              for name, why in c.get("skipped", {}).items() if name == peer]
+    skipped = {f"{name}: {why}" for c in result["cases"] for name, why in c.get("skipped", {}).items()
+               if name != peer}
     lines += [f"- skipped {line}" for line in sorted(skipped)]
+    lines += noise_lines(result)
     return "\n".join(lines) + "\n"
 
 
@@ -195,18 +281,31 @@ def main(argv=None) -> dict:
     ap.add_argument("--optim", default=DEFAULT_OPTIMS)
     ap.add_argument("--param-dtype", default="fp32", help="comma list of fp32, bf16, fp16")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--no-compile", dest="compile", action="store_false",
+                    help="leave out torch_compile+foreach_lerp (timed by default); the table says so")
+    ap.add_argument("--compile", dest="compile", action="store_true",
+                    help="accepted for older scripts and does nothing: the compiled peer is on by default")
+    ap.add_argument("--compile-max-tensors", type=int, default=COMPILE_MAX_TENSORS, metavar="N",
+                    help="models with more tensors are not compiled, said so; 0: no limit")
+    ap.add_argument("--repeats", type=int, default=1, metavar="R",
+                    help="R round-robin rounds per case, the median reported")
+    ap.add_argument("--note", help="a sentence for the markdown (e.g. what else ran on the machine)")
     ap.add_argument("--json", type=Path)
     ap.add_argument("--markdown", type=Path)
     args = ap.parse_args(argv)
     device = torch.device(args.device)
     prepare(device)
+    load = load_average()
     cases = []
     for name, table in (shapes.load_table(spec) for spec in args.model.split(",")):
         for dtype in args.param_dtype.split(","):
             for optim_name in args.optim.split(","):
                 print(f"[optim] {name} {optim_name} {dtype} ...", flush=True)
-                cases.append(run_case(name, table, optim_name, device, dtype))
+                cases.append(run_case(name, table, optim_name, device, dtype, args.compile,
+                                      args.compile_max_tensors, args.repeats))
     result = {"op": "optim", "environment": environment(device),
-              "copy_GBps": copy_bandwidth(device, 1 << 28), "momentum": M, "cases": cases}
+              "copy_GBps": copy_bandwidth(device, 1 << 28), "momentum": M,
+              "compile": compile_settings(args.compile, args.compile_max_tensors), "load": load,
+              "load_after": load_average(), **({"note": args.note} if args.note else {}), "cases": cases}
     write_result(result, markdown(result), args.json, args.markdown)
     return result
