@@ -64,8 +64,8 @@ def test_check_covers_eman_norm_and_fails_when_wrong():
 
 
 def test_bench_writes_json_markdown_and_png(tiny_json, tmp_path):
-    out = cli("bench", "--model", f"{tiny_json},tiny_model:make", "--device", "cpu", "--no-compile",
-              "--dtypes", "fp32:fp32,fp32:bf16", "--json", str(tmp_path / "r.json"),
+    out = cli("bench", "--ops", "ema", "--model", f"{tiny_json},tiny_model:make", "--device", "cpu",
+              "--no-compile", "--dtypes", "fp32:fp32,fp32:bf16", "--json", str(tmp_path / "r.json"),
               "--markdown", str(tmp_path / "r.md"), "--plot", str(tmp_path / "r.png"))
     assert out.returncode == 0, out.stderr
     result = json.loads((tmp_path / "r.json").read_text())
@@ -124,6 +124,51 @@ def test_bench_times_the_compiled_peers_by_default(tiny_json, tmp_path):
     text = norm.markdown({"environment": result["environment"], "copy_GBps": 1.0, "batch": 2,
                           "compile": compile_settings(True, 1000), "cases": [case]})
     assert "| compile fwd | compile bwd | compile time (fwd + bwd) |" in text
+
+
+def test_bench_host_overhead(tmp_path):
+    """--ops host on tiny sizes: every eman_fused row and alternative timed in µs per call, the
+    compiled peer timed where the size is within --compile-max-tensors and said why where not,
+    the goals and their verdict in the table."""
+    out = cli("bench", "--ops", "host", "--host-sizes", "8,16", "--device", "cpu", "--compile-max-tensors", "8",
+              "--repeats", "2", "--json", str(tmp_path / "h.json"), "--markdown", str(tmp_path / "h.md"))
+    assert out.returncode == 0, out.stderr
+    host = json.loads((tmp_path / "h.json").read_text())["host"]
+    assert [c["tensors"] for c in host["cases"]] == [8, 16] and host["sizes"] == [8, 16]
+    small, large = host["cases"]
+    assert small["params"] == 5 and large["params"] == 10  # Linear + BN pairs, topped up with Linear(1, 1)
+    from eman_fused.bench.host import ROWS
+    for case in host["cases"]:
+        for name, _, alts in ROWS:
+            for method in (name, *alts):
+                if method == "foreach_compile" or method.startswith("timm") and "error" in case["methods"][method]:
+                    continue
+                row = case["methods"][method]
+                assert row["us"] > 0 and len(row["runs_ms"]) == 2, (case["tensors"], method, row)
+    peer = small["methods"]["foreach_compile"]
+    assert peer["us"] > 0 and peer["compile_s"] > 0 and peer["graph_breaks"] == 0
+    assert "16 tensors > --compile-max-tensors 8" in large["methods"]["foreach_compile"]["skipped"]
+    md = (tmp_path / "h.md").read_text()
+    assert "| tensors | eman_fused | µs per call | ns per tensor | goal | met |" in md
+    assert "| 8 | SGD(teacher=).step (5 params) | **" in md and "≤ 15.1 µs" in md  # 15 µs + 10 ns x 5
+    assert "foreach_compile: not compiled" in md and "- foreach_compile at 16 tensors: not compiled" in md
+    assert "[host 2/2] 16 one-element tensors" in out.stderr
+
+
+def test_bench_default_run_includes_a_short_host_table():
+    import argparse
+
+    from eman_fused.bench import cli as bench_cli, host
+    ap = argparse.ArgumentParser()
+    bench_cli.add_arguments(ap)
+    assert bench_cli.selected(ap.parse_args(["--device", "cpu"])) == (["ema", "host"], list(host.SUMMARY_SIZES))
+    assert bench_cli.selected(ap.parse_args(["--ops", "host", "--device", "cpu"])) == (["host"],
+                                                                                     list(host.HOST_SIZES))
+    assert bench_cli.selected(ap.parse_args(["--ops", "host", "--host-sizes", "8,16"]))[1] == [8, 16]
+    # Off the CPU the default run leaves the host table out; asking for it there is refused.
+    assert bench_cli.selected(ap.parse_args(["--device", "cuda", "--quiet"]))[0] == ["ema"]
+    with pytest.raises(SystemExit, match="CPU only"):
+        bench_cli.selected(ap.parse_args(["--ops", "host", "--device", "cuda"]))
 
 
 def test_bench_refuses_unknown_ops():

@@ -18,6 +18,7 @@ import sys
 from pathlib import Path
 
 from eman_fused.bench.ema import markdown
+from eman_fused.bench.host import markdown as host_markdown
 from eman_fused.bench.norm import markdown as norm_markdown
 from eman_fused.bench.optim import markdown as optim_markdown
 from eman_fused.bench.posthoc import markdown as posthoc_markdown
@@ -70,6 +71,8 @@ def render(results_dir: Path = ROOT / "benchmarks" / "results") -> str:
             blocks[kind].append(f"**{kind}** (`{path.relative_to(ROOT)}`): " + markdown(data))
         if "norm" in data:
             blocks[kind].append(f"**{kind}** (`{path.relative_to(ROOT)}`): " + norm_markdown(data["norm"]))
+        if "host" in data:  # python -m eman_fused bench --ops host
+            blocks[kind].append(where + host_markdown(data["host"]))
     if not blocks["GPU"]:
         blocks["GPU"].append("**GPU**: no results committed yet; `bash scripts/gpu_check.sh` on a "
                              "GPU machine writes them here.\n")

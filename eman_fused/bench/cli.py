@@ -15,14 +15,21 @@ from eman_fused.bench.common import (COMPILE_MAX_TENSORS, compile_settings, copy
                                      load_average, prepare, write_result)
 
 OPS = {"ema": "the fused EMA teacher update", "norm": "eman_norm (BN with running stats + add + ReLU)",
-       "optim": "optimizer step + teacher update (SGD, AdamW, LARS simclr and you2017) vs torch's optimizer + a separate EMA"}
+       "optim": "optimizer step + teacher update (SGD, AdamW, LARS simclr and you2017) vs torch's optimizer "
+                "+ a separate EMA",
+       "host": "host overhead per call on one-element tensors (ema_update_, FusedEMA, EMATeacher, the fused "
+               "optimizers) vs foreach, timm, AveragedModel, torch.compile, torch's optimizers"}
+# What `bench` runs without --ops: the EMA benchmark and, in its summary, the host overhead at
+# bench.host.SUMMARY_SIZES (a short run; `--ops host` alone measures every size).
+DEFAULT_OPS = "ema,host"
 
 
 def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--model", "--models", dest="models", default="resnet50",
                     help="comma-separated: resnet50, vit_b16, many_small, a .json shape file, "
                          "or package.module:callable returning an nn.Module")
-    ap.add_argument("--ops", default="ema", help=f"comma-separated, of: {', '.join(OPS)}")
+    ap.add_argument("--ops", help=f"comma-separated, of: {', '.join(OPS)} (default: {DEFAULT_OPS}, "
+                    "the host table at 320 and 5,000 tensors only)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtypes", "--dtype", dest="dtypes", default="fp32:fp32,fp32:bf16",
                     help="teacher:student pairs, e.g. fp32:fp32,fp32:bf16,bf16:bf16")
@@ -50,22 +57,44 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--quiet", action="store_true", help="no progress lines")
     ap.add_argument("--batch", type=int, help="norm: batch size of the activations (default 32 on "
                     "CUDA, 4 on the CPU)")
+    ap.add_argument("--host-sizes", metavar="N,N,...", help="host: tensor counts (default 320,1000,5000,20000 "
+                    "with --ops host; 320,5000 in the default run without --ops)")
     ap.add_argument("--optim", help="optim: comma-separated optimizers of sgd, adamw, lars, lars_you2017, "
                     "adamw_tensor (default: sgd,adamw,lars,lars_you2017)")
 
 
-def run(args) -> dict:
-    unknown = [op for op in args.ops.split(",") if op not in OPS]
+def selected(args) -> tuple[list[str], list[int]]:
+    """The ops to run and the host benchmark's tensor counts, defaults applied: without --ops,
+    DEFAULT_OPS with the host table at its short SUMMARY_SIZES; --ops host alone: every size."""
+    from eman_fused.bench import host as bench_host
+
+    ops = (args.ops or DEFAULT_OPS).split(",")
+    unknown = [op for op in ops if op not in OPS]
     if unknown:
         raise SystemExit(f"bench: unknown or not yet built op(s) {', '.join(unknown)}; available: "
                          f"{', '.join(OPS)}")
+    if "host" in ops and torch.device(args.device).type != "cpu":
+        # Its timer would be CUDA events (device time), not the host's wall time per call.
+        if args.ops is not None:
+            raise SystemExit("bench: --ops host measures the host path on the CPU only (--device cpu)")
+        ops.remove("host")
+        if not args.quiet:
+            print("bench: the host-overhead table is CPU-only; left out on", args.device, file=sys.stderr)
+    if args.host_sizes:
+        sizes = [int(n) for n in args.host_sizes.split(",")]
+    else:
+        sizes = list(bench_host.SUMMARY_SIZES if args.ops is None else bench_host.HOST_SIZES)
+    return ops, sizes
+
+
+def run(args) -> dict:
+    ops, host_sizes = selected(args)
     device = torch.device(args.device)
     def say(*parts, sep=" "):
         if not args.quiet:
             print(*parts, sep=sep, file=sys.stderr, flush=True)
 
     say("backends:", *[str(b) for b in eman_fused.backends().values()], sep="\n  ")
-    ops = args.ops.split(",")
     prepare(device)
     compiling = compile_settings(args.compile, args.compile_max_tensors)
     result = {"environment": environment(device), "copy_GBps": copy_bandwidth(device, 256 << 20),
@@ -116,6 +145,15 @@ def run(args) -> dict:
                                                        rounds=args.repeats))
         optim["load_after"] = load_average()
         parts.append((bench_optim.markdown, optim))
+    if "host" in ops:
+        from eman_fused.bench import host as bench_host
+        host = result["host"] = record({"sizes": host_sizes, "momentum": bench_host.M})
+        for i, n in enumerate(host_sizes):
+            say(f"[host {i + 1}/{len(host_sizes)}] {n} one-element tensors ...")
+            host["cases"].append(bench_host.run_case(n, device, args.compile, args.compile_max_tensors,
+                                                     args.repeats))
+        host["load_after"] = load_average()
+        parts.append((bench_host.markdown, host))
     for _, r in parts:
         if args.note:
             r["note"] = args.note

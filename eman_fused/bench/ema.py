@@ -24,7 +24,8 @@ GB/s counts teacher read + teacher write + student read. The copy bandwidth is m
 same run (flat tensor copy: read + write). CPU numbers are CPU numbers.
 
   python -m eman_fused bench [--model resnet50,vit_b16,many_small|shapes.json|pkg.mod:factory]
-      [--ops ema,norm,optim] [--dtypes fp32:fp32,fp32:bf16] [--device cpu|cuda] [--no-compile]
+      [--ops ema,norm,optim,host] [--host-sizes 320,5000] [--dtypes fp32:fp32,fp32:bf16]
+      [--device cpu|cuda] [--no-compile]
       [--compile-max-tensors N] [--json out.json] [--markdown out.md] [--plot out.png]
 """
 from __future__ import annotations
