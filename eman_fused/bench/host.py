@@ -245,6 +245,19 @@ def _us(x: float) -> str:
     return f"{x:.1f} µs" if x < 1000 else f"{x / 1000:.2f} ms"
 
 
+SPREAD_FLAG = 3.0
+
+
+def _spread(row: dict) -> str:
+    """' (rounds a-b µs)' when a row's rounds differ by more than SPREAD_FLAG: the median is then
+    not a steady-state time (e.g. another process held the second core for some rounds, and
+    every call that opens a thread team waited for it), and the fastest round is shown too."""
+    runs = row.get("runs_ms", [])
+    if len(runs) > 1 and min(runs) > 0 and max(runs) / min(runs) > SPREAD_FLAG:
+        return f" (rounds {_us(min(runs) * 1e3)}–{_us(max(runs) * 1e3)})"
+    return ""
+
+
 def markdown(result: dict) -> str:
     env = result["environment"]
     lines = [f"Host overhead per call, one-element tensors, {env['device_name']} ({env['device']}, "
@@ -282,10 +295,12 @@ def markdown(result: dict) -> str:
                                  else f"{alt}: not run")
                 else:
                     cells.append(f"{alt}: fails")
-            lines.append(f"| {n} | {label} | **{us:.1f}** | {per:.0f} | {goal_cell} | {met} | "
+            lines.append(f"| {n} | {label} | **{us:.1f}**{_spread(row)} | {per:.0f} | {goal_cell} | {met} | "
                          + "; ".join(cells) + " |")
     lines += ["", "(Nx) = that alternative's time / eman_fused's in the same run: above 1 eman_fused "
               "is faster. ns per tensor: µs per call / tensors (optimizer rows: per parameter). "
+              f"(rounds a–b): that row's rounds differ by more than {SPREAD_FLAG:.0f}x, so its median "
+              "is not a steady state (e.g. another process held the second core in some rounds). "
               "Goals (issue 18): FusedEMA.step and EMATeacher.update ≤ 10 µs at 320 tensors and "
               "≤ 25 µs at 5,000 (no goal set at other sizes, nor for the functional ema_update_); "
               "a fused optimizer step ≤ 15 µs + 10 ns per parameter, with or without teacher=.",
