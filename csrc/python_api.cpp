@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "common/dtype.h"
+#include "ema/handle.h"
 #include "ema/layout.h"
 #include "ema/plan.h"
 #include "optim/hyper.h"
@@ -21,6 +22,13 @@
 #include "posthoc/layout.h"
 
 namespace {
+
+// A C-level type test: THPVariable_Check calls nn.Parameter's Python __instancecheck__
+// (~100 ns per parameter).
+bool is_tensor(PyObject* obj) {
+  auto* tensor_type = reinterpret_cast<PyTypeObject*>(THPVariableClass);
+  return Py_TYPE(obj) == tensor_type || PyType_IsSubtype(Py_TYPE(obj), tensor_type);
+}
 
 // Non-owning views of the tensors of a Python sequence. `items` (a tuple) owns them, so
 // they stay alive while the GIL is released, and no C++ refcount is touched per tensor
@@ -34,7 +42,7 @@ class BorrowedTensors {
     tensors_.reserve(n);
     for (Py_ssize_t i = 0; i < n; ++i) {
       PyObject* item = PyTuple_GET_ITEM(items_, i);
-      TORCH_CHECK_TYPE(THPVariable_Check(item), "ema_update_: ", side, "[", i, "] is a ",
+      TORCH_CHECK_TYPE(is_tensor(item), "ema_update_: ", side, "[", i, "] is a ",
                        Py_TYPE(item)->tp_name, ", not a tensor");
       tensors_.push_back(c10::MaybeOwnedTraits<at::Tensor>::createBorrow(THPVariable_Unpack(item)));
     }
@@ -92,6 +100,112 @@ PyObject* ema_check_lists(PyObject* /*self*/, PyObject* args) {
     eman_fused::get_ema_plan(teacher.list(), student.list());
   }
   Py_RETURN_NONE;
+  END_HANDLE_TH_ERRORS
+}
+
+// eman_fused._C.EmaHandle(teacher, student): an ema/handle.h handle over the tensor objects of
+// two sequences, held (as tuples) for the handle's life. Each step re-reads every object's
+// current tensor (a `param.data = new` or swap_tensors shows there) into reused borrowed
+// slots: no Python call, no refcount and no allocation per tensor.
+class PyEmaHandle {
+ public:
+  PyEmaHandle(PyObject* teacher_seq, PyObject* student_seq)
+      : teacher_(tuple_of_tensors(teacher_seq, "teacher")),
+        student_(tuple_of_tensors(student_seq, "student")) {
+    fill_slots();
+    pybind11::gil_scoped_release no_gil;
+    handle_ = std::make_unique<eman_fused::EmaHandle>(teacher_slots_, student_slots_);
+  }
+  ~PyEmaHandle() {
+    for (auto* slots : {&teacher_slots_, &student_slots_}) {
+      for (auto& t : *slots) c10::MaybeOwnedTraits<at::Tensor>::destroyBorrow(t);
+    }
+  }
+  PyEmaHandle(const PyEmaHandle&) = delete;
+  PyEmaHandle& operator=(const PyEmaHandle&) = delete;
+
+  // True: updated. False: nothing written; the caller updates through the op.
+  bool step(pybind11::handle momentum_obj) {
+    PyObject* m = momentum_obj.ptr();
+    double momentum = 0.0;
+    const at::Tensor* momentum_tensor = nullptr;
+    if (PyFloat_CheckExact(m)) {
+      momentum = PyFloat_AS_DOUBLE(m);
+    } else if (is_tensor(m)) {
+      momentum_tensor = &THPVariable_Unpack(m);
+    } else {
+      TORCH_CHECK_TYPE(!PyBool_Check(m) && PyNumber_Check(m), "momentum must be a float or a ",
+                       "0-dim tensor, got ", Py_TYPE(m)->tp_name);
+      momentum = PyFloat_AsDouble(m);
+      if (momentum == -1.0 && PyErr_Occurred()) throw python_error();
+    }
+    // Each object's current TensorImpl (one pointer read per object, under the GIL).
+    const Py_ssize_t n = PyTuple_GET_SIZE(teacher_.ptr());
+    impls_.resize(2 * n);
+    for (Py_ssize_t i = 0; i < n; ++i) {
+      impls_[2 * i] = THPVariable_Unpack(PyTuple_GET_ITEM(teacher_.ptr(), i)).unsafeGetTensorImpl();
+      impls_[2 * i + 1] =
+          THPVariable_Unpack(PyTuple_GET_ITEM(student_.ptr(), i)).unsafeGetTensorImpl();
+    }
+    {
+      pybind11::gil_scoped_release no_gil;
+      if (handle_->step_if_unchanged(impls_.data(), momentum, momentum_tensor)) return true;
+    }
+    fill_slots();
+    pybind11::gil_scoped_release no_gil;
+    return handle_->step(teacher_slots_, student_slots_, momentum, momentum_tensor);
+  }
+
+  // Pickling (torch.save of a module holding a handle) and copy.deepcopy keep the tensor
+  // objects; unpickling builds a new handle over them (validated and planned anew).
+  pybind11::tuple state() const { return pybind11::make_tuple(teacher_, student_); }
+
+  int64_t plans_built() const { return handle_->plans_built(); }
+  at::Tensor table() const { return handle_->table(); }
+  size_t size() const { return teacher_slots_.size(); }
+
+ private:
+  static pybind11::tuple tuple_of_tensors(PyObject* seq, const char* side) {
+    PyObject* items = PySequence_Tuple(seq);
+    if (items == nullptr) throw python_error();
+    auto tuple = pybind11::reinterpret_steal<pybind11::tuple>(items);
+    for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(items); ++i) {
+      PyObject* item = PyTuple_GET_ITEM(items, i);
+      TORCH_CHECK_TYPE(is_tensor(item), "ema_update_: ", side, "[", i, "] is a ",
+                       Py_TYPE(item)->tp_name, ", not a tensor");
+    }
+    return tuple;
+  }
+
+  void fill_slots() {
+    for (auto [tuple, slots] : {std::pair{&teacher_, &teacher_slots_}, std::pair{&student_, &student_slots_}}) {
+      const Py_ssize_t n = PyTuple_GET_SIZE(tuple->ptr());
+      if (slots->empty() && n > 0) {
+        slots->reserve(n);
+        for (Py_ssize_t i = 0; i < n; ++i) {
+          slots->push_back(c10::MaybeOwnedTraits<at::Tensor>::createBorrow(
+              THPVariable_Unpack(PyTuple_GET_ITEM(tuple->ptr(), i))));
+        }
+        continue;
+      }
+      for (Py_ssize_t i = 0; i < n; ++i) {
+        c10::MaybeOwnedTraits<at::Tensor>::assignBorrow(
+            (*slots)[i], THPVariable_Unpack(PyTuple_GET_ITEM(tuple->ptr(), i)));
+      }
+    }
+  }
+
+  pybind11::tuple teacher_, student_;
+  std::vector<const c10::TensorImpl*> impls_;
+  std::vector<at::Tensor> teacher_slots_, student_slots_;
+  std::unique_ptr<eman_fused::EmaHandle> handle_;
+};
+
+PyObject* ema_plan_cache_info(PyObject* /*self*/, PyObject* /*args*/) {
+  HANDLE_TH_ERRORS
+  return Py_BuildValue("(LLL)", static_cast<long long>(eman_fused::ema_plans_cached()),
+                       static_cast<long long>(eman_fused::ema_plans_kept_for_graphs()),
+                       static_cast<long long>(eman_fused::ema_plan_builds()));
   END_HANDLE_TH_ERRORS
 }
 
@@ -261,6 +375,8 @@ PyMethodDef methods[] = {
      "per-tensor boxing; eager only (torch.compile traces the op itself)."},
     {"ema_check_lists", ema_check_lists, METH_VARARGS,
      "ema_check_lists(teacher, student): ema_update_'s checks of the lists (cached), no update."},
+    {"ema_plan_cache_info", ema_plan_cache_info, METH_NOARGS,
+     "ema_plan_cache_info() -> (plans cached, plans kept for captured CUDA graphs, plans built)"},
     {"table_layout", table_layout, METH_NOARGS,
      "table_layout(): the EMA and optimizer tables' sizes, flags and entry field offsets (in "
      "int64 words), the optimizers' enum values, hyper-parameter names and scalar offsets, as "
@@ -271,5 +387,32 @@ PyMethodDef methods[] = {
 
 extern "C" PyObject* PyInit__C(void) {
   static PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, methods};
-  return PyModule_Create(&module);
+  PyObject* mod = PyModule_Create(&module);
+  if (mod == nullptr) return nullptr;
+  try {
+    namespace py = pybind11;
+    auto m = py::reinterpret_borrow<py::module_>(mod);
+    py::class_<PyEmaHandle>(m, "EmaHandle",
+                            "EmaHandle(teacher, student): a persistent, validated EMA plan of two "
+                            "tensor sequences (eman_fused/csrc/ema/handle.h).")
+        .def(py::init([](py::handle t, py::handle s) {
+               return std::make_unique<PyEmaHandle>(t.ptr(), s.ptr());
+             }),
+             py::arg("teacher"), py::arg("student"))
+        .def("step", &PyEmaHandle::step, py::arg("momentum"),
+             "One update; False (nothing written) when it must go through the op instead.")
+        .def(py::pickle([](const PyEmaHandle& h) { return h.state(); },
+                        [](const py::tuple& state) {
+                          TORCH_CHECK_VALUE(state.size() == 2, "EmaHandle: bad pickled state");
+                          return std::make_unique<PyEmaHandle>(state[0].ptr(), state[1].ptr());
+                        }))
+        .def_property_readonly("plans_built", &PyEmaHandle::plans_built)
+        .def_property_readonly("table", &PyEmaHandle::table)
+        .def("__len__", &PyEmaHandle::size);
+  } catch (py::error_already_set& e) {
+    e.restore();
+    Py_DECREF(mod);
+    return nullptr;
+  }
+  return mod;
 }

@@ -368,9 +368,22 @@ class EMATeacher(nn.Module):
         else:
             self._mirror = None  # freed with its staging buffers, stream and thread
         self._matched_device, self._on_meta = t_dev, on_meta
+        self._handles = self._make_handles(t_dev, mirror or on_meta)
         self._watch = _Watch([*unwrap(self.module).modules(), *unwrap(student).modules()],
                              extra=[self._modules])
         self._generation += 1
+
+    def _make_handles(self, t_dev: torch.device | None, elsewhere: bool):
+        """Persistent C++ plans of the EMA and the copy lists (csrc/ema/handle.h) where a C++
+        backend runs the update: an update then costs one check per tensor in C++, and a tensor
+        re-allocated since is re-planned before any write. None (each update calls ema_update_)
+        for sharded or mirrored teachers, the meta device, Triton and the reference."""
+        if elsewhere or self._sharded_objs is not None or t_dev is None or self.backend == "reference":
+            return None
+        if t_dev.type not in ("cpu", "cuda") or _backends.resolve(self.backend, t_dev) not in ("cpu", "cuda"):
+            return None
+        return [(_backends._C.EmaHandle(t, s), t, s, is_copy)
+                for (t, s), is_copy in ((self._ema_lists, False), (self._copy_lists, True)) if t]
 
     def _mirror_wanted(self, t_dev: torch.device, s_dev: torch.device) -> bool:
         return t_dev.type == "cpu" and s_dev.type == "cuda"
@@ -507,6 +520,9 @@ class EMATeacher(nn.Module):
             momentum = self.schedule(self._num_updates if step is None else step)
         if self._mirror is not None:
             self._update_from_host_mirror(momentum)
+        elif self._handles is not None and not torch.compiler.is_compiling():
+            for handle, teacher, student, is_copy in self._handles:
+                _step_handle(handle, teacher, student, 0.0 if is_copy else momentum, self.backend)
         else:
             self._ema_call(momentum, self._ema_lists[1], self._copy_lists[1])
         self._count(step)
@@ -627,6 +643,12 @@ class EMATeacher(nn.Module):
     def extra_repr(self) -> str:
         return (f"schedule={self.schedule!r}, eman={self.eman}, buffers={self.buffers!r}, "
                 f"ema_tensors={len(self._ema_lists[0])}, copied_tensors={len(self._copy_lists[0])}")
+
+
+def _step_handle(handle, teacher, student, momentum, backend: str) -> None:
+    # One update of a handle's lists (teacher, student: the objects it was built from).
+    if not handle.step(momentum):  # a dispatch mode, a subclass: the op routes it
+        ops.ema_update_(teacher, student, momentum, backend=backend)
 
 
 def _dense(t: torch.Tensor) -> bool:

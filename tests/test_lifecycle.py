@@ -27,16 +27,27 @@ def small_model() -> nn.Module:
 
 
 class Recorder:
-    """Wraps eman_fused.ops.ema_update_ as the teacher calls it: the tensors of every call."""
+    """Wraps the teacher's update calls (eman_fused.ops.ema_update_ and the steps of its
+    persistent plan handles): the tensors of every call."""
 
     def __init__(self, monkeypatch):
         self.calls = []
+        self.handle_steps = 0
         real = teacher_mod.ops.ema_update_
+        real_step = teacher_mod._step_handle
 
         def record(teacher, student, momentum, **kwargs):
             self.calls.append((list(teacher), list(student), momentum))
             return real(teacher, student, momentum, **kwargs)
+
+        def record_step(handle, teacher, student, momentum, backend):
+            self.handle_steps += 1
+            self.calls.append((list(teacher), list(student), momentum))
+            # straight to the handle: what it writes is what is recorded here
+            if not handle.step(momentum):
+                real(teacher, student, momentum, backend=backend)
         monkeypatch.setattr(teacher_mod.ops, "ema_update_", record)
+        monkeypatch.setattr(teacher_mod, "_step_handle", record_step)
 
     def take(self):
         calls, self.calls = self.calls, []
@@ -93,6 +104,7 @@ def test_moves_and_casts_are_followed(move, target, when, monkeypatch):
     for _ in range(2):
         teacher.update()
         assert_writes_current_tensors(rec.take(), teacher, student)
+    assert rec.handle_steps > 0  # the persistent-plan path is the one followed here
     # the teacher keeps its own dtype unless it was cast itself
     want = {"double": torch.float64, "half": torch.float16, "bfloat16": torch.bfloat16,
             "to_dtype_and_format": torch.float64}.get(move, torch.float32)

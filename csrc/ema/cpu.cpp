@@ -7,6 +7,7 @@
 
 #include <algorithm>
 #include <cstring>
+#include <type_traits>
 
 #include "common/dtype.h"
 #include "ema/plan.h"
@@ -24,9 +25,9 @@ namespace {
 void run_plan(const EmaPlan& plan, double m) {
   const EmaTensorEntry* entries = plan.entries();
   const TensorChunk* chunks = plan.chunks();
-  const auto run = EMAN_FUSED_ISA_FN(run_chunk);
+  const auto run = EMAN_FUSED_ISA_FN(run_chunks);
   parallel_over_chunks(plan.work_prefix, plan.num_chunks,
-                       [&](int64_t c) { run(entries[chunks[c].tensor], chunks[c].start, m); });
+                       [&](int64_t first, int64_t last) { run(entries, chunks, first, last, m); });
 }
 
 void update(at::TensorList teacher, at::TensorList student, double momentum) {
@@ -44,8 +45,20 @@ void ema_update_cpu(at::TensorList teacher, at::TensorList student, double momen
 void ema_update_tensor_cpu(at::TensorList teacher, at::TensorList student,
                            const at::Tensor& momentum) {
   if (!teacher.empty()) check_momentum_tensor(momentum, teacher[0].device());
-  update(teacher, student, momentum.item<double>());
+  update(teacher, student, momentum_tensor_value(momentum));
 }
+
+void launch_cpu(const EmaPlan& plan, const at::Device& /*device*/, double momentum,
+                const at::Tensor* momentum_tensor) {
+  run_plan(plan, momentum_tensor ? momentum_tensor_value(*momentum_tensor) : momentum);
+}
+
+const bool registered = [] {
+  EmaLauncher launcher;
+  launcher.launch = &launch_cpu;
+  register_ema_launcher(c10::DeviceType::CPU, launcher);
+  return true;
+}();
 
 }  // namespace
 

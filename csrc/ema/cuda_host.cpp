@@ -20,6 +20,32 @@ const char* build_refused_while_capturing() {
          "captured; run the update once before capture (warm-up) so the plan exists";
 }
 
+bool capturing() {
+  return c10::cuda::currentStreamCaptureStatusMayInitCtx() != c10::cuda::CaptureStatus::None;
+}
+
+// The launch of a checked plan on the current stream of the teachers' device.
+void launch_plan(const EmaPlan& plan, const at::Device& device, double momentum,
+                 const at::Tensor* momentum_tensor) {
+  const c10::cuda::CUDAGuard guard(device);
+  const c10::cuda::CUDAStream stream = c10::cuda::getCurrentCUDAStream();
+  // The plan may be evicted and freed while this launch still reads it on another stream.
+  if (c10::Stream(stream) != plan.alloc_stream) plan.table.record_stream(stream);
+  C10_CUDA_CHECK(launch_ema_update(
+      plan.entries(), plan.chunks(), plan.num_chunks, momentum,
+      momentum_tensor ? momentum_tensor->const_data_ptr() : nullptr,
+      momentum_tensor && momentum_tensor->scalar_type() == at::kDouble, stream.stream()));
+}
+
+const bool registered = [] {
+  EmaLauncher launcher;
+  launcher.build_refused = &build_refused_while_capturing;
+  launcher.capturing = &capturing;
+  launcher.launch = &launch_plan;
+  register_ema_launcher(c10::DeviceType::CUDA, launcher);
+  return true;
+}();
+
 void launch(at::TensorList teacher, at::TensorList student, double momentum,
             const at::Tensor* momentum_tensor) {
   if (!teacher[0].is_cuda()) {  // reached CUDA through another argument: name what is wrong
@@ -29,15 +55,9 @@ void launch(at::TensorList teacher, at::TensorList student, double momentum,
   }
   check_teacher_grad_mode(teacher);
   const c10::cuda::CUDAGuard guard(teacher[0].device());
-  auto plan = get_ema_plan(teacher, student, build_refused_while_capturing());
+  auto plan = get_ema_plan(teacher, student, build_refused_while_capturing(), capturing());
   bump_teacher_versions(teacher);
-  const c10::cuda::CUDAStream stream = c10::cuda::getCurrentCUDAStream();
-  // The plan may be evicted and freed while this launch still reads it on another stream.
-  if (c10::Stream(stream) != plan->alloc_stream) plan->table.record_stream(stream);
-  C10_CUDA_CHECK(launch_ema_update(
-      plan->entries(), plan->chunks(), plan->num_chunks, momentum,
-      momentum_tensor ? momentum_tensor->const_data_ptr() : nullptr,
-      momentum_tensor && momentum_tensor->scalar_type() == at::kDouble, stream.stream()));
+  launch_plan(*plan, teacher[0].device(), momentum, momentum_tensor);
 }
 
 void ema_update_cuda(at::TensorList teacher, at::TensorList student, double momentum) {

@@ -1,6 +1,7 @@
 #include "ema/plan.h"
 
 #include "common/overlap.h"
+#include "common/parallel_chunks.h"
 
 #include <ATen/core/grad_mode.h>
 #include <ATen/ops/empty.h>
@@ -114,11 +115,10 @@ std::shared_ptr<EmaPlan> build_plan(at::TensorList teacher, at::TensorList stude
   const at::Device device = teacher[0].device();
   if (device.is_cpu()) {
     plan->table = host;
-    constexpr int64_t kChunkOverhead = 256;  // per-chunk dispatch cost, in element units
     plan->work_prefix.resize(chunks.size() + 1, 0);
     for (size_t c = 0; c < chunks.size(); ++c) {
       const int64_t n = std::min(kEmaChunkElems, entries[chunks[c].tensor].numel - chunks[c].start);
-      plan->work_prefix[c + 1] = plan->work_prefix[c] + n + kChunkOverhead;
+      plan->work_prefix[c + 1] = plan->work_prefix[c] + n + kChunkOverheadWork;
     }
   } else {
     // One blocking copy per miss; hits reuse the device table with no host-to-device traffic.
@@ -167,12 +167,24 @@ struct CacheEntry {
   std::shared_ptr<const EmaPlan> plan;
 };
 
-// Least recently used first out. Plans are small (32 B per tensor, 16 B per chunk); a caller
-// that must keep a plan alive past eviction (a captured CUDA graph) holds its table tensor.
+// Least recently used first out. Plans are small (32 B per tensor, 16 B per chunk).
 constexpr size_t kCacheCapacity = 64;
 std::mutex cache_mutex;
 std::list<CacheEntry> cache;
 int64_t builds = 0;
+// Plans a captured CUDA graph reads: a graph keeps raw device addresses and its lifetime is not
+// visible from here, so these are never freed (one per distinct captured list pair).
+std::vector<std::shared_ptr<const EmaPlan>> kept_for_graphs;
+
+// Called with cache_mutex held.
+void keep_for_graphs(const std::shared_ptr<const EmaPlan>& plan) {
+  if (std::find(kept_for_graphs.begin(), kept_for_graphs.end(), plan) == kept_for_graphs.end()) {
+    kept_for_graphs.push_back(plan);
+  }
+}
+
+std::mutex launcher_mutex;
+EmaLauncher launchers[static_cast<size_t>(c10::DeviceType::COMPILE_TIME_MAX_DEVICE_TYPES)];
 
 }  // namespace
 
@@ -195,7 +207,15 @@ void check_momentum_tensor(const at::Tensor& momentum, const at::Device& device)
   TORCH_CHECK_VALUE(momentum.device() == device, "ema_update_: the momentum tensor is on ",
                     momentum.device(), " but the teachers are on ", device);
   // On the CPU the value costs no synchronization to read, so it is range-checked too.
-  if (momentum.device().is_cpu()) check_momentum_value(momentum.item<double>());
+  if (momentum.device().is_cpu()) check_momentum_value(momentum_tensor_value(momentum));
+}
+
+double momentum_tensor_value(const at::Tensor& momentum) {
+  if (momentum.device().is_cpu() && momentum.dim() == 0) {
+    if (momentum.scalar_type() == at::kDouble) return *momentum.const_data_ptr<double>();
+    if (momentum.scalar_type() == at::kFloat) return *momentum.const_data_ptr<float>();
+  }
+  return momentum.item<double>();
 }
 
 // The update is not recorded by autograd (it has no differentiable output; students are read as
@@ -231,7 +251,7 @@ void validate_ema_lists(at::TensorList teacher, at::TensorList student) {
 }
 
 std::shared_ptr<const EmaPlan> get_ema_plan(at::TensorList teacher, at::TensorList student,
-                                            const char* build_refused) {
+                                            const char* build_refused, bool captured) {
   check_lengths(teacher, student);
   thread_local std::vector<int64_t> key;
   append_key(teacher, student, key);
@@ -241,6 +261,7 @@ std::shared_ptr<const EmaPlan> get_ema_plan(at::TensorList teacher, at::TensorLi
     for (auto it = cache.begin(); it != cache.end(); ++it) {
       if (it->hash == h && it->key == key) {
         cache.splice(cache.begin(), cache, it);
+        if (captured) keep_for_graphs(cache.front().plan);
         return cache.front().plan;
       }
     }
@@ -257,6 +278,7 @@ std::shared_ptr<const EmaPlan> get_ema_plan(at::TensorList teacher, at::TensorLi
   ++builds;
   cache.push_front({h, key, plan});
   if (cache.size() > kCacheCapacity) cache.pop_back();
+  if (captured) keep_for_graphs(plan);
   return plan;
 }
 
@@ -268,6 +290,32 @@ int64_t ema_plan_builds() {
 void clear_ema_plan_cache() {
   std::lock_guard<std::mutex> lock(cache_mutex);
   cache.clear();
+}
+
+int64_t ema_plans_cached() {
+  std::lock_guard<std::mutex> lock(cache_mutex);
+  return static_cast<int64_t>(cache.size());
+}
+
+void keep_ema_plan_for_graphs(const std::shared_ptr<const EmaPlan>& plan) {
+  std::lock_guard<std::mutex> lock(cache_mutex);
+  keep_for_graphs(plan);
+}
+
+int64_t ema_plans_kept_for_graphs() {
+  std::lock_guard<std::mutex> lock(cache_mutex);
+  return static_cast<int64_t>(kept_for_graphs.size());
+}
+
+void register_ema_launcher(c10::DeviceType device, EmaLauncher launcher) {
+  std::lock_guard<std::mutex> lock(launcher_mutex);
+  launchers[static_cast<size_t>(device)] = launcher;
+}
+
+// Registration happens in static initializers, before any caller can ask: no lock on reads.
+const EmaLauncher* ema_launcher(c10::DeviceType device) {
+  const EmaLauncher& l = launchers[static_cast<size_t>(device)];
+  return l.launch != nullptr ? &l : nullptr;
 }
 
 }  // namespace eman_fused

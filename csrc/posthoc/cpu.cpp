@@ -39,8 +39,9 @@ void posthoc_ema_update_cpu(at::TensorList profiles, at::TensorList student,
   const PosthocTensorEntry* entries = plan->entries();
   const TensorChunk* chunks = plan->chunks();
   const auto run = EMAN_FUSED_ISA_FN(run_chunk);
-  parallel_over_chunks(plan->work_prefix, plan->num_chunks,
-                       [&](int64_t c) { run(entries[chunks[c].tensor], chunks[c].start, betas); });
+  parallel_over_chunks(plan->work_prefix, plan->num_chunks, [&](int64_t first, int64_t last) {
+    for (int64_t c = first; c < last; ++c) run(entries[chunks[c].tensor], chunks[c].start, betas);
+  });
 }
 
 }  // namespace

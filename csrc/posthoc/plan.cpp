@@ -10,6 +10,7 @@
 #include <list>
 #include <mutex>
 
+#include "common/parallel_chunks.h"
 #include "ema/plan.h"
 
 namespace eman_fused {
@@ -57,12 +58,11 @@ std::shared_ptr<PosthocPlan> build_plan(const EmaPlan& pairs, int64_t k, const a
               out + m * kPosthocEntryWords);
   if (device.is_cpu()) {
     plan->table = host;
-    constexpr int64_t kChunkOverhead = 256;  // per-chunk dispatch cost, in element units
     plan->work_prefix.resize(chunks.size() + 1, 0);
     for (size_t c = 0; c < chunks.size(); ++c) {
       const int64_t n =
           std::min(kPosthocChunkElems, entries[chunks[c].tensor].numel - chunks[c].start);
-      plan->work_prefix[c + 1] = plan->work_prefix[c] + k * n + kChunkOverhead;
+      plan->work_prefix[c + 1] = plan->work_prefix[c] + k * n + kChunkOverheadWork;
     }
   } else {
     plan->table = host.to(device);  // one blocking copy per miss

@@ -89,22 +89,39 @@ class FusedEMA:
     """Holds a teacher and a student tensor list and updates them with `step(momentum)`.
 
     The lists are validated here, once, so a bad pair fails at construction, not mid-training.
-    Each step then reuses the cached plan (device-resident pointer and chunk tables) as long
-    as the tensors keep their storage, sizes, strides and dtypes; if one is re-allocated
-    (e.g. `p.data = new`), the next step builds a new plan, so no write goes to stale memory.
-    The first plan's table is held here, so a CUDA graph that captured a step stays valid
-    even if the shared plan cache evicts it.
+    With the C++ backends a persistent plan handle (csrc/ema/handle.h) then serves each step:
+    it re-checks every tensor's TensorImpl, data pointer, sizes, strides, dtype and device
+    (a few nanoseconds each, no Python per tensor) and launches; a tensor re-allocated,
+    resized or cast (e.g. `p.data = new`, `.to()`) is re-validated and re-planned before
+    anything is written. The handle owns its plan's table, so a CUDA graph that captured a
+    step stays valid whatever the shared plan cache evicts. `teacher` and `student` are tuples:
+    the objects are fixed at construction (their tensors' storage may change, as above).
+    Under torch.compile, a dispatch mode (e.g. FakeTensorMode), autocast, or with the Triton or
+    reference backend, a step is a plain `ema_update_` call.
     """
 
     def __init__(self, teacher_tensors: Iterable[torch.Tensor],
                  student_tensors: Iterable[torch.Tensor], *, backend: str = "auto"):
-        self.teacher = list(teacher_tensors)
-        self.student = list(student_tensors)
+        self.teacher = tuple(teacher_tensors)
+        self.student = tuple(student_tensors)
         self.backend = backend
-        self._plan = ema_plan(self.teacher, self.student) if self.teacher or self.student else None
+        self._plan = self._handle = None
+        if self.teacher or self.student:
+            self._plan = ema_plan(self.teacher, self.student)
+            if _backends.resolve(backend, self.teacher[0].device) in ("cpu", "cuda"):
+                self._handle = _backends._C.EmaHandle(self.teacher, self.student)
 
     def step(self, momentum: float | torch.Tensor) -> None:
+        handle = self._handle
+        if handle is not None and not torch.compiler.is_compiling() and handle.step(momentum):
+            return
         ema_update_(self.teacher, self.student, momentum, backend=self.backend)
+
+    @property
+    def plans_built(self) -> int:
+        """Plans this object's handle built: 1, plus one per step that found a tensor changed
+        (0 without a handle). A test hook for invalidation."""
+        return self._handle.plans_built if self._handle is not None else 0
 
     def __len__(self) -> int:
         return len(self.teacher)

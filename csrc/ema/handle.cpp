@@ -1,0 +1,165 @@
+#include "ema/handle.h"
+
+#include <ATen/core/grad_mode.h>
+
+#include <c10/core/DispatchKey.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
+#include <c10/core/impl/TorchDispatchModeTLS.h>
+
+namespace eman_fused {
+namespace {
+
+int64_t dtype_device(const c10::TensorImpl* impl) {
+  const c10::Device d = impl->device();
+  return static_cast<int64_t>(impl->dtype().toScalarType()) |
+         (static_cast<int64_t>(d.type()) << 8) | (static_cast<int64_t>(d.index() + 1) << 16);
+}
+
+// Whether a call made now would reach the backend kernel directly: no Python dispatch mode,
+// no functorch transform, autocast or inference mode (each changes the thread's key sets).
+bool dispatcher_would_go_straight_to_kernel() {
+  const c10::impl::LocalDispatchKeySet local = c10::impl::tls_local_dispatch_key_set();
+  return local.included_ == c10::default_included_set &&
+         local.excluded_ == c10::default_excluded_set &&
+         !c10::impl::TorchDispatchModeTLS::any_modes_set();
+}
+
+// Plain dense tensors only: a subclass (Python key) or a functional/fake wrapper needs the op.
+bool plain(at::TensorList tensors) {
+  constexpr auto kNeedDispatcher = c10::DispatchKeySet({c10::DispatchKey::Python,
+                                                        c10::DispatchKey::PythonTLSSnapshot,
+                                                        c10::DispatchKey::Functionalize});
+  for (const at::Tensor& t : tensors) {
+    if (!t.defined() || t.layout() != at::kStrided) return false;
+    if (t.key_set().has_any(kNeedDispatcher)) return false;
+  }
+  return true;
+}
+
+}  // namespace
+
+EmaHandle::EmaHandle(at::TensorList teacher, at::TensorList student) {
+  check_lengths(teacher, student);
+  size_ = teacher.size();
+  if (size_ > 0) built_for_ = teacher[0].device().type();
+  // Tensors on a device without a C++ kernel (e.g. unpickled onto the meta device): nothing to
+  // plan; every step then goes through the op.
+  if (size_ > 0 && ema_launcher(built_for_) == nullptr) return;
+  replan(teacher, student, nullptr);
+}
+
+void EmaHandle::remember(at::TensorList teacher, at::TensorList student) {
+  seen_.clear();
+  geometry_.clear();
+  for (size_t i = 0; i < size_; ++i) {
+    for (const at::Tensor* x : {&teacher[i], &student[i]}) {
+      const c10::TensorImpl* impl = x->unsafeGetTensorImpl();
+      seen_.push_back({impl, impl->data(), dtype_device(impl)});
+      geometry_.push_back(impl->dim());
+      geometry_.insert(geometry_.end(), impl->sizes().begin(), impl->sizes().end());
+      geometry_.insert(geometry_.end(), impl->strides().begin(), impl->strides().end());
+    }
+  }
+}
+
+void EmaHandle::replan(at::TensorList teacher, at::TensorList student, const char* build_refused) {
+  // Validation and the plan come from the shared cache (a hit when these exact tensors were
+  // planned before, e.g. by ema_update_), so both paths refuse and accept the same lists.
+  plan_ = get_ema_plan(teacher, student, build_refused);
+  kept_for_graphs_ = false;
+  ++plans_built_;
+  launcher_ = nullptr;
+  if (size_ > 0 && plain(teacher) && plain(student)) launcher_ = ema_launcher(teacher[0].device().type());
+  plan_device_ = size_ > 0 ? teacher[0].device() : at::Device(at::kCPU);
+  remember(teacher, student);
+}
+
+bool EmaHandle::unchanged(const c10::TensorImpl* const* impls) const {
+  const size_t n = 2 * size_;
+  const Seen* seen = seen_.data();
+  const int64_t* g = geometry_.data();
+  for (size_t k = 0; k < n; ++k, ++seen) {
+    const c10::TensorImpl* impl = impls[k];
+    // The TensorImpl first: a new one (swap_tensors, a replaced object) may be of any kind,
+    // and only a known plain one may be asked for its data and geometry.
+    if (impl != seen->impl) return false;
+    if (impl->data() != seen->data || dtype_device(impl) != seen->dtype_device) return false;
+    const int64_t dim = impl->dim();
+    if (*g++ != dim) return false;
+    const c10::IntArrayRef sizes = impl->sizes(), strides = impl->strides();
+    for (int64_t d = 0; d < dim; ++d) {
+      if (g[d] != sizes[d] || g[dim + d] != strides[d]) return false;
+    }
+    g += 2 * dim;
+  }
+  return true;
+}
+
+bool EmaHandle::a_teacher_requires_grad() const {
+  for (size_t i = 0; i < size_; ++i) {
+    if (seen_[2 * i].impl->requires_grad()) return true;
+  }
+  return false;
+}
+
+void EmaHandle::launch(double momentum, const at::Tensor* momentum_tensor) {
+  if (!kept_for_graphs_ && launcher_->capturing != nullptr && launcher_->capturing()) {
+    keep_ema_plan_for_graphs(plan_);
+    kept_for_graphs_ = true;
+  }
+  for (size_t i = 0; i < size_; ++i) const_cast<c10::TensorImpl*>(seen_[2 * i].impl)->bump_version();
+  launcher_->launch(*plan_, plan_device_, momentum, momentum_tensor);
+}
+
+bool EmaHandle::step_if_unchanged(const c10::TensorImpl* const* impls, double momentum,
+                                  const at::Tensor* momentum_tensor) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  if (size_ == 0) return true;
+  if (launcher_ == nullptr || !dispatcher_would_go_straight_to_kernel() || !unchanged(impls)) {
+    return false;
+  }
+  // A teacher autograd tracks is refused (with its index named) by step()'s checks.
+  if (at::GradMode::is_enabled() && a_teacher_requires_grad()) return false;
+  if (momentum_tensor != nullptr) {
+    check_momentum_tensor(*momentum_tensor, plan_device_);
+  } else {
+    check_momentum_value(momentum);
+  }
+  launch(momentum, momentum_tensor);
+  return true;
+}
+
+bool EmaHandle::step(at::TensorList teacher, at::TensorList student, double momentum,
+                     const at::Tensor* momentum_tensor) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  check_lengths(teacher, student);
+  TORCH_CHECK(teacher.size() == size_, "ema handle: built for ", size_, " pairs, given ",
+              teacher.size());
+  if (size_ == 0) return true;
+  if (!dispatcher_would_go_straight_to_kernel()) return false;
+  if (teacher[0].device().type() != built_for_) return false;
+  const EmaLauncher* now = ema_launcher(built_for_);
+  if (now == nullptr) return false;  // a device without a C++ kernel: the op says so
+  // The momentum and grad-mode checks of the op come before the lists' (as in the op).
+  if (momentum_tensor != nullptr) {
+    check_momentum_tensor(*momentum_tensor, teacher[0].device());
+  } else {
+    check_momentum_value(momentum);
+  }
+  check_teacher_grad_mode(teacher);
+  std::vector<const c10::TensorImpl*> impls;
+  impls.reserve(2 * size_);
+  for (size_t i = 0; i < size_; ++i) {
+    impls.push_back(teacher[i].unsafeGetTensorImpl());
+    impls.push_back(student[i].unsafeGetTensorImpl());
+  }
+  if (launcher_ == nullptr || !unchanged(impls.data())) {
+    // What changed is validated again before anything is written.
+    replan(teacher, student, now->build_refused ? now->build_refused() : nullptr);
+    if (launcher_ == nullptr) return false;  // a subclass: the dispatcher routes it
+  }
+  launch(momentum, momentum_tensor);
+  return true;
+}
+
+}  // namespace eman_fused

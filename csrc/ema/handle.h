@@ -1,0 +1,71 @@
+// A persistent plan of one fixed pair of tensor lists (FusedEMA, EMATeacher): the validated plan
+// and its table, owned for as long as the handle lives, and what the plan was built from, so a
+// step re-checks each tensor in a few nanoseconds (same TensorImpl, data pointer, sizes,
+// strides, dtype and device) instead of rebuilding and hashing the shared cache's key.
+#pragma once
+#include <ATen/core/Tensor.h>
+
+#include <cstdint>
+#include <memory>
+#include <mutex>
+#include <vector>
+
+#include "ema/plan.h"
+
+namespace eman_fused {
+
+class EmaHandle {
+ public:
+  // Validates the lists and plans them: a bad pair raises here, before any write.
+  EmaHandle(at::TensorList teacher, at::TensorList student);
+
+  // One update of the handle's lists as the caller's objects hold them now (the same objects,
+  // in the same order: their tensors may have been re-allocated, re-laid out or cast since).
+  // A changed tensor is re-validated and re-planned before anything is written. Returns false,
+  // having written nothing, when the update must go through the dispatcher instead: a dispatch
+  // mode, transform or autocast is active, a tensor is a subclass, or the tensors are no longer
+  // on the kind of device the handle was built for (the caller then calls the op, whose
+  // backend choice and errors then apply).
+  bool step(at::TensorList teacher, at::TensorList student, double momentum,
+            const at::Tensor* momentum_tensor);
+
+  // The steady-state step: `impls` are the current TensorImpls of teacher[i] (at 2i) and
+  // student[i] (at 2i + 1). Returns false, having written nothing, if any of them changed
+  // since the plan (or the update must go through the dispatcher): call step() then.
+  bool step_if_unchanged(const c10::TensorImpl* const* impls, double momentum,
+                         const at::Tensor* momentum_tensor);
+
+  size_t size() const { return size_; }
+  // Plans built by this handle (1 at construction, +1 per re-plan).
+  int64_t plans_built() const { return plans_built_; }
+  // The plan's table (undefined before a plan exists).
+  at::Tensor table() const { return plan_ ? plan_->table : at::Tensor(); }
+
+ private:
+  // What a plan depends on, per tensor: if all of it is unchanged the plan still holds.
+  struct Seen {
+    const c10::TensorImpl* impl;
+    const void* data;
+    int64_t dtype_device;
+  };
+  bool unchanged(const c10::TensorImpl* const* impls) const;
+  bool a_teacher_requires_grad() const;
+  void launch(double momentum, const at::Tensor* momentum_tensor);
+  void replan(at::TensorList teacher, at::TensorList student, const char* build_refused);
+  void remember(at::TensorList teacher, at::TensorList student);
+
+  std::mutex mutex_;  // one step at a time (steps run without the GIL)
+  // No owned references to the tensors: those would raise the TensorImpls' use counts, which
+  // torch.utils.swap_tensors (and so nn.Module.to with swapping on) refuses.
+  at::Device plan_device_{at::kCPU};
+  c10::DeviceType built_for_ = c10::DeviceType::CPU;
+  size_t size_ = 0;
+  std::shared_ptr<const EmaPlan> plan_;
+  bool kept_for_graphs_ = false;
+  const EmaLauncher* launcher_ = nullptr;  // null: these tensors need the dispatcher
+  std::vector<Seen> seen_;                 // teacher[i] at 2i, student[i] at 2i + 1
+  std::vector<int64_t> geometry_;          // per tensor: dim, sizes, strides
+  int64_t plans_built_ = 0;
+};
+
+}  // namespace eman_fused
