@@ -109,12 +109,13 @@ PyObject* ema_check_lists(PyObject* /*self*/, PyObject* args) {
 // slots: no Python call, no refcount and no allocation per tensor.
 class PyEmaHandle {
  public:
-  PyEmaHandle(PyObject* teacher_seq, PyObject* student_seq)
+  PyEmaHandle(PyObject* teacher_seq, PyObject* student_seq, bool replan)
       : teacher_(tuple_of_tensors(teacher_seq, "teacher")),
-        student_(tuple_of_tensors(student_seq, "student")) {
+        student_(tuple_of_tensors(student_seq, "student")),
+        replan_(replan) {
     fill_slots();
     pybind11::gil_scoped_release no_gil;
-    handle_ = std::make_unique<eman_fused::EmaHandle>(teacher_slots_, student_slots_);
+    handle_ = std::make_unique<eman_fused::EmaHandle>(teacher_slots_, student_slots_, replan);
   }
   ~PyEmaHandle() {
     for (auto* slots : {&teacher_slots_, &student_slots_}) {
@@ -124,8 +125,9 @@ class PyEmaHandle {
   PyEmaHandle(const PyEmaHandle&) = delete;
   PyEmaHandle& operator=(const PyEmaHandle&) = delete;
 
-  // True: updated. False: nothing written; the caller updates through the op.
-  bool step(pybind11::handle momentum_obj) {
+  // An EmaStep value: 0 updated; 1 nothing written, call the op; 2 nothing written, a tensor
+  // changed (replan=False handles only).
+  int step(pybind11::handle momentum_obj) {
     PyObject* m = momentum_obj.ptr();
     double momentum = 0.0;
     const at::Tensor* momentum_tensor = nullptr;
@@ -139,26 +141,28 @@ class PyEmaHandle {
       momentum = PyFloat_AsDouble(m);
       if (momentum == -1.0 && PyErr_Occurred()) throw python_error();
     }
-    // Each object's current TensorImpl (one pointer read per object, under the GIL).
-    const Py_ssize_t n = PyTuple_GET_SIZE(teacher_.ptr());
-    impls_.resize(2 * n);
-    for (Py_ssize_t i = 0; i < n; ++i) {
-      impls_[2 * i] = THPVariable_Unpack(PyTuple_GET_ITEM(teacher_.ptr(), i)).unsafeGetTensorImpl();
-      impls_[2 * i + 1] =
-          THPVariable_Unpack(PyTuple_GET_ITEM(student_.ptr(), i)).unsafeGetTensorImpl();
-    }
+    read_impls();
     {
       pybind11::gil_scoped_release no_gil;
-      if (handle_->step_if_unchanged(impls_.data(), momentum, momentum_tensor)) return true;
+      if (handle_->step_if_unchanged(impls_.data(), momentum, momentum_tensor)) {
+        return static_cast<int>(eman_fused::EmaStep::kUpdated);
+      }
     }
     fill_slots();
     pybind11::gil_scoped_release no_gil;
-    return handle_->step(teacher_slots_, student_slots_, momentum, momentum_tensor);
+    return static_cast<int>(handle_->step(teacher_slots_, student_slots_, momentum, momentum_tensor));
   }
 
   // Pickling (torch.save of a module holding a handle) and copy.deepcopy keep the tensor
   // objects; unpickling builds a new handle over them (validated and planned anew).
-  pybind11::tuple state() const { return pybind11::make_tuple(teacher_, student_); }
+  pybind11::tuple state() const { return pybind11::make_tuple(teacher_, student_, replan_); }
+
+  // Whether any tensor changed since the plan (the check of a step, writing nothing).
+  bool changed() {
+    read_impls();
+    pybind11::gil_scoped_release no_gil;
+    return !handle_->matches(impls_.data());
+  }
 
   int64_t plans_built() const { return handle_->plans_built(); }
   at::Tensor table() const { return handle_->table(); }
@@ -175,6 +179,17 @@ class PyEmaHandle {
                        Py_TYPE(item)->tp_name, ", not a tensor");
     }
     return tuple;
+  }
+
+  // Each object's current TensorImpl (one pointer read per object, under the GIL).
+  void read_impls() {
+    const Py_ssize_t n = PyTuple_GET_SIZE(teacher_.ptr());
+    impls_.resize(2 * n);
+    for (Py_ssize_t i = 0; i < n; ++i) {
+      impls_[2 * i] = THPVariable_Unpack(PyTuple_GET_ITEM(teacher_.ptr(), i)).unsafeGetTensorImpl();
+      impls_[2 * i + 1] =
+          THPVariable_Unpack(PyTuple_GET_ITEM(student_.ptr(), i)).unsafeGetTensorImpl();
+    }
   }
 
   void fill_slots() {
@@ -196,6 +211,7 @@ class PyEmaHandle {
   }
 
   pybind11::tuple teacher_, student_;
+  bool replan_;
   std::vector<const c10::TensorImpl*> impls_;
   std::vector<at::Tensor> teacher_slots_, student_slots_;
   std::unique_ptr<eman_fused::EmaHandle> handle_;
@@ -392,23 +408,32 @@ extern "C" PyObject* PyInit__C(void) {
   try {
     namespace py = pybind11;
     auto m = py::reinterpret_borrow<py::module_>(mod);
-    py::class_<PyEmaHandle>(m, "EmaHandle",
+    py::class_<PyEmaHandle> handle_class(m, "EmaHandle",
                             "EmaHandle(teacher, student): a persistent, validated EMA plan of two "
-                            "tensor sequences (eman_fused/csrc/ema/handle.h).")
-        .def(py::init([](py::handle t, py::handle s) {
-               return std::make_unique<PyEmaHandle>(t.ptr(), s.ptr());
+                            "tensor sequences (eman_fused/csrc/ema/handle.h).");
+    handle_class
+        .def(py::init([](py::handle t, py::handle s, bool replan) {
+               return std::make_unique<PyEmaHandle>(t.ptr(), s.ptr(), replan);
              }),
-             py::arg("teacher"), py::arg("student"))
+             py::arg("teacher"), py::arg("student"), py::arg("replan") = true)
         .def("step", &PyEmaHandle::step, py::arg("momentum"),
-             "One update; False (nothing written) when it must go through the op instead.")
+             "One update: returns UPDATED, USE_OP (nothing written: call the op) or CHANGED "
+             "(nothing written: a tensor changed; replan=False handles only).")
         .def(py::pickle([](const PyEmaHandle& h) { return h.state(); },
                         [](const py::tuple& state) {
-                          TORCH_CHECK_VALUE(state.size() == 2, "EmaHandle: bad pickled state");
-                          return std::make_unique<PyEmaHandle>(state[0].ptr(), state[1].ptr());
+                          TORCH_CHECK_VALUE(state.size() == 3, "EmaHandle: bad pickled state");
+                          return std::make_unique<PyEmaHandle>(state[0].ptr(), state[1].ptr(),
+                                                               state[2].cast<bool>());
                         }))
+        .def("changed", &PyEmaHandle::changed,
+             "Whether a tensor changed since the plan (a step's check, nothing written).")
         .def_property_readonly("plans_built", &PyEmaHandle::plans_built)
         .def_property_readonly("table", &PyEmaHandle::table)
         .def("__len__", &PyEmaHandle::size);
+    using eman_fused::EmaStep;
+    handle_class.attr("UPDATED") = static_cast<int>(EmaStep::kUpdated);
+    handle_class.attr("USE_OP") = static_cast<int>(EmaStep::kUseOp);
+    handle_class.attr("CHANGED") = static_cast<int>(EmaStep::kChanged);
   } catch (py::error_already_set& e) {
     e.restore();
     Py_DECREF(mod);

@@ -113,10 +113,13 @@ class _Watch:
     (_C.watch_changed). The values are held, so a freed object's address cannot come back as a
     new object's while it is watched."""
 
-    def __init__(self, modules: Iterable[nn.Module], extra: Iterable[dict] = ()):
+    def __init__(self, modules: Iterable[nn.Module], extra: Iterable[dict] = (), storages: bool = True):
+        # storages=False: the entries only (objects added, replaced or removed), for an owner
+        # whose handles check every tensor it writes themselves.
         modules = list(modules)
-        self.tensor_dicts = tuple(d for m in modules for d in (m._parameters, m._buffers))
-        self.other_dicts = tuple([m._modules for m in modules] + list(extra))
+        tensor_dicts = tuple(d for m in modules for d in (m._parameters, m._buffers))
+        self.tensor_dicts = tensor_dicts if storages else ()
+        self.other_dicts = tuple([m._modules for m in modules] + list(extra)) + (() if storages else tensor_dicts)
         self.values = [v for d in self.tensor_dicts + self.other_dicts for v in d.values()]
         self.state = bytearray()
         self._fast = getattr(_backends._C, "watch_changed", None)
@@ -300,9 +303,14 @@ class EMATeacher(nn.Module):
         replaced, moved, cast or re-laid out (`.to()`, `.half()`, `to_empty()`, ...), a layer
         swapped or added. One C call when nothing changed. Returns the pairing's generation
         (a number that changes at each re-match), so callers can cache what they derive."""
-        if not torch.compiler.is_compiling() and self._watch.changed():
+        if not torch.compiler.is_compiling() and (self._watch.changed() or self._handles_changed()):
             self._rematch()
         return self._generation
+
+    def _handles_changed(self) -> bool:
+        # With handles the watch covers the module dicts only; each handle checks its tensors
+        # (storage, geometry, dtype, device), which an update learns from the step itself.
+        return self._handles is not None and any(h.changed() for h, *_ in self._handles)
 
     def _rematch(self) -> None:
         """Pair teacher and student tensors by name; follow the student's device and memory
@@ -370,7 +378,7 @@ class EMATeacher(nn.Module):
         self._matched_device, self._on_meta = t_dev, on_meta
         self._handles = self._make_handles(t_dev, mirror or on_meta)
         self._watch = _Watch([*unwrap(self.module).modules(), *unwrap(student).modules()],
-                             extra=[self._modules])
+                             extra=[self._modules], storages=self._handles is None)
         self._generation += 1
 
     def _make_handles(self, t_dev: torch.device | None, elsewhere: bool):
@@ -382,7 +390,7 @@ class EMATeacher(nn.Module):
             return None
         if t_dev.type not in ("cpu", "cuda") or _backends.resolve(self.backend, t_dev) not in ("cpu", "cuda"):
             return None
-        return [(_backends._C.EmaHandle(t, s), t, s, is_copy)
+        return [(_backends._C.EmaHandle(t, s, replan=False), t, s, is_copy)
                 for (t, s), is_copy in ((self._ema_lists, False), (self._copy_lists, True)) if t]
 
     def _mirror_wanted(self, t_dev: torch.device, s_dev: torch.device) -> bool:
@@ -497,12 +505,23 @@ class EMATeacher(nn.Module):
         self._count(None)
 
     # -- the update ------------------------------------------------------------------------
-    @torch.no_grad()
     def update(self, step: int | None = None) -> None:
         """One EMA step: teacher <- m*teacher + (1-m)*student, m = schedule(step) (default: the
         number of updates so far). Integer buffers are copied; with include/exclude the
         unselected tensors are copied (others='copy') in a second call at momentum 0."""
-        self.refresh()
+        # Grad mode off for the update, as torch.no_grad() would, without its context object
+        # (a decorator costs ~1.3 us a call, a tenth of a whole small update).
+        if not torch.is_grad_enabled():
+            return self._update(step)
+        torch._C._set_grad_enabled(False)
+        try:
+            self._update(step)
+        finally:
+            torch._C._set_grad_enabled(True)
+
+    def _update(self, step: int | None) -> None:
+        if not torch.compiler.is_compiling() and self._watch.changed():
+            self._rematch()  # the handles' tensor checks run in the update's own steps
         if self._on_meta:
             raise ValueError("EMATeacher: the teacher's or the student's tensors are on the meta device "
                              "(not materialized); call to_empty() and load weights before updating")
@@ -518,14 +537,36 @@ class EMATeacher(nn.Module):
             momentum = self.schedule.tensor(self._step)
         else:
             momentum = self.schedule(self._num_updates if step is None else step)
+        self._write(momentum)
+        self._count(step)
+
+    def _write(self, momentum, rematched: bool = False) -> None:
         if self._mirror is not None:
             self._update_from_host_mirror(momentum)
         elif self._handles is not None and not torch.compiler.is_compiling():
-            for handle, teacher, student, is_copy in self._handles:
-                _step_handle(handle, teacher, student, 0.0 if is_copy else momentum, self.backend)
+            if not self._step_handles(momentum):
+                # A tensor changed since the match (a move, cast or re-layout); nothing was
+                # written. Re-match (the teacher may follow the student) and write anew.
+                if rematched:
+                    raise RuntimeError("EMATeacher.update: the tensors changed again while re-matching")
+                self._rematch()
+                self._write(momentum, rematched=True)
         else:
             self._ema_call(momentum, self._ema_lists[1], self._copy_lists[1])
-        self._count(step)
+
+    def _step_handles(self, momentum) -> bool:
+        """The update through the handles; False, with nothing written, if a tensor changed."""
+        handles = self._handles
+        # The copy list's check first (it is short): a change must show before the first write.
+        if len(handles) > 1 and any(h.changed() for h, *_ in handles[1:]):
+            return False
+        for i, (handle, teacher, student, is_copy) in enumerate(handles):
+            status = _step_handle(handle, teacher, student, 0.0 if is_copy else momentum, self.backend)
+            if status == _HANDLE_CHANGED:
+                if i == 0:
+                    return False
+                raise RuntimeError("EMATeacher.update: a tensor changed during the update (from another thread?)")
+        return True
 
     def _count(self, step: int | None) -> None:
         if self.capturable:  # the count lives on the device only: nothing for a trace to guard on
@@ -645,10 +686,17 @@ class EMATeacher(nn.Module):
                 f"ema_tensors={len(self._ema_lists[0])}, copied_tensors={len(self._copy_lists[0])}")
 
 
-def _step_handle(handle, teacher, student, momentum, backend: str) -> None:
-    # One update of a handle's lists (teacher, student: the objects it was built from).
-    if not handle.step(momentum):  # a dispatch mode, a subclass: the op routes it
+_HANDLE_CHANGED = _backends._C.EmaHandle.CHANGED if _backends._C_ERROR is None else None
+
+
+def _step_handle(handle, teacher, student, momentum, backend: str) -> int:
+    """One update of a handle's lists (teacher, student: the objects it was built from):
+    EmaHandle.UPDATED, or EmaHandle.CHANGED with nothing written."""
+    status = handle.step(momentum)
+    if status == handle.USE_OP:  # a dispatch mode, autocast, inference mode: the op routes it
         ops.ema_update_(teacher, student, momentum, backend=backend)
+        return handle.UPDATED
+    return status
 
 
 def _dense(t: torch.Tensor) -> bool:

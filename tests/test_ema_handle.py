@@ -273,3 +273,40 @@ def test_cuda_graph_replays_after_the_cache_evicted_its_plan():
     torch.cuda.synchronize()
     for a, e in zip((t, t2), expected):
         torch.testing.assert_close(a, e)
+
+
+def small_student():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.BatchNorm1d(3))
+
+
+def test_teacher_refresh_sees_a_storage_change_through_its_handles():
+    student = small_student()
+    teacher = eman_fused.EMATeacher(student, 0.5)
+    generation = teacher.refresh()
+    assert teacher.refresh() == generation  # nothing changed
+    student[0].weight.data = student[0].weight.data.clone()  # same object, new storage
+    assert teacher.refresh() == generation + 1
+
+
+@pytest.mark.parametrize("where", ["ema_list", "copy_list"])
+def test_teacher_update_after_a_change_in_either_list_rematches_and_writes_current_tensors(where):
+    # buffers='copy' puts the BatchNorm statistics in a second handle (copied at momentum 0)
+    student = small_student()
+    teacher = eman_fused.EMATeacher(student, 0.5, buffers="copy")
+    assert len(teacher._handles) == 2
+    teacher.update()
+    generation = teacher.refresh()
+    if where == "ema_list":
+        student[0].weight.data = torch.full_like(student[0].weight, 2.0)
+    else:
+        student[1].running_mean = torch.full((3,), 5.0)  # a new object: the watch sees it
+        student[1].running_var.data = torch.full((3,), 7.0)  # a new storage: the handle sees it
+    expected_w = [teacher.module[0].weight.detach().clone()]
+    reference.ema_update_(expected_w, [student[0].weight.detach()], 0.5)
+    teacher.update()
+    assert teacher.refresh() > generation
+    # every value comes from the student's current tensors
+    torch.testing.assert_close(teacher.module[0].weight, expected_w[0], rtol=0, atol=0)
+    torch.testing.assert_close(teacher.module[1].running_mean, student[1].running_mean, rtol=0, atol=0)
+    torch.testing.assert_close(teacher.module[1].running_var, student[1].running_var, rtol=0, atol=0)

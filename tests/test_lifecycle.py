@@ -41,11 +41,15 @@ class Recorder:
             return real(teacher, student, momentum, **kwargs)
 
         def record_step(handle, teacher, student, momentum, backend):
+            # straight to the handle: what it writes is what is recorded here
+            status = handle.step(momentum)
+            if status == handle.CHANGED:
+                return status  # nothing written; the teacher re-matches and steps again
             self.handle_steps += 1
             self.calls.append((list(teacher), list(student), momentum))
-            # straight to the handle: what it writes is what is recorded here
-            if not handle.step(momentum):
+            if status == handle.USE_OP:
                 real(teacher, student, momentum, backend=backend)
+            return handle.UPDATED
         monkeypatch.setattr(teacher_mod.ops, "ema_update_", record)
         monkeypatch.setattr(teacher_mod, "_step_handle", record_step)
 

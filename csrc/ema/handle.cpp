@@ -38,7 +38,8 @@ bool plain(at::TensorList tensors) {
 
 }  // namespace
 
-EmaHandle::EmaHandle(at::TensorList teacher, at::TensorList student) {
+EmaHandle::EmaHandle(at::TensorList teacher, at::TensorList student, bool replan_on_change)
+    : replan_on_change_(replan_on_change) {
   check_lengths(teacher, student);
   size_ = teacher.size();
   if (size_ > 0) built_for_ = teacher[0].device().type();
@@ -54,7 +55,7 @@ void EmaHandle::remember(at::TensorList teacher, at::TensorList student) {
   for (size_t i = 0; i < size_; ++i) {
     for (const at::Tensor* x : {&teacher[i], &student[i]}) {
       const c10::TensorImpl* impl = x->unsafeGetTensorImpl();
-      seen_.push_back({impl, impl->data(), dtype_device(impl)});
+      seen_.push_back({impl, impl->key_set().raw_repr(), impl->data(), dtype_device(impl)});
       geometry_.push_back(impl->dim());
       geometry_.insert(geometry_.end(), impl->sizes().begin(), impl->sizes().end());
       geometry_.insert(geometry_.end(), impl->strides().begin(), impl->strides().end());
@@ -75,6 +76,7 @@ void EmaHandle::replan(at::TensorList teacher, at::TensorList student, const cha
 }
 
 bool EmaHandle::unchanged(const c10::TensorImpl* const* impls) const {
+  if (seen_.size() != 2 * size_) return false;  // never planned (a device without a kernel)
   const size_t n = 2 * size_;
   const Seen* seen = seen_.data();
   const int64_t* g = geometry_.data();
@@ -82,7 +84,7 @@ bool EmaHandle::unchanged(const c10::TensorImpl* const* impls) const {
     const c10::TensorImpl* impl = impls[k];
     // The TensorImpl first: a new one (swap_tensors, a replaced object) may be of any kind,
     // and only a known plain one may be asked for its data and geometry.
-    if (impl != seen->impl) return false;
+    if (impl != seen->impl || impl->key_set().raw_repr() != seen->keys) return false;
     if (impl->data() != seen->data || dtype_device(impl) != seen->dtype_device) return false;
     const int64_t dim = impl->dim();
     if (*g++ != dim) return false;
@@ -129,17 +131,26 @@ bool EmaHandle::step_if_unchanged(const c10::TensorImpl* const* impls, double mo
   return true;
 }
 
-bool EmaHandle::step(at::TensorList teacher, at::TensorList student, double momentum,
-                     const at::Tensor* momentum_tensor) {
+EmaStep EmaHandle::step(at::TensorList teacher, at::TensorList student, double momentum,
+                        const at::Tensor* momentum_tensor) {
   std::lock_guard<std::mutex> lock(mutex_);
   check_lengths(teacher, student);
   TORCH_CHECK(teacher.size() == size_, "ema handle: built for ", size_, " pairs, given ",
               teacher.size());
-  if (size_ == 0) return true;
-  if (!dispatcher_would_go_straight_to_kernel()) return false;
-  if (teacher[0].device().type() != built_for_) return false;
+  if (size_ == 0) return EmaStep::kUpdated;
+  std::vector<const c10::TensorImpl*> impls;
+  impls.reserve(2 * size_);
+  for (size_t i = 0; i < size_; ++i) {
+    impls.push_back(teacher[i].unsafeGetTensorImpl());
+    impls.push_back(student[i].unsafeGetTensorImpl());
+  }
+  const bool same = unchanged(impls.data());
+  // An owner that re-matches its lists hears of every change, even one the op would run.
+  if (!same && !replan_on_change_) return EmaStep::kChanged;
+  if (!dispatcher_would_go_straight_to_kernel()) return EmaStep::kUseOp;
+  if (teacher[0].device().type() != built_for_) return EmaStep::kUseOp;
   const EmaLauncher* now = ema_launcher(built_for_);
-  if (now == nullptr) return false;  // a device without a C++ kernel: the op says so
+  if (now == nullptr) return EmaStep::kUseOp;  // a device without a C++ kernel: the op says so
   // The momentum and grad-mode checks of the op come before the lists' (as in the op).
   if (momentum_tensor != nullptr) {
     check_momentum_tensor(*momentum_tensor, teacher[0].device());
@@ -147,19 +158,13 @@ bool EmaHandle::step(at::TensorList teacher, at::TensorList student, double mome
     check_momentum_value(momentum);
   }
   check_teacher_grad_mode(teacher);
-  std::vector<const c10::TensorImpl*> impls;
-  impls.reserve(2 * size_);
-  for (size_t i = 0; i < size_; ++i) {
-    impls.push_back(teacher[i].unsafeGetTensorImpl());
-    impls.push_back(student[i].unsafeGetTensorImpl());
-  }
-  if (launcher_ == nullptr || !unchanged(impls.data())) {
+  if (launcher_ == nullptr || !same) {
     // What changed is validated again before anything is written.
     replan(teacher, student, now->build_refused ? now->build_refused() : nullptr);
-    if (launcher_ == nullptr) return false;  // a subclass: the dispatcher routes it
+    if (launcher_ == nullptr) return EmaStep::kUseOp;  // a subclass: the dispatcher routes it
   }
   launch(momentum, momentum_tensor);
-  return true;
+  return EmaStep::kUpdated;
 }
 
 }  // namespace eman_fused

@@ -14,26 +14,40 @@
 
 namespace eman_fused {
 
+// What a step did.
+enum class EmaStep : int {
+  kUpdated = 0,  // the update ran
+  kUseOp = 1,    // nothing written: call the op (a dispatch mode, autocast, inference mode or a
+                 // transform is active, a tensor is a subclass, or the tensors left the kind of
+                 // device the handle was built for; the op's backend choice and errors apply)
+  kChanged = 2,  // nothing written: a tensor changed (only for handles built with
+                 // replan_on_change = false, whose owner re-matches its lists itself)
+};
+
 class EmaHandle {
  public:
   // Validates the lists and plans them: a bad pair raises here, before any write.
-  EmaHandle(at::TensorList teacher, at::TensorList student);
+  // replan_on_change: a step that finds a tensor changed re-validates and re-plans (FusedEMA);
+  // false: it reports kChanged instead (EMATeacher re-matches teacher and student then).
+  EmaHandle(at::TensorList teacher, at::TensorList student, bool replan_on_change = true);
 
   // One update of the handle's lists as the caller's objects hold them now (the same objects,
   // in the same order: their tensors may have been re-allocated, re-laid out or cast since).
-  // A changed tensor is re-validated and re-planned before anything is written. Returns false,
-  // having written nothing, when the update must go through the dispatcher instead: a dispatch
-  // mode, transform or autocast is active, a tensor is a subclass, or the tensors are no longer
-  // on the kind of device the handle was built for (the caller then calls the op, whose
-  // backend choice and errors then apply).
-  bool step(at::TensorList teacher, at::TensorList student, double momentum,
-            const at::Tensor* momentum_tensor);
+  // A changed tensor is re-validated and re-planned (or reported) before anything is written.
+  EmaStep step(at::TensorList teacher, at::TensorList student, double momentum,
+               const at::Tensor* momentum_tensor);
 
   // The steady-state step: `impls` are the current TensorImpls of teacher[i] (at 2i) and
   // student[i] (at 2i + 1). Returns false, having written nothing, if any of them changed
   // since the plan (or the update must go through the dispatcher): call step() then.
   bool step_if_unchanged(const c10::TensorImpl* const* impls, double momentum,
                          const at::Tensor* momentum_tensor);
+
+  // Whether the tensors `impls` (as for step_if_unchanged) are those of the plan, unchanged.
+  bool matches(const c10::TensorImpl* const* impls) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    return unchanged(impls);
+  }
 
   size_t size() const { return size_; }
   // Plans built by this handle (1 at construction, +1 per re-plan).
@@ -45,6 +59,7 @@ class EmaHandle {
   // What a plan depends on, per tensor: if all of it is unchanged the plan still holds.
   struct Seen {
     const c10::TensorImpl* impl;
+    uint64_t keys;  // the dispatch key set: a plain tensor's, checked before asking for data
     const void* data;
     int64_t dtype_device;
   };
@@ -62,6 +77,7 @@ class EmaHandle {
   size_t size_ = 0;
   std::shared_ptr<const EmaPlan> plan_;
   bool kept_for_graphs_ = false;
+  bool replan_on_change_ = true;
   const EmaLauncher* launcher_ = nullptr;  // null: these tensors need the dispatcher
   std::vector<Seen> seen_;                 // teacher[i] at 2i, student[i] at 2i + 1
   std::vector<int64_t> geometry_;          // per tensor: dim, sizes, strides

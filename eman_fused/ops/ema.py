@@ -11,6 +11,7 @@ from .. import _backends, reference
 from .layout import ema_table_words
 
 _ops = torch.ops.eman_fused if _backends._C_ERROR is None else None
+_UPDATED = _backends._C.EmaHandle.UPDATED if _backends._C_ERROR is None else None
 
 
 def ema_update_(teacher: Sequence[torch.Tensor], student: Sequence[torch.Tensor],
@@ -113,7 +114,7 @@ class FusedEMA:
 
     def step(self, momentum: float | torch.Tensor) -> None:
         handle = self._handle
-        if handle is not None and not torch.compiler.is_compiling() and handle.step(momentum):
+        if handle is not None and not torch.compiler.is_compiling() and handle.step(momentum) == _UPDATED:
             return
         ema_update_(self.teacher, self.student, momentum, backend=self.backend)
 
