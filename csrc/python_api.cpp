@@ -7,8 +7,11 @@
 #include <torch/csrc/Exceptions.h>
 #include <torch/csrc/autograd/python_variable.h>
 #include <torch/csrc/utils/pybind.h>
+#include <torch/csrc/DynamicTypes.h>
 
+#include <algorithm>
 #include <cstddef>
+#include <optional>
 #include <cstring>
 #include <vector>
 
@@ -35,14 +38,14 @@ bool is_tensor(PyObject* obj) {
 // (a C++ reference to a Python-owned tensor also increfs its PyObject).
 class BorrowedTensors {
  public:
-  BorrowedTensors(PyObject* seq, const char* side) {
+  BorrowedTensors(PyObject* seq, const char* side, const char* op = "ema_update_") {
     items_ = PySequence_Tuple(seq);
     if (items_ == nullptr) throw python_error();
     const Py_ssize_t n = PyTuple_GET_SIZE(items_);
     tensors_.reserve(n);
     for (Py_ssize_t i = 0; i < n; ++i) {
       PyObject* item = PyTuple_GET_ITEM(items_, i);
-      TORCH_CHECK_TYPE(is_tensor(item), "ema_update_: ", side, "[", i, "] is a ",
+      TORCH_CHECK_TYPE(is_tensor(item), op, ": ", side, "[", i, "] is a ",
                        Py_TYPE(item)->tp_name, ", not a tensor");
       tensors_.push_back(c10::MaybeOwnedTraits<at::Tensor>::createBorrow(THPVariable_Unpack(item)));
     }
@@ -103,24 +106,249 @@ PyObject* ema_check_lists(PyObject* /*self*/, PyObject* args) {
   END_HANDLE_TH_ERRORS
 }
 
+// -- the fused optimizers' host path: the per-param walks of a step in C, and the step ops
+// called without boxing each tensor (torch.ops converts every list element to an IValue).
+
+std::vector<int64_t> int_list(PyObject* seq) {
+  PyObject* items = PySequence_Fast(seq, "expected a sequence of ints");
+  if (items == nullptr) throw python_error();
+  const Py_ssize_t n = PySequence_Fast_GET_SIZE(items);
+  std::vector<int64_t> out(n);
+  for (Py_ssize_t i = 0; i < n; ++i) {
+    out[i] = PyLong_AsLongLong(PySequence_Fast_GET_ITEM(items, i));
+    if (out[i] == -1 && PyErr_Occurred()) {
+      Py_DECREF(items);
+      throw python_error();
+    }
+  }
+  Py_DECREF(items);
+  return out;
+}
+
+std::vector<double> float_list(PyObject* seq) {
+  PyObject* items = PySequence_Fast(seq, "expected a sequence of floats");
+  if (items == nullptr) throw python_error();
+  const Py_ssize_t n = PySequence_Fast_GET_SIZE(items);
+  std::vector<double> out(n);
+  for (Py_ssize_t i = 0; i < n; ++i) {
+    out[i] = PyFloat_AsDouble(PySequence_Fast_GET_ITEM(items, i));
+    if (out[i] == -1.0 && PyErr_Occurred()) {
+      Py_DECREF(items);
+      throw python_error();
+    }
+  }
+  Py_DECREF(items);
+  return out;
+}
+
+c10::List<std::optional<at::Tensor>> optional_tensors(PyObject* seq) {
+  PyObject* items = PySequence_Fast(seq, "expected a sequence of tensors or None");
+  if (items == nullptr) throw python_error();
+  c10::List<std::optional<at::Tensor>> out;
+  const Py_ssize_t n = PySequence_Fast_GET_SIZE(items);
+  out.reserve(n);
+  for (Py_ssize_t i = 0; i < n; ++i) {
+    PyObject* item = PySequence_Fast_GET_ITEM(items, i);
+    if (item == Py_None) {
+      out.push_back(std::nullopt);
+    } else if (is_tensor(item)) {
+      out.push_back(THPVariable_Unpack(item));
+    } else {
+      Py_DECREF(items);
+      TORCH_CHECK_TYPE(false, "hyper_tensors[", i, "] is a ", Py_TYPE(item)->tp_name,
+                       ", not a tensor or None");
+    }
+  }
+  Py_DECREF(items);
+  return out;
+}
+
+using StepSig = void(int64_t, at::TensorList, at::TensorList, at::TensorList, at::TensorList,
+                     at::TensorList, at::TensorList, c10::ArrayRef<int64_t>, at::TensorList,
+                     c10::ArrayRef<double>, const c10::List<std::optional<at::Tensor>>&);
+using TableSig = at::Tensor(int64_t, at::TensorList, at::TensorList, at::TensorList,
+                            at::TensorList, at::TensorList, at::TensorList, c10::ArrayRef<int64_t>,
+                            at::TensorList, c10::ArrayRef<double>,
+                            const c10::List<std::optional<at::Tensor>>&, bool);
+
+// optim_step_lists(optimizer, params, grads, first, second, max_second, teacher, flags, steps,
+// hyper, hyper_tensors, table_only): torch.ops.eman_fused.optim_ema_step_ (or, table_only,
+// _optim_ema_table: the checks, writing nothing) through the dispatcher, unboxed.
+PyObject* optim_step_lists(PyObject* /*self*/, PyObject* args) {
+  HANDLE_TH_ERRORS
+  long long optimizer;
+  PyObject *p_obj, *g_obj, *m1_obj, *m2_obj, *m3_obj, *t_obj, *flags_obj, *steps_obj, *hyper_obj,
+      *ht_obj;
+  int table_only;
+  if (!PyArg_ParseTuple(args, "LOOOOOOOOOOp", &optimizer, &p_obj, &g_obj, &m1_obj, &m2_obj,
+                        &m3_obj, &t_obj, &flags_obj, &steps_obj, &hyper_obj, &ht_obj, &table_only))
+    return nullptr;
+  constexpr const char* op = "optim_ema_step_";
+  const BorrowedTensors params(p_obj, "params", op), grads(g_obj, "grads", op);
+  const BorrowedTensors first(m1_obj, "first_moments", op), second(m2_obj, "second_moments", op);
+  const BorrowedTensors max_second(m3_obj, "max_second_moments", op);
+  const BorrowedTensors teacher(t_obj, "teacher", op), steps(steps_obj, "steps", op);
+  const std::vector<int64_t> flags = int_list(flags_obj);
+  const std::vector<double> hyper = float_list(hyper_obj);
+  const c10::List<std::optional<at::Tensor>> hyper_tensors = optional_tensors(ht_obj);
+  if (table_only) {
+    static const auto table_op = c10::Dispatcher::singleton()
+                                     .findSchemaOrThrow("eman_fused::_optim_ema_table", "")
+                                     .typed<TableSig>();
+    pybind11::gil_scoped_release no_gil;
+    table_op.call(optimizer, params.list(), grads.list(), first.list(), second.list(),
+                  max_second.list(), teacher.list(), flags, steps.list(), hyper, hyper_tensors,
+                  false);
+  } else {
+    static const auto step_op = c10::Dispatcher::singleton()
+                                    .findSchemaOrThrow("eman_fused::optim_ema_step_", "")
+                                    .typed<StepSig>();
+    pybind11::gil_scoped_release no_gil;
+    step_op.call(optimizer, params.list(), grads.list(), first.list(), second.list(),
+                 max_second.list(), teacher.list(), flags, steps.list(), hyper, hyper_tensors);
+  }
+  Py_RETURN_NONE;
+  END_HANDLE_TH_ERRORS
+}
+
+// optim_gather(params) -> (params with a grad, their grads, dtype, devices, regular): one walk
+// over a param group. dtype: the params' dtype if they share one, else None; devices: the
+// distinct (type, index) pairs; regular: False if any param needs the Python walk's handling
+// (not a tensor, a sparse or non-strided grad, a device other than CPU/CUDA, a grad of the
+// param's shape and device in other strides).
+PyObject* optim_gather(PyObject* /*self*/, PyObject* args) {
+  HANDLE_TH_ERRORS
+  PyObject* seq;
+  if (!PyArg_ParseTuple(args, "O", &seq)) return nullptr;
+  PyObject* items = PySequence_Fast(seq, "params must be a sequence");
+  if (items == nullptr) return nullptr;
+  const Py_ssize_t n = PySequence_Fast_GET_SIZE(items);
+  auto params = pybind11::reinterpret_steal<pybind11::list>(PyList_New(0));
+  auto grads = pybind11::reinterpret_steal<pybind11::list>(PyList_New(0));
+  bool regular = true, one_dtype = true;
+  std::optional<at::ScalarType> dtype;
+  std::vector<at::Device> devices;
+  for (Py_ssize_t i = 0; i < n && regular; ++i) {
+    PyObject* item = PySequence_Fast_GET_ITEM(items, i);
+    if (!is_tensor(item)) {
+      regular = false;
+      break;
+    }
+    const at::Tensor& p = THPVariable_Unpack(item);
+    const at::Tensor& g = p.grad();
+    if (!g.defined()) continue;
+    const at::Device d = p.device();
+    if (g.layout() != at::kStrided || (d.type() != at::kCPU && d.type() != at::kCUDA) ||
+        (g.strides() != p.strides() && g.sizes() == p.sizes() && g.device() == d)) {
+      regular = false;
+      break;
+    }
+    if (std::find(devices.begin(), devices.end(), d) == devices.end()) devices.push_back(d);
+    if (!dtype) dtype = p.scalar_type();
+    one_dtype = one_dtype && *dtype == p.scalar_type();
+    if (PyList_Append(params.ptr(), item) != 0) {
+      Py_DECREF(items);
+      throw python_error();
+    }
+    PyObject* g_obj = THPVariable_Wrap(g);
+    if (g_obj == nullptr || PyList_Append(grads.ptr(), g_obj) != 0) {
+      Py_XDECREF(g_obj);
+      Py_DECREF(items);
+      throw python_error();
+    }
+    Py_DECREF(g_obj);
+  }
+  Py_DECREF(items);
+  pybind11::tuple device_tuple(devices.size());
+  for (size_t i = 0; i < devices.size(); ++i) {
+    device_tuple[i] = pybind11::make_tuple(devices[i].is_cpu() ? "cpu" : "cuda",
+                                           static_cast<int>(devices[i].index()));
+  }
+  pybind11::object dtype_obj = pybind11::none();
+  if (dtype && one_dtype) {
+    dtype_obj = pybind11::reinterpret_borrow<pybind11::object>(
+        reinterpret_cast<PyObject*>(torch::getTHPDtype(*dtype)));
+  }
+  return pybind11::make_tuple(params, grads, dtype_obj, device_tuple, regular).release().ptr();
+  END_HANDLE_TH_ERRORS
+}
+
+// state_lookup(state, params, keys) -> one list per key: state.get(p, {}).get(key) for every
+// param. torch.Tensor hashes by id() in Python (~100 ns a call from C); for tensors of types
+// that keep that __hash__ the hash is formed here, as Python's hash of that int would be.
+PyObject* state_lookup(PyObject* /*self*/, PyObject* args) {
+  HANDLE_TH_ERRORS
+  PyObject *state, *seq, *keys;
+  if (!PyArg_ParseTuple(args, "O!OO!", &PyDict_Type, &state, &seq, &PyTuple_Type, &keys))
+    return nullptr;
+  static PyObject* tensor_hash = nullptr;
+  if (tensor_hash == nullptr) {
+    tensor_hash = PyObject_GetAttrString(THPVariableClass, "__hash__");
+    if (tensor_hash == nullptr) return nullptr;
+  }
+  PyObject* items = PySequence_Fast(seq, "params must be a sequence");
+  if (items == nullptr) return nullptr;
+  const Py_ssize_t n = PySequence_Fast_GET_SIZE(items), k = PyTuple_GET_SIZE(keys);
+  PyObject* out = PyTuple_New(k);
+  for (Py_ssize_t j = 0; j < k; ++j) PyTuple_SET_ITEM(out, j, PyList_New(n));
+  PyTypeObject* known_type = nullptr;  // the last type seen to keep Tensor.__hash__
+  for (Py_ssize_t i = 0; i < n; ++i) {
+    PyObject* p = PySequence_Fast_GET_ITEM(items, i);
+    if (Py_TYPE(p) != known_type) {
+      PyObject* h = PyObject_GetAttrString(reinterpret_cast<PyObject*>(Py_TYPE(p)), "__hash__");
+      const bool same = h == tensor_hash;
+      Py_XDECREF(h);
+      if (h == nullptr) PyErr_Clear();
+      known_type = same ? Py_TYPE(p) : nullptr;
+    }
+    PyObject* entry;
+    if (known_type != nullptr) {
+      // Python's hash of the int id(p): the address modulo the Mersenne prime 2**61 - 1.
+      auto h = static_cast<Py_hash_t>(reinterpret_cast<uintptr_t>(p) % ((uint64_t{1} << 61) - 1));
+      if (h == -1) h = -2;
+      entry = _PyDict_GetItem_KnownHash(state, p, h);
+    } else {
+      entry = PyDict_GetItemWithError(state, p);
+    }
+    if (entry == nullptr && PyErr_Occurred()) {
+      Py_DECREF(items);
+      Py_DECREF(out);
+      return nullptr;
+    }
+    for (Py_ssize_t j = 0; j < k; ++j) {
+      PyObject* v = nullptr;
+      if (entry != nullptr && PyDict_Check(entry)) {
+        v = PyDict_GetItemWithError(entry, PyTuple_GET_ITEM(keys, j));
+        if (v == nullptr && PyErr_Occurred()) {
+          Py_DECREF(items);
+          Py_DECREF(out);
+          return nullptr;
+        }
+      }
+      if (v == nullptr) v = Py_None;
+      Py_INCREF(v);
+      PyList_SET_ITEM(PyTuple_GET_ITEM(out, j), i, v);
+    }
+  }
+  Py_DECREF(items);
+  return out;
+  END_HANDLE_TH_ERRORS
+}
+
 // eman_fused._C.EmaHandle(teacher, student): an ema/handle.h handle over the tensor objects of
 // two sequences, held (as tuples) for the handle's life. Each step re-reads every object's
 // current tensor (a `param.data = new` or swap_tensors shows there) into reused borrowed
 // slots: no Python call, no refcount and no allocation per tensor.
 class PyEmaHandle {
  public:
-  PyEmaHandle(PyObject* teacher_seq, PyObject* student_seq, bool replan)
+  PyEmaHandle(PyObject* teacher_seq, PyObject* student_seq, bool replan, bool plan)
       : teacher_(tuple_of_tensors(teacher_seq, "teacher")),
         student_(tuple_of_tensors(student_seq, "student")),
         replan_(replan) {
     fill_slots();
     pybind11::gil_scoped_release no_gil;
-    handle_ = std::make_unique<eman_fused::EmaHandle>(teacher_slots_, student_slots_, replan);
-  }
-  ~PyEmaHandle() {
-    for (auto* slots : {&teacher_slots_, &student_slots_}) {
-      for (auto& t : *slots) c10::MaybeOwnedTraits<at::Tensor>::destroyBorrow(t);
-    }
+    handle_ = std::make_unique<eman_fused::EmaHandle>(teacher_slots_.tensors,
+                                                      student_slots_.tensors, replan, plan);
   }
   PyEmaHandle(const PyEmaHandle&) = delete;
   PyEmaHandle& operator=(const PyEmaHandle&) = delete;
@@ -150,12 +378,14 @@ class PyEmaHandle {
     }
     fill_slots();
     pybind11::gil_scoped_release no_gil;
-    return static_cast<int>(handle_->step(teacher_slots_, student_slots_, momentum, momentum_tensor));
+    return static_cast<int>(
+        handle_->step(teacher_slots_.tensors, student_slots_.tensors, momentum, momentum_tensor));
   }
 
   // Pickling (torch.save of a module holding a handle) and copy.deepcopy keep the tensor
   // objects; unpickling builds a new handle over them (validated and planned anew).
   pybind11::tuple state() const { return pybind11::make_tuple(teacher_, student_, replan_); }
+  // (unpickled handles plan at their first step: the tensors may not be where they will run)
 
   // Whether any tensor changed since the plan (the check of a step, writing nothing).
   bool changed() {
@@ -166,7 +396,7 @@ class PyEmaHandle {
 
   int64_t plans_built() const { return handle_->plans_built(); }
   at::Tensor table() const { return handle_->table(); }
-  size_t size() const { return teacher_slots_.size(); }
+  size_t size() const { return handle_->size(); }
 
  private:
   static pybind11::tuple tuple_of_tensors(PyObject* seq, const char* side) {
@@ -192,8 +422,20 @@ class PyEmaHandle {
     }
   }
 
+  // Borrowed (+0) tensors: released without a decref, also when a constructor throws.
+  struct BorrowedSlots {
+    std::vector<at::Tensor> tensors;
+    BorrowedSlots() = default;
+    BorrowedSlots(const BorrowedSlots&) = delete;
+    BorrowedSlots& operator=(const BorrowedSlots&) = delete;
+    ~BorrowedSlots() {
+      for (auto& t : tensors) c10::MaybeOwnedTraits<at::Tensor>::destroyBorrow(t);
+    }
+  };
+
   void fill_slots() {
-    for (auto [tuple, slots] : {std::pair{&teacher_, &teacher_slots_}, std::pair{&student_, &student_slots_}}) {
+    for (auto [tuple, borrowed] : {std::pair{&teacher_, &teacher_slots_}, std::pair{&student_, &student_slots_}}) {
+      std::vector<at::Tensor>* slots = &borrowed->tensors;
       const Py_ssize_t n = PyTuple_GET_SIZE(tuple->ptr());
       if (slots->empty() && n > 0) {
         slots->reserve(n);
@@ -213,7 +455,7 @@ class PyEmaHandle {
   pybind11::tuple teacher_, student_;
   bool replan_;
   std::vector<const c10::TensorImpl*> impls_;
-  std::vector<at::Tensor> teacher_slots_, student_slots_;
+  BorrowedSlots teacher_slots_, student_slots_;
   std::unique_ptr<eman_fused::EmaHandle> handle_;
 };
 
@@ -393,6 +635,13 @@ PyMethodDef methods[] = {
      "ema_check_lists(teacher, student): ema_update_'s checks of the lists (cached), no update."},
     {"ema_plan_cache_info", ema_plan_cache_info, METH_NOARGS,
      "ema_plan_cache_info() -> (plans cached, plans kept for captured CUDA graphs, plans built)"},
+    {"optim_step_lists", optim_step_lists, METH_VARARGS,
+     "optim_step_lists(optimizer, params, grads, first, second, max_second, teacher, flags, "
+     "steps, hyper, hyper_tensors, table_only): optim_ema_step_ (or _optim_ema_table) unboxed."},
+    {"optim_gather", optim_gather, METH_VARARGS,
+     "optim_gather(params) -> (params with a grad, grads, shared dtype or None, devices, regular)"},
+    {"state_lookup", state_lookup, METH_VARARGS,
+     "state_lookup(state, params, keys) -> per key, [state.get(p, {}).get(key) for p in params]"},
     {"table_layout", table_layout, METH_NOARGS,
      "table_layout(): the EMA and optimizer tables' sizes, flags and entry field offsets (in "
      "int64 words), the optimizers' enum values, hyper-parameter names and scalar offsets, as "
@@ -412,10 +661,12 @@ extern "C" PyObject* PyInit__C(void) {
                             "EmaHandle(teacher, student): a persistent, validated EMA plan of two "
                             "tensor sequences (eman_fused/csrc/ema/handle.h).");
     handle_class
-        .def(py::init([](py::handle t, py::handle s, bool replan) {
-               return std::make_unique<PyEmaHandle>(t.ptr(), s.ptr(), replan);
+        .def(py::init([](py::handle t, py::handle s, bool replan, bool plan) {
+               return std::make_unique<PyEmaHandle>(t.ptr(), s.ptr(), replan, plan);
              }),
-             py::arg("teacher"), py::arg("student"), py::arg("replan") = true)
+             py::arg("teacher"), py::arg("student"), py::arg("replan") = true,
+             py::arg("plan") = true,
+             "plan=False: validate and plan at the first step (construction cannot raise).")
         .def("step", &PyEmaHandle::step, py::arg("momentum"),
              "One update: returns UPDATED, USE_OP (nothing written: call the op) or CHANGED "
              "(nothing written: a tensor changed; replan=False handles only).")
@@ -423,7 +674,7 @@ extern "C" PyObject* PyInit__C(void) {
                         [](const py::tuple& state) {
                           TORCH_CHECK_VALUE(state.size() == 3, "EmaHandle: bad pickled state");
                           return std::make_unique<PyEmaHandle>(state[0].ptr(), state[1].ptr(),
-                                                               state[2].cast<bool>());
+                                                               state[2].cast<bool>(), false);
                         }))
         .def("changed", &PyEmaHandle::changed,
              "Whether a tensor changed since the plan (a step's check, nothing written).")

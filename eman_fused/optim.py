@@ -152,10 +152,16 @@ class _Call:
     def check(self) -> None:
         """The op's checks, writing nothing (the table op runs them)."""
         args = self.args if len(self.args) == 11 else (*self.args, [])
-        torch.ops.eman_fused._optim_ema_table(*args)
+        if torch.compiler.is_compiling():
+            torch.ops.eman_fused._optim_ema_table(*args)
+        else:  # the same op through the dispatcher, without boxing every tensor
+            _backends._C.optim_step_lists(*args, True)
 
     def run(self, state) -> None:
-        self.op(*self.args)
+        if self.op is _STEP_OP and not torch.compiler.is_compiling():
+            _backends._C.optim_step_lists(*self.args, False)
+        else:
+            self.op(*self.args)
         for p, entries in self.new_state.items():
             state[p] = entries
 
@@ -229,20 +235,33 @@ class _FusedStep:
         """(each param's 'momentum_buffer', flags with FIRST where it is new, the new buffers):
         a new buffer is set by the kernel to the first update, as torch.optim.SGD does, and is
         kept in self.state only when the step ran."""
+        flags = [0] * len(params)
         if not momentum_state:
-            return [], [0] * len(params), {}
-        first_flag = _layout()["flag_first"]
-        bufs, flags, new = [], [], {}
-        for p in params:
-            buf = self.state.get(p, {}).get("momentum_buffer")
-            flags.append(first_flag if buf is None else 0)
-            if buf is None:
-                buf = torch.empty_like(p, memory_format=torch.preserve_format)
-                new[p] = {**self.state.get(p, {}), "momentum_buffer": buf}
-            bufs.append(buf)
+            return [], flags, {}
+        bufs = _backends._C.state_lookup(self.state, params, ("momentum_buffer",))[0]
+        new = {}
+        missing = [i for i, buf in enumerate(bufs) if buf is None]
+        if missing:
+            first_flag = _layout()["flag_first"]
+            for i in missing:
+                p = params[i]
+                bufs[i] = torch.empty_like(p, memory_format=torch.preserve_format)
+                new[p] = {**self.state.get(p, {}), "momentum_buffer": bufs[i]}
+                flags[i] = first_flag
         return bufs, flags, new
 
     def _grads(self, group):
+        """(params with a grad, their grads, (device, dtype) when all share one, else None)."""
+        params, grads, dtype, devices, regular = _backends._C.optim_gather(group["params"])
+        if not regular:  # a case the walk below handles (or refuses) param by param
+            return (*self._grads_one_by_one(group), None)
+        for device in devices:
+            device = _device(*device)
+            self._backend_for(device)
+        uniform = (_device(*devices[0]), dtype) if len(devices) == 1 and dtype is not None else None
+        return params, grads, uniform
+
+    def _grads_one_by_one(self, group):
         params, grads = [], []
         for p in group["params"]:
             g = p.grad
@@ -273,8 +292,11 @@ class _FusedStep:
         fused_ids: set[int] = set()
         calls: list[_Call] = []
         for group in self.param_groups:
-            params, grads = self._grads(group)
+            params, grads, uniform = self._grads(group)
             if not params:
+                continue
+            if link is None and uniform is not None:  # one call for the whole group
+                calls.append(self._call(group, params, grads, [], m))
                 continue
             if link is not None and link.teacher_params:
                 link.refuse_teacher_grads(params)
@@ -317,6 +339,18 @@ class _FusedStep:
         hyper, hyper_tensors = self._hyper(group, m, device)
         args = (optimizer_id, params, grads, *moments, teacher, flags, steps, hyper)
         return _Call(op, (*args, hyper_tensors) if takes_tensors else args, new_state)
+
+
+_STEP_OP = torch.ops.eman_fused.optim_ema_step_ if _backends._C_ERROR is None else None
+_DEVICES: dict = {}
+
+
+def _device(kind: str, index: int) -> torch.device:
+    # (type, index) as optim_gather reports it -> torch.device, made once per device
+    d = _DEVICES.get((kind, index))
+    if d is None:
+        d = _DEVICES[(kind, index)] = torch.device(kind) if index < 0 else torch.device(kind, index)
+    return d
 
 
 def _torch_kwargs(foreach, fused):
@@ -391,8 +425,18 @@ class AdamW(_FusedStep, torch.optim.AdamW):
         return super()._hyper_value(group, name, m)
 
     def _call(self, group, params, grads, teacher, m):
-        exp_avgs, exp_avg_sqs, max_sqs, steps, new = [], [], [], [], {}
         triton = self._backend_for(params[0].device) == "triton"
+        if not triton:
+            steps, exp_avgs, exp_avg_sqs, max_sqs = _backends._C.state_lookup(
+                self.state, params, ("step", "exp_avg", "exp_avg_sq", "max_exp_avg_sq"))
+            lists = (steps, exp_avgs, exp_avg_sqs, max_sqs) if group["amsgrad"] else (steps, exp_avgs, exp_avg_sqs)
+            if all(x is not None for values in lists for x in values):
+                # every param has its state: the lists as they are
+                if not group["amsgrad"]:
+                    max_sqs = []
+                return self._op_call(_layout()["optimizers"]["adamw"], group, params, grads,
+                                     (exp_avgs, exp_avg_sqs, max_sqs), teacher, [], steps, m, {})
+        exp_avgs, exp_avg_sqs, max_sqs, steps, new = [], [], [], [], {}
         for p in params:
             state = self.state.get(p)
             if not state:  # capturable: the step count lives on the param's device

@@ -390,7 +390,12 @@ class EMATeacher(nn.Module):
             return None
         if t_dev.type not in ("cpu", "cuda") or _backends.resolve(self.backend, t_dev) not in ("cpu", "cuda"):
             return None
-        return [(_backends._C.EmaHandle(t, s, replan=False), t, s, is_copy)
+        lists = (*self._ema_lists, *self._copy_lists)
+        if any(type(x) not in _PLAIN_TENSOR_TYPES for side in lists for x in side):
+            return None  # a tensor subclass: the storage watch and ema_update_ serve it
+        # plan=False: validated at the first update, as ema_update_ would be (a re-match
+        # itself never raises for what only the update checks)
+        return [(_backends._C.EmaHandle(t, s, replan=False, plan=False), t, s, is_copy)
                 for (t, s), is_copy in ((self._ema_lists, False), (self._copy_lists, True)) if t]
 
     def _mirror_wanted(self, t_dev: torch.device, s_dev: torch.device) -> bool:
@@ -686,6 +691,7 @@ class EMATeacher(nn.Module):
                 f"ema_tensors={len(self._ema_lists[0])}, copied_tensors={len(self._copy_lists[0])}")
 
 
+_PLAIN_TENSOR_TYPES = (torch.Tensor, nn.Parameter)
 _HANDLE_CHANGED = _backends._C.EmaHandle.CHANGED if _backends._C_ERROR is None else None
 
 

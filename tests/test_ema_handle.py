@@ -310,3 +310,28 @@ def test_teacher_update_after_a_change_in_either_list_rematches_and_writes_curre
     torch.testing.assert_close(teacher.module[0].weight, expected_w[0], rtol=0, atol=0)
     torch.testing.assert_close(teacher.module[1].running_mean, student[1].running_mean, rtol=0, atol=0)
     torch.testing.assert_close(teacher.module[1].running_var, student[1].running_var, rtol=0, atol=0)
+
+
+def test_a_refused_handle_leaves_the_tensors_sound():
+    # The handle borrows its tensors (no reference counts): a constructor that raises must
+    # release them as borrowed, or the tensors' C++ reference counts would drop below their owners.
+    import gc
+    t = torch.zeros(8)
+    for _ in range(3):
+        with pytest.raises(ValueError, match="overlaps"):
+            _backends._C.EmaHandle([t], [t])
+    gc.collect()
+    assert t._use_count() == 1
+    t.add_(1)
+    assert torch.equal(t, torch.ones(8))
+
+
+def test_teacher_handles_plan_at_the_first_update():
+    # A teacher whose lists only the update would refuse is still built and re-matched.
+    student = small_student()
+    teacher = eman_fused.EMATeacher(student, 0.5)
+    generation = teacher.refresh()
+    assert teacher.refresh() == generation
+    assert all(h.plans_built == 0 for h, *_ in teacher._handles)
+    teacher.update()
+    assert all(h.plans_built == 1 for h, *_ in teacher._handles)

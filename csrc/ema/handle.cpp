@@ -38,20 +38,27 @@ bool plain(at::TensorList tensors) {
 
 }  // namespace
 
-EmaHandle::EmaHandle(at::TensorList teacher, at::TensorList student, bool replan_on_change)
+EmaHandle::EmaHandle(at::TensorList teacher, at::TensorList student, bool replan_on_change,
+                     bool plan)
     : replan_on_change_(replan_on_change) {
   check_lengths(teacher, student);
   size_ = teacher.size();
   if (size_ > 0) built_for_ = teacher[0].device().type();
+  // What the tensors are now, so that a change before the first step is seen too.
+  remember(teacher, student);
   // Tensors on a device without a C++ kernel (e.g. unpickled onto the meta device): nothing to
   // plan; every step then goes through the op.
-  if (size_ > 0 && ema_launcher(built_for_) == nullptr) return;
+  if (!plan || (size_ > 0 && ema_launcher(built_for_) == nullptr)) return;
   replan(teacher, student, nullptr);
 }
 
 void EmaHandle::remember(at::TensorList teacher, at::TensorList student) {
   seen_.clear();
   geometry_.clear();
+  // Only plain tensors can be asked for their data and geometry without the dispatcher; a
+  // handle of others (subclasses) leaves every step to the op.
+  opaque_ = !(plain(teacher) && plain(student));
+  if (opaque_) return;
   for (size_t i = 0; i < size_; ++i) {
     for (const at::Tensor* x : {&teacher[i], &student[i]}) {
       const c10::TensorImpl* impl = x->unsafeGetTensorImpl();
@@ -76,7 +83,7 @@ void EmaHandle::replan(at::TensorList teacher, at::TensorList student, const cha
 }
 
 bool EmaHandle::unchanged(const c10::TensorImpl* const* impls) const {
-  if (seen_.size() != 2 * size_) return false;  // never planned (a device without a kernel)
+  if (opaque_) return false;
   const size_t n = 2 * size_;
   const Seen* seen = seen_.data();
   const int64_t* g = geometry_.data();
@@ -146,7 +153,7 @@ EmaStep EmaHandle::step(at::TensorList teacher, at::TensorList student, double m
   }
   const bool same = unchanged(impls.data());
   // An owner that re-matches its lists hears of every change, even one the op would run.
-  if (!same && !replan_on_change_) return EmaStep::kChanged;
+  if (!same && !opaque_ && !replan_on_change_) return EmaStep::kChanged;
   if (!dispatcher_would_go_straight_to_kernel()) return EmaStep::kUseOp;
   if (teacher[0].device().type() != built_for_) return EmaStep::kUseOp;
   const EmaLauncher* now = ema_launcher(built_for_);

@@ -29,7 +29,9 @@ class EmaHandle {
   // Validates the lists and plans them: a bad pair raises here, before any write.
   // replan_on_change: a step that finds a tensor changed re-validates and re-plans (FusedEMA);
   // false: it reports kChanged instead (EMATeacher re-matches teacher and student then).
-  EmaHandle(at::TensorList teacher, at::TensorList student, bool replan_on_change = true);
+  // plan = false: nothing is checked here; the first step validates and plans.
+  EmaHandle(at::TensorList teacher, at::TensorList student, bool replan_on_change = true,
+            bool plan = true);
 
   // One update of the handle's lists as the caller's objects hold them now (the same objects,
   // in the same order: their tensors may have been re-allocated, re-laid out or cast since).
@@ -44,9 +46,10 @@ class EmaHandle {
                          const at::Tensor* momentum_tensor);
 
   // Whether the tensors `impls` (as for step_if_unchanged) are those of the plan, unchanged.
+  // (A handle of subclass tensors, whose steps all go through the op, always matches.)
   bool matches(const c10::TensorImpl* const* impls) {
     std::lock_guard<std::mutex> lock(mutex_);
-    return unchanged(impls);
+    return opaque_ || unchanged(impls);
   }
 
   size_t size() const { return size_; }
@@ -78,6 +81,7 @@ class EmaHandle {
   std::shared_ptr<const EmaPlan> plan_;
   bool kept_for_graphs_ = false;
   bool replan_on_change_ = true;
+  bool opaque_ = false;  // a tensor is not plain: every step goes through the op
   const EmaLauncher* launcher_ = nullptr;  // null: these tensors need the dispatcher
   std::vector<Seen> seen_;                 // teacher[i] at 2i, student[i] at 2i + 1
   std::vector<int64_t> geometry_;          // per tensor: dim, sizes, strides
