@@ -387,6 +387,12 @@ class PyEmaHandle {
   pybind11::tuple state() const { return pybind11::make_tuple(teacher_, student_, replan_); }
   // (unpickled handles plan at their first step: the tensors may not be where they will run)
 
+  void validate() {
+    fill_slots();
+    pybind11::gil_scoped_release no_gil;
+    handle_->validate(teacher_slots_.tensors, student_slots_.tensors);
+  }
+
   // Whether any tensor changed since the plan (the check of a step, writing nothing).
   bool changed() {
     read_impls();
@@ -676,6 +682,8 @@ extern "C" PyObject* PyInit__C(void) {
                           return std::make_unique<PyEmaHandle>(state[0].ptr(), state[1].ptr(),
                                                                state[2].cast<bool>(), false);
                         }))
+        .def("validate", &PyEmaHandle::validate,
+             "The checks of a step (raising what it would), writing nothing.")
         .def("changed", &PyEmaHandle::changed,
              "Whether a tensor changed since the plan (a step's check, nothing written).")
         .def_property_readonly("plans_built", &PyEmaHandle::plans_built)

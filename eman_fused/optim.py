@@ -75,6 +75,8 @@ class _TeacherLink:
         self.teacher, self.schedule = teacher, momentum
         self._generation = None
         self.teacher_params: set[int] = set()  # ids of the teacher's own tensors among the params
+        self._partitions: dict[int, tuple] = {}  # group index -> (generation, params, parts, fused)
+        self._union = ((), frozenset())
 
     @staticmethod
     def _refuse_unsupported(teacher: EMATeacher) -> None:
@@ -122,15 +124,38 @@ class _TeacherLink:
         # capturable: a float32 device scalar, computed on the device from the step tensor
         return m.to(torch.float32) if self.capturable else m
 
-    def teacher_for(self, params) -> list[torch.Tensor]:
-        self._refresh()
-        return [self.fused[id(p)] for p in params]
+    def partition(self, group_index: int, params: list):
+        """The kernel calls of a group: [(indices into params, teacher tensors or [])], one per
+        (device, param dtype, teacher dtype), params whose teacher tensor the kernel can update
+        first; and the ids of those params. Cached while the pairing (its generation) and the
+        params with a grad are the same objects; call after momentum() (it refreshes)."""
+        cached = self._partitions.get(group_index)
+        if cached is not None and cached[0] == self._generation and cached[1] == params:
+            return cached[2], cached[3]
+        if self.teacher_params:
+            self.refuse_teacher_grads(params)
+        kinds: dict = {}
+        for i, p in enumerate(params):
+            t = self.fused.get(id(p))
+            idx, ts = kinds.setdefault((t is None, p.device, p.dtype, None if t is None else t.dtype), ([], []))
+            idx.append(i)
+            if t is not None:
+                ts.append(t)
+        # inside (with a teacher) before outside, as the pairs were always ordered
+        parts = [kinds[k] for k in sorted(kinds, key=lambda k: k[0])]
+        parts = [(None if len(idx) == len(params) else idx, ts) for idx, ts in parts]
+        fused = frozenset(id(params[i]) for idx, ts in parts if ts for i in (idx or range(len(params))))
+        self._partitions[group_index] = (self._generation, list(params), parts, fused)
+        return parts, fused
 
-    def split(self, params):
-        """(params whose teacher is updated in the kernel, the others)."""
-        self._refresh()
-        inside = [p for p in params if id(p) in self.fused]
-        return inside, [p for p in params if id(p) not in self.fused]
+    def union(self, sets: list) -> frozenset:
+        """The union of the groups' fused ids, the same object while the sets are the same."""
+        if len(sets) == 1:
+            return sets[0]
+        key = tuple(map(id, sets))
+        if self._union[0] != key:
+            self._union = (key, frozenset().union(*sets))
+        return self._union[1]
 
     def validate(self, fused_ids: set[int]) -> None:
         """The checks of finish()'s updates, before the optimizer writes anything (a teacher
@@ -289,32 +314,28 @@ class _FusedStep:
                 loss = closure()
         link = self._link
         m = link.momentum() if link is not None else 0.0  # capturable: a device tensor
-        fused_ids: set[int] = set()
+        group_fused: list[frozenset] = []
         calls: list[_Call] = []
-        for group in self.param_groups:
+        for gi, group in enumerate(self.param_groups):
             params, grads, uniform = self._grads(group)
             if not params:
                 continue
             if link is None and uniform is not None:  # one call for the whole group
                 calls.append(self._call(group, params, grads, [], m))
                 continue
-            if link is not None and link.teacher_params:
-                link.refuse_teacher_grads(params)
             # One kernel call per (device, param dtype, teacher dtype): params whose teacher
             # tensor the kernel can update go with it; the rest (all, without a teacher) without.
-            by_id = {id(p): g for p, g in zip(params, grads)}
-            inside, outside = link.split(params) if link is not None else ([], params)
-            pairs = [(p, t) for p, t in zip(inside, link.teacher_for(inside))] if inside else []
-            pairs += [(p, None) for p in outside]
-            kinds = {}
-            for p, t in pairs:
-                kinds.setdefault((p.device, p.dtype, None if t is None else t.dtype), []).append((p, t))
-            for part in kinds.values():
-                ps = [p for p, _ in part]
-                ts = [t for _, t in part if t is not None]
-                calls.append(self._call(group, ps, [by_id[id(p)] for p in ps], ts, m))
-                if ts:
-                    fused_ids.update(id(p) for p in ps)
+            if link is not None:
+                parts, fused = link.partition(gi, params)
+                group_fused.append(fused)
+            else:
+                parts = _parts_without_teacher(params)
+            for idx, ts in parts:
+                if idx is None:
+                    calls.append(self._call(group, params, grads, ts, m))
+                else:
+                    calls.append(self._call(group, [params[i] for i in idx], [grads[i] for i in idx], ts, m))
+        fused_ids = link.union(group_fused) if link is not None and group_fused else frozenset()
         # All or nothing: every call is checked before the first one writes (each checks itself
         # first too, so the first needs no separate check), and so are the teacher's own updates.
         for call in calls[1:]:
@@ -339,6 +360,14 @@ class _FusedStep:
         hyper, hyper_tensors = self._hyper(group, m, device)
         args = (optimizer_id, params, grads, *moments, teacher, flags, steps, hyper)
         return _Call(op, (*args, hyper_tensors) if takes_tensors else args, new_state)
+
+
+def _parts_without_teacher(params: list):
+    # One call per (device, dtype), as partition() splits a group with a teacher.
+    kinds: dict = {}
+    for i, p in enumerate(params):
+        kinds.setdefault((p.device, p.dtype), []).append(i)
+    return [(None if len(idx) == len(params) else idx, []) for idx in kinds.values()]
 
 
 _STEP_OP = torch.ops.eman_fused.optim_ema_step_ if _backends._C_ERROR is None else None

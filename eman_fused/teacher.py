@@ -481,32 +481,50 @@ class EMATeacher(nn.Module):
         return schedule(self._num_updates)
 
     def _rest_lists(self, fused_student_ids: set[int]):
+        """(rest teacher, rest student, their handle or None). The optimizers pass the same
+        frozenset object while their split is unchanged: then this is one identity test."""
+        cache = self._rest_cache
+        if cache is not None and (cache[0] is fused_student_ids or cache[0] == fused_student_ids):
+            return cache[1], cache[2], cache[3]
         key = frozenset(fused_student_ids)
-        if self._rest_cache is None or self._rest_cache[0] != key:
-            rest = [(a, b) for a, b in zip(*self._ema_lists) if id(b) not in key]
-            self._rest_cache = (key, [a for a, _ in rest], [b for _, b in rest])
-        return self._rest_cache[1], self._rest_cache[2]
+        rest = [(a, b) for a, b in zip(*self._ema_lists) if id(b) not in key]
+        rest_t, rest_s = [a for a, _ in rest], [b for _, b in rest]
+        handle = None
+        if self._handles is not None and rest_t:
+            handle = _backends._C.EmaHandle(rest_t, rest_s, replan=True, plan=False)
+        self._rest_cache = (fused_student_ids if isinstance(fused_student_ids, frozenset) else key,
+                            rest_t, rest_s, handle)
+        return rest_t, rest_s, handle
 
     def check_rest(self, fused_student_ids: set[int]) -> None:
         """The checks of `update_rest(m, fused_student_ids)`'s calls (ema_update_'s checks of
         each list: shapes, dtypes, devices, overlaps), writing nothing. An optimizer runs them
         before its own first write, so a teacher tensor that cannot be updated raises while
         every tensor is still untouched."""
-        rest_t, rest_s = self._rest_lists(fused_student_ids)
-        for teacher, student in ((rest_t, rest_s), self._copy_lists):
-            if teacher:
-                _backends.require("cpu")  # the checks live in the C++ extension
-                _backends._C.ema_check_lists(teacher, student)
+        rest_t, rest_s, handle = self._rest_lists(fused_student_ids)
+        if handle is not None:
+            handle.validate()
+        elif rest_t:
+            _backends.require("cpu")  # the checks live in the C++ extension
+            _backends._C.ema_check_lists(rest_t, rest_s)
+        if self._copy_lists[0]:
+            _backends.require("cpu")
+            _backends._C.ema_check_lists(*self._copy_lists)
 
     @torch.no_grad()
     def update_rest(self, momentum, fused_student_ids: set[int]) -> None:
         """Complete an update of which an optimizer did part: every EMA pair whose student is
         not in `fused_student_ids` (ids of student tensors) at `momentum`, the copied tensors,
         and then count one update. Call `refresh()` before the optimizer's part, not between."""
-        rest_t, rest_s = self._rest_lists(fused_student_ids)
+        rest_t, rest_s, handle = self._rest_lists(fused_student_ids)
         if self.sync_buffers == "mean":
             self._average_student_buffers()
-        self._ema_call(momentum, rest_s, self._copy_lists[1], ema_teacher=rest_t)
+        if handle is not None and not torch.compiler.is_compiling():
+            _step_handle(handle, rest_t, rest_s, momentum, self.backend)  # re-plans on a change
+            if self._copy_lists[0]:
+                ops.ema_update_(self._copy_lists[0], self._copy_lists[1], 0.0, backend=self.backend)
+        else:
+            self._ema_call(momentum, rest_s, self._copy_lists[1], ema_teacher=rest_t)
         self._count(None)
 
     # -- the update ------------------------------------------------------------------------

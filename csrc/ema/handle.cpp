@@ -138,6 +138,27 @@ bool EmaHandle::step_if_unchanged(const c10::TensorImpl* const* impls, double mo
   return true;
 }
 
+void EmaHandle::validate(at::TensorList teacher, at::TensorList student) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  check_lengths(teacher, student);
+  TORCH_CHECK(teacher.size() == size_, "ema handle: built for ", size_, " pairs, given ",
+              teacher.size());
+  if (size_ == 0) return;
+  std::vector<const c10::TensorImpl*> impls;
+  impls.reserve(2 * size_);
+  for (size_t i = 0; i < size_; ++i) {
+    impls.push_back(teacher[i].unsafeGetTensorImpl());
+    impls.push_back(student[i].unsafeGetTensorImpl());
+  }
+  if (launcher_ != nullptr && unchanged(impls.data())) return;  // planned: validated
+  const EmaLauncher* now = ema_launcher(teacher[0].device().type());
+  if (opaque_ || now == nullptr || teacher[0].device().type() != built_for_) {
+    validate_ema_lists(teacher, student);
+    return;
+  }
+  replan(teacher, student, now->build_refused ? now->build_refused() : nullptr);
+}
+
 EmaStep EmaHandle::step(at::TensorList teacher, at::TensorList student, double momentum,
                         const at::Tensor* momentum_tensor) {
   std::lock_guard<std::mutex> lock(mutex_);

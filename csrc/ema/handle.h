@@ -45,6 +45,10 @@ class EmaHandle {
   bool step_if_unchanged(const c10::TensorImpl* const* impls, double momentum,
                          const at::Tensor* momentum_tensor);
 
+  // The checks of a step of these lists, writing nothing (a changed or new handle is
+  // re-validated and, on a device with a C++ kernel, planned): raises what step() would.
+  void validate(at::TensorList teacher, at::TensorList student);
+
   // Whether the tensors `impls` (as for step_if_unchanged) are those of the plan, unchanged.
   // (A handle of subclass tensors, whose steps all go through the op, always matches.)
   bool matches(const c10::TensorImpl* const* impls) {
