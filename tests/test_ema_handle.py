@@ -335,3 +335,24 @@ def test_teacher_handles_plan_at_the_first_update():
     assert all(h.plans_built == 0 for h, *_ in teacher._handles)
     teacher.update()
     assert all(h.plans_built == 1 for h, *_ in teacher._handles)
+
+
+@pytest.mark.parametrize("where", [0, 700, 1099])
+def test_a_change_is_seen_by_the_checks_split_across_threads(where):
+    # >= 1,024 pairs and >= 2**17 elements: the handle splits its checks across threads
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        teacher = [torch.full((128,), 2.0) for _ in range(1100)]
+        student = [torch.full((128,), 1.0) for _ in range(1100)]
+        ema = eman_fused.FusedEMA(teacher, student)
+        ema.step(0.5)
+        old = teacher[where].data
+        teacher[where].data = torch.full((128,), 4.0)
+        ema.step(0.5)
+        assert ema.plans_built == 2
+        assert torch.equal(old, torch.full((128,), 1.5))  # the stale memory was not written
+        assert torch.equal(teacher[where], torch.full((128,), 2.5))
+        assert all(torch.equal(t, torch.full((128,), 1.25)) for i, t in enumerate(teacher) if i != where)
+    finally:
+        torch.set_num_threads(threads)

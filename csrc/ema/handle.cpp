@@ -1,6 +1,11 @@
 #include "ema/handle.h"
 
+#include <ATen/Parallel.h>
 #include <ATen/core/grad_mode.h>
+
+#include <atomic>
+
+#include "common/parallel_chunks.h"
 
 #include <c10/core/DispatchKey.h>
 #include <c10/core/impl/LocalDispatchKeySet.h>
@@ -55,6 +60,7 @@ EmaHandle::EmaHandle(at::TensorList teacher, at::TensorList student, bool replan
 void EmaHandle::remember(at::TensorList teacher, at::TensorList student) {
   seen_.clear();
   geometry_.clear();
+  geometry_start_.clear();
   // Only plain tensors can be asked for their data and geometry without the dispatcher; a
   // handle of others (subclasses) leaves every step to the op.
   opaque_ = !(plain(teacher) && plain(student));
@@ -63,6 +69,7 @@ void EmaHandle::remember(at::TensorList teacher, at::TensorList student) {
     for (const at::Tensor* x : {&teacher[i], &student[i]}) {
       const c10::TensorImpl* impl = x->unsafeGetTensorImpl();
       seen_.push_back({impl, impl->key_set().raw_repr(), impl->data(), dtype_device(impl)});
+      geometry_start_.push_back(static_cast<int64_t>(geometry_.size()));
       geometry_.push_back(impl->dim());
       geometry_.insert(geometry_.end(), impl->sizes().begin(), impl->sizes().end());
       geometry_.insert(geometry_.end(), impl->strides().begin(), impl->strides().end());
@@ -79,15 +86,19 @@ void EmaHandle::replan(at::TensorList teacher, at::TensorList student, const cha
   launcher_ = nullptr;
   if (size_ > 0 && plain(teacher) && plain(student)) launcher_ = ema_launcher(teacher[0].device().type());
   plan_device_ = size_ > 0 ? teacher[0].device() : at::Device(at::kCPU);
+  // Checks split across threads only where the CPU kernel itself goes parallel and there are
+  // enough tensors for the split to pay (common/parallel_chunks.h).
+  int64_t elements = 0;
+  for (size_t i = 0; i < size_; ++i) elements += teacher[i].numel();
+  parallel_ = plan_device_.is_cpu() && size_ >= 1024 && elements >= kSerialElements;
   remember(teacher, student);
 }
 
-bool EmaHandle::unchanged(const c10::TensorImpl* const* impls) const {
-  if (opaque_) return false;
-  const size_t n = 2 * size_;
-  const Seen* seen = seen_.data();
-  const int64_t* g = geometry_.data();
-  for (size_t k = 0; k < n; ++k, ++seen) {
+bool EmaHandle::unchanged_range(const c10::TensorImpl* const* impls, size_t first,
+                                size_t last) const {
+  const Seen* seen = seen_.data() + first;
+  const int64_t* g = geometry_.data() + geometry_start_[first];
+  for (size_t k = first; k < last; ++k, ++seen) {
     const c10::TensorImpl* impl = impls[k];
     // The TensorImpl first: a new one (swap_tensors, a replaced object) may be of any kind,
     // and only a known plain one may be asked for its data and geometry.
@@ -102,6 +113,25 @@ bool EmaHandle::unchanged(const c10::TensorImpl* const* impls) const {
     g += 2 * dim;
   }
   return true;
+}
+
+bool EmaHandle::unchanged(const c10::TensorImpl* const* impls) const {
+  if (opaque_) return false;
+  const size_t n = 2 * size_;
+  // Each check waits on two cache (and TLB) misses (a model's TensorImpls and StorageImpls
+  // are scattered, and the update's own data stream evicts them between steps): in a plan that
+  // runs on several threads anyway, the checks are split between them too.
+  if (!parallel_ || at::get_num_threads() == 1 || at::in_parallel_region()) {
+    return unchanged_range(impls, 0, n);
+  }
+  std::atomic<bool> same{true};
+  at::parallel_for(0, static_cast<int64_t>(n), static_cast<int64_t>(n) / at::get_num_threads() + 1,
+                   [&](int64_t begin, int64_t end) {
+                     if (!unchanged_range(impls, static_cast<size_t>(begin), static_cast<size_t>(end))) {
+                       same.store(false, std::memory_order_relaxed);
+                     }
+                   });
+  return same.load(std::memory_order_relaxed);
 }
 
 bool EmaHandle::a_teacher_requires_grad() const {

@@ -71,6 +71,7 @@ class EmaHandle {
     int64_t dtype_device;
   };
   bool unchanged(const c10::TensorImpl* const* impls) const;
+  bool unchanged_range(const c10::TensorImpl* const* impls, size_t first, size_t last) const;
   bool a_teacher_requires_grad() const;
   void launch(double momentum, const at::Tensor* momentum_tensor);
   void replan(at::TensorList teacher, at::TensorList student, const char* build_refused);
@@ -89,6 +90,8 @@ class EmaHandle {
   const EmaLauncher* launcher_ = nullptr;  // null: these tensors need the dispatcher
   std::vector<Seen> seen_;                 // teacher[i] at 2i, student[i] at 2i + 1
   std::vector<int64_t> geometry_;          // per tensor: dim, sizes, strides
+  std::vector<int64_t> geometry_start_;    // where each tensor's geometry starts
+  bool parallel_ = false;                  // split the checks across threads
   int64_t plans_built_ = 0;
 };
 
