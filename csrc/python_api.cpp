@@ -109,30 +109,17 @@ PyObject* ema_check_lists(PyObject* /*self*/, PyObject* args) {
 // -- the fused optimizers' host path: the per-param walks of a step in C, and the step ops
 // called without boxing each tensor (torch.ops converts every list element to an IValue).
 
-std::vector<int64_t> int_list(PyObject* seq) {
-  PyObject* items = PySequence_Fast(seq, "expected a sequence of ints");
+// The numbers of a Python sequence, each converted by `convert` (PyLong_AsLongLong,
+// PyFloat_AsDouble: -1 with an exception set on failure).
+template <typename T, typename Convert>
+std::vector<T> number_list(PyObject* seq, const char* what, Convert convert) {
+  PyObject* items = PySequence_Fast(seq, what);
   if (items == nullptr) throw python_error();
   const Py_ssize_t n = PySequence_Fast_GET_SIZE(items);
-  std::vector<int64_t> out(n);
+  std::vector<T> out(n);
   for (Py_ssize_t i = 0; i < n; ++i) {
-    out[i] = PyLong_AsLongLong(PySequence_Fast_GET_ITEM(items, i));
-    if (out[i] == -1 && PyErr_Occurred()) {
-      Py_DECREF(items);
-      throw python_error();
-    }
-  }
-  Py_DECREF(items);
-  return out;
-}
-
-std::vector<double> float_list(PyObject* seq) {
-  PyObject* items = PySequence_Fast(seq, "expected a sequence of floats");
-  if (items == nullptr) throw python_error();
-  const Py_ssize_t n = PySequence_Fast_GET_SIZE(items);
-  std::vector<double> out(n);
-  for (Py_ssize_t i = 0; i < n; ++i) {
-    out[i] = PyFloat_AsDouble(PySequence_Fast_GET_ITEM(items, i));
-    if (out[i] == -1.0 && PyErr_Occurred()) {
+    out[i] = static_cast<T>(convert(PySequence_Fast_GET_ITEM(items, i)));
+    if (out[i] == static_cast<T>(-1) && PyErr_Occurred()) {
       Py_DECREF(items);
       throw python_error();
     }
@@ -188,8 +175,10 @@ PyObject* optim_step_lists(PyObject* /*self*/, PyObject* args) {
   const BorrowedTensors first(m1_obj, "first_moments", op), second(m2_obj, "second_moments", op);
   const BorrowedTensors max_second(m3_obj, "max_second_moments", op);
   const BorrowedTensors teacher(t_obj, "teacher", op), steps(steps_obj, "steps", op);
-  const std::vector<int64_t> flags = int_list(flags_obj);
-  const std::vector<double> hyper = float_list(hyper_obj);
+  const auto flags = number_list<int64_t>(flags_obj, "flags must be a sequence of ints",
+                                          PyLong_AsLongLong);
+  const auto hyper = number_list<double>(hyper_obj, "hyper must be a sequence of floats",
+                                         PyFloat_AsDouble);
   const c10::List<std::optional<at::Tensor>> hyper_tensors = optional_tensors(ht_obj);
   if (table_only) {
     static const auto table_op = c10::Dispatcher::singleton()
