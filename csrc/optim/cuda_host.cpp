@@ -10,6 +10,7 @@
 #include <torch/library.h>
 
 #include <cstring>
+#include <algorithm>
 #include <list>
 #include <mutex>
 #include <vector>
@@ -60,12 +61,22 @@ OptimPlan cached_device_table(const char* op, const OptimPlan& host, const at::D
   const int64_t* w = words.const_data_ptr<int64_t>();
   std::vector<int64_t> key(w, w + words.numel());
   key.push_back(device.index());
+  // Tables a captured graph reads: the graph holds their device addresses and may replay after
+  // this cache evicted them, so they are kept for the process (one per captured table).
+  static auto& kept_for_graphs = *new std::vector<OptimPlan>();
   {
     std::lock_guard<std::mutex> lock(mutex);
     for (auto it = cache.begin(); it != cache.end(); ++it) {
       if (it->key == key) {
         cache.splice(cache.begin(), cache, it);
-        return cache.front().table;
+        const OptimPlan& found = cache.front().table;
+        if (capturing() &&
+            std::none_of(kept_for_graphs.begin(), kept_for_graphs.end(), [&](const OptimPlan& k) {
+              return k.table.is_same(found.table);
+            })) {
+          kept_for_graphs.push_back(found);
+        }
+        return found;
       }
     }
   }
