@@ -264,7 +264,7 @@ PyObject* optim_gather(PyObject* /*self*/, PyObject* args) {
 
 // state_lookup(state, params, keys) -> one list per key: state.get(p, {}).get(key) for every
 // param. torch.Tensor hashes by id() in Python (~100 ns a call from C); for tensors of types
-// that keep that __hash__ the hash is formed here, as Python's hash of that int would be.
+// that keep that __hash__ the hash is formed here, as Python forms it from that int.
 PyObject* state_lookup(PyObject* /*self*/, PyObject* args) {
   HANDLE_TH_ERRORS
   PyObject *state, *seq, *keys;
@@ -292,8 +292,9 @@ PyObject* state_lookup(PyObject* /*self*/, PyObject* args) {
     }
     PyObject* entry;
     if (known_type != nullptr) {
-      // Python's hash of the int id(p): the address modulo the Mersenne prime 2**61 - 1.
-      auto h = static_cast<Py_hash_t>(reinterpret_cast<uintptr_t>(p) % ((uint64_t{1} << 61) - 1));
+      // What hash(p) is for these types: the int id(p) that __hash__ returns, taken as a
+      // Py_ssize_t (slot_tp_hash), -1 being reserved for errors.
+      auto h = static_cast<Py_hash_t>(reinterpret_cast<intptr_t>(p));
       if (h == -1) h = -2;
       entry = _PyDict_GetItem_KnownHash(state, p, h);
     } else {
@@ -326,18 +327,18 @@ PyObject* state_lookup(PyObject* /*self*/, PyObject* args) {
 
 // eman_fused._C.EmaHandle(teacher, student): an ema/handle.h handle over the tensor objects of
 // two sequences, held (as tuples) for the handle's life. Each step re-reads every object's
-// current tensor (a `param.data = new` or swap_tensors shows there) into reused borrowed
-// slots: no Python call, no refcount and no allocation per tensor.
+// current tensor (a `param.data = new` or swap_tensors shows there): no Python call, no
+// refcount per tensor. What a call reads is its own (a thread-local buffer, or borrowed slots
+// made by the call): steps of one handle from two threads run while the GIL is released.
 class PyEmaHandle {
  public:
   PyEmaHandle(PyObject* teacher_seq, PyObject* student_seq, bool replan, bool plan)
       : teacher_(tuple_of_tensors(teacher_seq, "teacher")),
         student_(tuple_of_tensors(student_seq, "student")),
         replan_(replan) {
-    fill_slots();
+    const BorrowedSlots t(teacher_), s(student_);
     pybind11::gil_scoped_release no_gil;
-    handle_ = std::make_unique<eman_fused::EmaHandle>(teacher_slots_.tensors,
-                                                      student_slots_.tensors, replan, plan);
+    handle_ = std::make_unique<eman_fused::EmaHandle>(t.tensors, s.tensors, replan, plan);
   }
   PyEmaHandle(const PyEmaHandle&) = delete;
   PyEmaHandle& operator=(const PyEmaHandle&) = delete;
@@ -358,35 +359,34 @@ class PyEmaHandle {
       momentum = PyFloat_AsDouble(m);
       if (momentum == -1.0 && PyErr_Occurred()) throw python_error();
     }
-    read_impls();
+    const std::vector<const c10::TensorImpl*>& impls = read_impls();
     {
       pybind11::gil_scoped_release no_gil;
-      if (handle_->step_if_unchanged(impls_.data(), momentum, momentum_tensor)) {
+      if (handle_->step_if_unchanged(impls.data(), momentum, momentum_tensor)) {
         return static_cast<int>(eman_fused::EmaStep::kUpdated);
       }
     }
-    fill_slots();
+    const BorrowedSlots t(teacher_), s(student_);
     pybind11::gil_scoped_release no_gil;
-    return static_cast<int>(
-        handle_->step(teacher_slots_.tensors, student_slots_.tensors, momentum, momentum_tensor));
+    return static_cast<int>(handle_->step(t.tensors, s.tensors, momentum, momentum_tensor));
   }
 
   // Pickling (torch.save of a module holding a handle) and copy.deepcopy keep the tensor
-  // objects; unpickling builds a new handle over them (validated and planned anew).
+  // objects; unpickling builds a new handle over them, which plans at its first step (the
+  // tensors may not be where they will run yet).
   pybind11::tuple state() const { return pybind11::make_tuple(teacher_, student_, replan_); }
-  // (unpickled handles plan at their first step: the tensors may not be where they will run)
 
   void validate() {
-    fill_slots();
+    const BorrowedSlots t(teacher_), s(student_);
     pybind11::gil_scoped_release no_gil;
-    handle_->validate(teacher_slots_.tensors, student_slots_.tensors);
+    handle_->validate(t.tensors, s.tensors);
   }
 
   // Whether any tensor changed since the plan (the check of a step, writing nothing).
   bool changed() {
-    read_impls();
+    const std::vector<const c10::TensorImpl*>& impls = read_impls();
     pybind11::gil_scoped_release no_gil;
-    return !handle_->matches(impls_.data());
+    return !handle_->matches(impls.data());
   }
 
   int64_t plans_built() const { return handle_->plans_built(); }
@@ -406,21 +406,33 @@ class PyEmaHandle {
     return tuple;
   }
 
-  // Each object's current TensorImpl (one pointer read per object, under the GIL).
-  void read_impls() {
+  // Each object's current TensorImpl (one pointer read per object, under the GIL), into this
+  // thread's buffer: valid until this thread's next call, which cannot start before this one
+  // returns (the kernels call no Python).
+  const std::vector<const c10::TensorImpl*>& read_impls() const {
+    thread_local std::vector<const c10::TensorImpl*> impls;
     const Py_ssize_t n = PyTuple_GET_SIZE(teacher_.ptr());
-    impls_.resize(2 * n);
+    impls.resize(2 * n);
     for (Py_ssize_t i = 0; i < n; ++i) {
-      impls_[2 * i] = THPVariable_Unpack(PyTuple_GET_ITEM(teacher_.ptr(), i)).unsafeGetTensorImpl();
-      impls_[2 * i + 1] =
+      impls[2 * i] = THPVariable_Unpack(PyTuple_GET_ITEM(teacher_.ptr(), i)).unsafeGetTensorImpl();
+      impls[2 * i + 1] =
           THPVariable_Unpack(PyTuple_GET_ITEM(student_.ptr(), i)).unsafeGetTensorImpl();
     }
+    return impls;
   }
 
-  // Borrowed (+0) tensors: released without a decref, also when a constructor throws.
+  // Borrowed (+0) views of a tuple's tensors, made under the GIL; released without a decref
+  // (also when a constructor throws). The tuple keeps the tensors alive.
   struct BorrowedSlots {
     std::vector<at::Tensor> tensors;
-    BorrowedSlots() = default;
+    explicit BorrowedSlots(const pybind11::tuple& tuple) {
+      const Py_ssize_t n = PyTuple_GET_SIZE(tuple.ptr());
+      tensors.reserve(n);
+      for (Py_ssize_t i = 0; i < n; ++i) {
+        tensors.push_back(c10::MaybeOwnedTraits<at::Tensor>::createBorrow(
+            THPVariable_Unpack(PyTuple_GET_ITEM(tuple.ptr(), i))));
+      }
+    }
     BorrowedSlots(const BorrowedSlots&) = delete;
     BorrowedSlots& operator=(const BorrowedSlots&) = delete;
     ~BorrowedSlots() {
@@ -428,29 +440,8 @@ class PyEmaHandle {
     }
   };
 
-  void fill_slots() {
-    for (auto [tuple, borrowed] : {std::pair{&teacher_, &teacher_slots_}, std::pair{&student_, &student_slots_}}) {
-      std::vector<at::Tensor>* slots = &borrowed->tensors;
-      const Py_ssize_t n = PyTuple_GET_SIZE(tuple->ptr());
-      if (slots->empty() && n > 0) {
-        slots->reserve(n);
-        for (Py_ssize_t i = 0; i < n; ++i) {
-          slots->push_back(c10::MaybeOwnedTraits<at::Tensor>::createBorrow(
-              THPVariable_Unpack(PyTuple_GET_ITEM(tuple->ptr(), i))));
-        }
-        continue;
-      }
-      for (Py_ssize_t i = 0; i < n; ++i) {
-        c10::MaybeOwnedTraits<at::Tensor>::assignBorrow(
-            (*slots)[i], THPVariable_Unpack(PyTuple_GET_ITEM(tuple->ptr(), i)));
-      }
-    }
-  }
-
   pybind11::tuple teacher_, student_;
   bool replan_;
-  std::vector<const c10::TensorImpl*> impls_;
-  BorrowedSlots teacher_slots_, student_slots_;
   std::unique_ptr<eman_fused::EmaHandle> handle_;
 };
 

@@ -33,6 +33,8 @@ dtype.
 """
 from __future__ import annotations
 
+import operator
+
 import torch
 
 from . import _backends
@@ -130,7 +132,8 @@ class _TeacherLink:
         first; and the ids of those params. Cached while the pairing (its generation) and the
         params with a grad are the same objects; call after momentum() (it refreshes)."""
         cached = self._partitions.get(group_index)
-        if cached is not None and cached[0] == self._generation and cached[1] == params:
+        if (cached is not None and cached[0] == self._generation and len(cached[1]) == len(params)
+                and all(map(operator.is_, cached[1], params))):  # identity: Tensor == compares values
             return cached[2], cached[3]
         if self.teacher_params:
             self.refuse_teacher_grads(params)
@@ -152,9 +155,9 @@ class _TeacherLink:
         """The union of the groups' fused ids, the same object while the sets are the same."""
         if len(sets) == 1:
             return sets[0]
-        key = tuple(map(id, sets))
-        if self._union[0] != key:
-            self._union = (key, frozenset().union(*sets))
+        held = self._union[0]  # the sets themselves: their ids cannot be reused while held here
+        if not (len(held) == len(sets) and all(map(operator.is_, held, sets))):
+            self._union = (tuple(sets), frozenset().union(*sets))
         return self._union[1]
 
     def validate(self, fused_ids: set[int]) -> None:

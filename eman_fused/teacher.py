@@ -542,7 +542,7 @@ class EMATeacher(nn.Module):
         finally:
             torch._C._set_grad_enabled(True)
 
-    def _update(self, step: int | None) -> None:
+    def _update(self, step: int | None, rematched: bool = False) -> None:
         if not torch.compiler.is_compiling() and self._watch.changed():
             self._rematch()  # the handles' tensor checks run in the update's own steps
         if self._on_meta:
@@ -553,6 +553,9 @@ class EMATeacher(nn.Module):
             self._ema_lists = ([_local(x) for x in ema_t], [_local(x) for x in ema_s])
             self._copy_lists = ([_local(x) for x in copy_t], [_local(x) for x in copy_s])
         if self.sync_buffers == "mean":
+            # a collective: every rank calls it once, so a change is looked for before it
+            if self._handles_changed() and not torch.compiler.is_compiling():
+                self._rematch()
             self._average_student_buffers()
         if self.capturable:
             if step is not None:
@@ -560,29 +563,31 @@ class EMATeacher(nn.Module):
             momentum = self.schedule.tensor(self._step)
         else:
             momentum = self.schedule(self._num_updates if step is None else step)
-        self._write(momentum)
-        self._count(step)
-
-    def _write(self, momentum, rematched: bool = False) -> None:
         if self._mirror is not None:
             self._update_from_host_mirror(momentum)
         elif self._handles is not None and not torch.compiler.is_compiling():
             if not self._step_handles(momentum):
                 # A tensor changed since the match (a move, cast or re-layout); nothing was
-                # written. Re-match (the teacher may follow the student) and write anew.
+                # written. Re-match (the teacher may follow the student, its step tensor too)
+                # and run the whole update again, its checks and momentum included.
                 if rematched:
                     raise RuntimeError("EMATeacher.update: the tensors changed again while re-matching")
                 self._rematch()
-                self._write(momentum, rematched=True)
+                return self._update(step, rematched=True)
         else:
             self._ema_call(momentum, self._ema_lists[1], self._copy_lists[1])
+        self._count(step)
 
     def _step_handles(self, momentum) -> bool:
         """The update through the handles; False, with nothing written, if a tensor changed."""
         handles = self._handles
-        # The copy list's check first (it is short): a change must show before the first write.
-        if len(handles) > 1 and any(h.changed() for h, *_ in handles[1:]):
-            return False
+        # The copy list's checks first (it is short): a change, or (at its first update) lists
+        # the op would refuse, must show before the first write.
+        for handle, *_ in handles[1:]:
+            if handle.changed():
+                return False
+            if handle.plans_built == 0:
+                handle.validate()
         for i, (handle, teacher, student, is_copy) in enumerate(handles):
             status = _step_handle(handle, teacher, student, 0.0 if is_copy else momentum, self.backend)
             if status == _HANDLE_CHANGED:

@@ -356,3 +356,56 @@ def test_a_change_is_seen_by_the_checks_split_across_threads(where):
         assert all(torch.equal(t, torch.full((128,), 1.25)) for i, t in enumerate(teacher) if i != where)
     finally:
         torch.set_num_threads(threads)
+
+
+def test_fused_ema_over_a_tensor_subclass_goes_through_the_op():
+    class Tagged(torch.Tensor):
+        pass
+
+    t = torch.zeros(4).as_subclass(Tagged)
+    s = torch.ones(4)
+    ema = eman_fused.FusedEMA([t], [s])
+    assert ema._handle is None
+    ema.step(0.5)
+    assert torch.equal(t.as_subclass(torch.Tensor), torch.full((4,), 0.5))
+
+
+def test_a_teacher_moved_to_meta_after_construction_is_refused():
+    student = small_student()
+    teacher = eman_fused.EMATeacher(student, 0.5)
+    teacher.update()
+    student.to("meta")
+    with pytest.raises(ValueError, match="meta device"):
+        teacher.update()
+
+
+def test_a_copy_list_the_op_refuses_fails_before_the_ema_write():
+    student = small_student()
+    teacher = eman_fused.EMATeacher(student, 0.5, buffers="copy")
+    before = teacher.module[0].weight.detach().clone()
+    # two copied teacher buffers now share memory: the copy list is refused
+    teacher.module[1].running_var.data = teacher.module[1].running_mean.data
+    with pytest.raises(ValueError, match="overlaps"):
+        teacher.update()
+    assert torch.equal(teacher.module[0].weight, before)  # the EMA list was not written
+    assert teacher.num_updates == 0
+
+
+def test_optimizer_with_a_changing_set_of_params_with_grads():
+    # Same count of params with a grad, different params: the cached split must not be reused.
+    from eman_fused import optim
+    torch.manual_seed(0)
+    student = torch.nn.ModuleList([torch.nn.Linear(4, 4) for _ in range(3)])
+    teacher = eman_fused.EMATeacher(student, 0.5, eman=False)
+    opt = optim.SGD(student.parameters(), lr=0.1, teacher=teacher)
+    for heads in ((0, 1), (0, 2), (1, 2), (0, 1)):
+        opt.zero_grad(set_to_none=True)
+        for h in heads:
+            for p in student[h].parameters():
+                p.grad = torch.ones_like(p)
+        expected = [t.detach().clone() for t in teacher.module.parameters()]
+        new_student = [(p - 0.1 * p.grad if p.grad is not None else p).detach() for p in student.parameters()]
+        reference.ema_update_(expected, new_student, 0.5)
+        opt.step()
+        for t, e in zip(teacher.module.parameters(), expected):
+            torch.testing.assert_close(t, e)

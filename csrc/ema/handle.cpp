@@ -53,7 +53,8 @@ EmaHandle::EmaHandle(at::TensorList teacher, at::TensorList student, bool replan
   remember(teacher, student);
   // Tensors on a device without a C++ kernel (e.g. unpickled onto the meta device): nothing to
   // plan; every step then goes through the op.
-  if (!plan || (size_ > 0 && ema_launcher(built_for_) == nullptr)) return;
+  // Subclass tensors are never planned here: every step of theirs goes through the op.
+  if (!plan || opaque_ || (size_ > 0 && ema_launcher(built_for_) == nullptr)) return;
   replan(teacher, student, nullptr);
 }
 
@@ -80,11 +81,14 @@ void EmaHandle::remember(at::TensorList teacher, at::TensorList student) {
 void EmaHandle::replan(at::TensorList teacher, at::TensorList student, const char* build_refused) {
   // Validation and the plan come from the shared cache (a hit when these exact tensors were
   // planned before, e.g. by ema_update_), so both paths refuse and accept the same lists.
+  // The launcher is set last: if anything below throws, the handle is left unplanned (every
+  // step then takes the checked path again), never half-planned.
+  launcher_ = nullptr;
   plan_ = get_ema_plan(teacher, student, build_refused);
   kept_for_graphs_ = false;
   ++plans_built_;
-  launcher_ = nullptr;
-  if (size_ > 0 && plain(teacher) && plain(student)) launcher_ = ema_launcher(teacher[0].device().type());
+  const EmaLauncher* launcher =
+      size_ > 0 && plain(teacher) && plain(student) ? ema_launcher(teacher[0].device().type()) : nullptr;
   plan_device_ = size_ > 0 ? teacher[0].device() : at::Device(at::kCPU);
   // Checks split across threads only where the CPU kernel itself goes parallel and there are
   // enough tensors for the split to pay (common/parallel_chunks.h).
@@ -92,6 +96,7 @@ void EmaHandle::replan(at::TensorList teacher, at::TensorList student, const cha
   for (size_t i = 0; i < size_; ++i) elements += teacher[i].numel();
   parallel_ = plan_device_.is_cpu() && size_ >= 1024 && elements >= kSerialElements;
   remember(teacher, student);
+  launcher_ = launcher;
 }
 
 bool EmaHandle::unchanged_range(const c10::TensorImpl* const* impls, size_t first,
@@ -202,9 +207,10 @@ EmaStep EmaHandle::step(at::TensorList teacher, at::TensorList student, double m
     impls.push_back(teacher[i].unsafeGetTensorImpl());
     impls.push_back(student[i].unsafeGetTensorImpl());
   }
+  if (opaque_) return EmaStep::kUseOp;  // subclass tensors: the dispatcher routes them
   const bool same = unchanged(impls.data());
   // An owner that re-matches its lists hears of every change, even one the op would run.
-  if (!same && !opaque_ && !replan_on_change_) return EmaStep::kChanged;
+  if (!same && !replan_on_change_) return EmaStep::kChanged;
   if (!dispatcher_would_go_straight_to_kernel()) return EmaStep::kUseOp;
   if (teacher[0].device().type() != built_for_) return EmaStep::kUseOp;
   const EmaLauncher* now = ema_launcher(built_for_);
