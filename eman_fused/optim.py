@@ -283,10 +283,10 @@ class _FusedStep:
         params, grads, dtype, devices, regular = _backends._C.optim_gather(group["params"])
         if not regular:  # a case the walk below handles (or refuses) param by param
             return (*self._grads_one_by_one(group), None)
+        devices = [_device(*d) for d in devices]
         for device in devices:
-            device = _device(*device)
             self._backend_for(device)
-        uniform = (_device(*devices[0]), dtype) if len(devices) == 1 and dtype is not None else None
+        uniform = (devices[0], dtype) if len(devices) == 1 and dtype is not None else None
         return params, grads, uniform
 
     def _grads_one_by_one(self, group):
@@ -323,16 +323,13 @@ class _FusedStep:
             params, grads, uniform = self._grads(group)
             if not params:
                 continue
-            if link is None and uniform is not None:  # one call for the whole group
-                calls.append(self._call(group, params, grads, [], m))
-                continue
             # One kernel call per (device, param dtype, teacher dtype): params whose teacher
             # tensor the kernel can update go with it; the rest (all, without a teacher) without.
             if link is not None:
                 parts, fused = link.partition(gi, params)
                 group_fused.append(fused)
-            else:
-                parts = _parts_without_teacher(params)
+            else:  # params sharing one device and dtype (optim_gather says so): one call
+                parts = [(None, [])] if uniform is not None else _parts_without_teacher(params)
             for idx, ts in parts:
                 if idx is None:
                     calls.append(self._call(group, params, grads, ts, m))

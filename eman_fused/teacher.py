@@ -391,7 +391,7 @@ class EMATeacher(nn.Module):
         if t_dev.type not in ("cpu", "cuda") or _backends.resolve(self.backend, t_dev) not in ("cpu", "cuda"):
             return None
         lists = (*self._ema_lists, *self._copy_lists)
-        if any(type(x) not in _PLAIN_TENSOR_TYPES for side in lists for x in side):
+        if any(type(x) not in ops.PLAIN_TENSOR_TYPES for side in lists for x in side):
             return None  # a tensor subclass: the storage watch and ema_update_ serve it
         # plan=False: validated at the first update, as ema_update_ would be (a re-match
         # itself never raises for what only the update checks)
@@ -521,8 +521,7 @@ class EMATeacher(nn.Module):
             self._average_student_buffers()
         if handle is not None and not torch.compiler.is_compiling():
             _step_handle(handle, rest_t, rest_s, momentum, self.backend)  # re-plans on a change
-            if self._copy_lists[0]:
-                ops.ema_update_(self._copy_lists[0], self._copy_lists[1], 0.0, backend=self.backend)
+            self._ema_call(momentum, [], self._copy_lists[1], ema_teacher=[])  # the copied tensors
         else:
             self._ema_call(momentum, rest_s, self._copy_lists[1], ema_teacher=rest_t)
         self._count(None)
@@ -554,7 +553,7 @@ class EMATeacher(nn.Module):
             self._copy_lists = ([_local(x) for x in copy_t], [_local(x) for x in copy_s])
         if self.sync_buffers == "mean":
             # a collective: every rank calls it once, so a change is looked for before it
-            if self._handles_changed() and not torch.compiler.is_compiling():
+            if not torch.compiler.is_compiling() and self._handles_changed():
                 self._rematch()
             self._average_student_buffers()
         if self.capturable:
@@ -590,7 +589,7 @@ class EMATeacher(nn.Module):
                 handle.validate()
         for i, (handle, teacher, student, is_copy) in enumerate(handles):
             status = _step_handle(handle, teacher, student, 0.0 if is_copy else momentum, self.backend)
-            if status == _HANDLE_CHANGED:
+            if status == handle.CHANGED:
                 if i == 0:
                     return False
                 raise RuntimeError("EMATeacher.update: a tensor changed during the update (from another thread?)")
@@ -712,10 +711,6 @@ class EMATeacher(nn.Module):
     def extra_repr(self) -> str:
         return (f"schedule={self.schedule!r}, eman={self.eman}, buffers={self.buffers!r}, "
                 f"ema_tensors={len(self._ema_lists[0])}, copied_tensors={len(self._copy_lists[0])}")
-
-
-_PLAIN_TENSOR_TYPES = (torch.Tensor, nn.Parameter)
-_HANDLE_CHANGED = _backends._C.EmaHandle.CHANGED if _backends._C_ERROR is None else None
 
 
 def _step_handle(handle, teacher, student, momentum, backend: str) -> int:

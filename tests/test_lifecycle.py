@@ -34,7 +34,6 @@ class Recorder:
         self.calls = []
         self.handle_steps = 0
         real = teacher_mod.ops.ema_update_
-        real_step = teacher_mod._step_handle
 
         def record(teacher, student, momentum, **kwargs):
             self.calls.append((list(teacher), list(student), momentum))

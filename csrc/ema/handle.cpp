@@ -2,14 +2,13 @@
 
 #include <ATen/Parallel.h>
 #include <ATen/core/grad_mode.h>
+#include <c10/core/DispatchKey.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
+#include <c10/core/impl/TorchDispatchModeTLS.h>
 
 #include <atomic>
 
 #include "common/parallel_chunks.h"
-
-#include <c10/core/DispatchKey.h>
-#include <c10/core/impl/LocalDispatchKeySet.h>
-#include <c10/core/impl/TorchDispatchModeTLS.h>
 
 namespace eman_fused {
 namespace {
@@ -41,6 +40,26 @@ bool plain(at::TensorList tensors) {
   return true;
 }
 
+// The current TensorImpls of teacher[i] (at 2i) and student[i] (at 2i + 1).
+std::vector<const c10::TensorImpl*> impls_of(at::TensorList teacher, at::TensorList student) {
+  std::vector<const c10::TensorImpl*> impls;
+  impls.reserve(2 * teacher.size());
+  for (size_t i = 0; i < teacher.size(); ++i) {
+    impls.push_back(teacher[i].unsafeGetTensorImpl());
+    impls.push_back(student[i].unsafeGetTensorImpl());
+  }
+  return impls;
+}
+
+// The op's momentum checks (a 0-dim tensor on `device`, or a float in [0, 1]).
+void check_momentum(double momentum, const at::Tensor* momentum_tensor, const at::Device& device) {
+  if (momentum_tensor != nullptr) {
+    check_momentum_tensor(*momentum_tensor, device);
+  } else {
+    check_momentum_value(momentum);
+  }
+}
+
 }  // namespace
 
 EmaHandle::EmaHandle(at::TensorList teacher, at::TensorList student, bool replan_on_change,
@@ -51,9 +70,8 @@ EmaHandle::EmaHandle(at::TensorList teacher, at::TensorList student, bool replan
   if (size_ > 0) built_for_ = teacher[0].device().type();
   // What the tensors are now, so that a change before the first step is seen too.
   remember(teacher, student);
-  // Tensors on a device without a C++ kernel (e.g. unpickled onto the meta device): nothing to
-  // plan; every step then goes through the op.
-  // Subclass tensors are never planned here: every step of theirs goes through the op.
+  // Subclass tensors, or tensors on a device without a C++ kernel (e.g. unpickled onto the meta
+  // device): nothing to plan; every step then goes through the op.
   if (!plan || opaque_ || (size_ > 0 && ema_launcher(built_for_) == nullptr)) return;
   replan(teacher, student, nullptr);
 }
@@ -87,16 +105,14 @@ void EmaHandle::replan(at::TensorList teacher, at::TensorList student, const cha
   plan_ = get_ema_plan(teacher, student, build_refused);
   kept_for_graphs_ = false;
   ++plans_built_;
-  const EmaLauncher* launcher =
-      size_ > 0 && plain(teacher) && plain(student) ? ema_launcher(teacher[0].device().type()) : nullptr;
   plan_device_ = size_ > 0 ? teacher[0].device() : at::Device(at::kCPU);
   // Checks split across threads only where the CPU kernel itself goes parallel and there are
   // enough tensors for the split to pay (common/parallel_chunks.h).
   int64_t elements = 0;
   for (size_t i = 0; i < size_; ++i) elements += teacher[i].numel();
   parallel_ = plan_device_.is_cpu() && size_ >= 1024 && elements >= kSerialElements;
-  remember(teacher, student);
-  launcher_ = launcher;
+  remember(teacher, student);  // (sets opaque_: subclass tensors get no launcher)
+  launcher_ = size_ > 0 && !opaque_ ? ema_launcher(plan_device_.type()) : nullptr;
 }
 
 bool EmaHandle::unchanged_range(const c10::TensorImpl* const* impls, size_t first,
@@ -164,11 +180,7 @@ bool EmaHandle::step_if_unchanged(const c10::TensorImpl* const* impls, double mo
   }
   // A teacher autograd tracks is refused (with its index named) by step()'s checks.
   if (at::GradMode::is_enabled() && a_teacher_requires_grad()) return false;
-  if (momentum_tensor != nullptr) {
-    check_momentum_tensor(*momentum_tensor, plan_device_);
-  } else {
-    check_momentum_value(momentum);
-  }
+  check_momentum(momentum, momentum_tensor, plan_device_);
   launch(momentum, momentum_tensor);
   return true;
 }
@@ -179,12 +191,7 @@ void EmaHandle::validate(at::TensorList teacher, at::TensorList student) {
   TORCH_CHECK(teacher.size() == size_, "ema handle: built for ", size_, " pairs, given ",
               teacher.size());
   if (size_ == 0) return;
-  std::vector<const c10::TensorImpl*> impls;
-  impls.reserve(2 * size_);
-  for (size_t i = 0; i < size_; ++i) {
-    impls.push_back(teacher[i].unsafeGetTensorImpl());
-    impls.push_back(student[i].unsafeGetTensorImpl());
-  }
+  const std::vector<const c10::TensorImpl*> impls = impls_of(teacher, student);
   if (launcher_ != nullptr && unchanged(impls.data())) return;  // planned: validated
   const EmaLauncher* now = ema_launcher(teacher[0].device().type());
   if (opaque_ || now == nullptr || teacher[0].device().type() != built_for_) {
@@ -201,12 +208,7 @@ EmaStep EmaHandle::step(at::TensorList teacher, at::TensorList student, double m
   TORCH_CHECK(teacher.size() == size_, "ema handle: built for ", size_, " pairs, given ",
               teacher.size());
   if (size_ == 0) return EmaStep::kUpdated;
-  std::vector<const c10::TensorImpl*> impls;
-  impls.reserve(2 * size_);
-  for (size_t i = 0; i < size_; ++i) {
-    impls.push_back(teacher[i].unsafeGetTensorImpl());
-    impls.push_back(student[i].unsafeGetTensorImpl());
-  }
+  const std::vector<const c10::TensorImpl*> impls = impls_of(teacher, student);
   if (opaque_) return EmaStep::kUseOp;  // subclass tensors: the dispatcher routes them
   const bool same = unchanged(impls.data());
   // An owner that re-matches its lists hears of every change, even one the op would run.
@@ -216,11 +218,7 @@ EmaStep EmaHandle::step(at::TensorList teacher, at::TensorList student, double m
   const EmaLauncher* now = ema_launcher(built_for_);
   if (now == nullptr) return EmaStep::kUseOp;  // a device without a C++ kernel: the op says so
   // The momentum and grad-mode checks of the op come before the lists' (as in the op).
-  if (momentum_tensor != nullptr) {
-    check_momentum_tensor(*momentum_tensor, teacher[0].device());
-  } else {
-    check_momentum_value(momentum);
-  }
+  check_momentum(momentum, momentum_tensor, teacher[0].device());
   check_teacher_grad_mode(teacher);
   if (launcher_ == nullptr || !same) {
     // What changed is validated again before anything is written.

@@ -43,6 +43,7 @@ from torch import nn
 import eman_fused
 from eman_fused.bench.common import (compile_note, compile_skip_reason, compile_time_cell, error_text,
                                      measure_rounds, noise_lines)
+from eman_fused.bench.optim import timm_style_update  # the state's lists collected once
 
 M = 0.999
 HOST_SIZES = (320, 1000, 5000, 20000)
@@ -112,23 +113,6 @@ def plain_lists(n: int):
     return [torch.randn(1, generator=g) for _ in range(n)], [torch.randn(1, generator=g) for _ in range(n)]
 
 
-def state_foreach_lerp(teacher: nn.Module, student: nn.Module):
-    """timm-style EMA with the state's lists collected once: foreach lerp of the floating
-    tensors, foreach copy of the counters (what ModelEmaV3 does after its state_dict walk)."""
-    pairs = list(zip(teacher.state_dict().values(), student.state_dict().values()))
-    t_f = [t for t, _ in pairs if t.is_floating_point()]
-    s_f = [s for t, s in pairs if t.is_floating_point()]
-    t_i = [t for t, _ in pairs if not t.is_floating_point()]
-    s_i = [s for t, s in pairs if not t.is_floating_point()]
-
-    @torch.no_grad()
-    def update():
-        torch._foreach_lerp_(t_f, s_f, 1.0 - M)
-        if t_i:
-            torch._foreach_copy_(t_i, s_i)
-    return update
-
-
 def _optim_methods(n: int, add) -> None:
     from eman_fused.bench.optim import CONFIGS, EagerLARS, _kwargs
 
@@ -150,7 +134,7 @@ def _optim_methods(n: int, add) -> None:
                 opt = cls(s.parameters(), **flag, **_kwargs(kw))
                 if not teacher:
                     return opt.step
-                ema = state_foreach_lerp(host_model(n), s)  # a fresh model: cheaper than a deepcopy
+                ema = timm_style_update(host_model(n), s)  # a fresh model: cheaper than a deepcopy
                 return lambda: (opt.step(), ema())
 
             add(name, lambda theirs=theirs: theirs(False))
@@ -217,7 +201,7 @@ def build_methods(n: int, device, use_compile: bool = True, compile_max_tensors:
     add("EMATeacher.update", teacher)
     add("timm ModelEmaV3.update", timm_v3)
     add("AveragedModel.update_parameters", averaged)
-    add("state foreach_lerp", lambda: state_foreach_lerp(host_model(n), student))
+    add("state foreach_lerp", lambda: timm_style_update(host_model(n), student))
     _optim_methods(n, add)
     return methods, skipped, errors, info
 

@@ -13,7 +13,7 @@ from .layout import ema_table_words
 _ops = torch.ops.eman_fused if _backends._C_ERROR is None else None
 _UPDATED = _backends._C.EmaHandle.UPDATED if _backends._C_ERROR is None else None
 # Tensor subclasses (DTensor, FakeTensor, ...) need the dispatcher: no handle for them.
-_PLAIN_TENSOR_TYPES = (torch.Tensor, torch.nn.Parameter)
+PLAIN_TENSOR_TYPES = (torch.Tensor, torch.nn.Parameter)
 
 
 def ema_update_(teacher: Sequence[torch.Tensor], student: Sequence[torch.Tensor],
@@ -111,7 +111,7 @@ class FusedEMA:
         self._plan = self._handle = None
         if self.teacher or self.student:
             self._plan = ema_plan(self.teacher, self.student)
-            plain = all(type(x) in _PLAIN_TENSOR_TYPES for side in (self.teacher, self.student) for x in side)
+            plain = all(type(x) in PLAIN_TENSOR_TYPES for side in (self.teacher, self.student) for x in side)
             if plain and _backends.resolve(backend, self.teacher[0].device) in ("cpu", "cuda"):
                 self._handle = _backends._C.EmaHandle(self.teacher, self.student)
 
