@@ -33,6 +33,7 @@ dtype.
 """
 from __future__ import annotations
 
+import itertools
 import operator
 
 import torch
@@ -46,9 +47,17 @@ __all__ = ["SGD", "AdamW", "LARS"]
 _FUSED_TEACHER_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
+_OPTIM_LAYOUT = None
+
+
 def _layout():
-    from .ops.layout import OPTIM  # only where the extension is built (checked at construction)
-    return OPTIM
+    # Imported at first use, only where the extension is built (checked at construction); kept
+    # in a global since a step asks for it several times.
+    global _OPTIM_LAYOUT
+    if _OPTIM_LAYOUT is None:
+        from .ops.layout import OPTIM
+        _OPTIM_LAYOUT = OPTIM
+    return _OPTIM_LAYOUT
 
 
 def _refuse_differentiable(differentiable: bool, name: str) -> None:
@@ -249,9 +258,10 @@ class _FusedStep:
         """(hyper floats, hyper_tensors) of a call. A tensor value is read on the host unless the
         optimizer is capturable: then the kernel reads it on the device (no host read)."""
         values, tensors = [], []
+        hyper_value = self._hyper_value
         for name in _layout()["hyper"][self._kind]:
-            v = self._hyper_value(group, name, m)
-            if isinstance(v, torch.Tensor) and self._capturable:
+            v = hyper_value(group, name, m)
+            if self._capturable and isinstance(v, torch.Tensor):
                 values.append(0.0)  # placeholder: the tensor holds
                 tensors.append(v.detach().reshape(()).to(device=device, dtype=torch.float32))
             else:
@@ -268,7 +278,9 @@ class _FusedStep:
             return [], flags, {}
         bufs = _backends._C.state_lookup(self.state, params, ("momentum_buffer",))[0]
         new = {}
-        missing = [i for i, buf in enumerate(bufs) if buf is None]
+        # the params without a buffer, found in C (a loop over the params in Python costs as
+        # much as the kernel call of a small model)
+        missing = list(itertools.compress(itertools.count(), map(operator.is_, bufs, itertools.repeat(None, len(bufs)))))
         if missing:
             first_flag = _layout()["flag_first"]
             for i in missing:
@@ -309,12 +321,22 @@ class _FusedStep:
             grads.append(g)
         return params, grads
 
-    @torch.no_grad()
     def step(self, closure=None):
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        # Grad mode off for the step, as torch.no_grad() would, without its context object
+        # (the decorator costs as much as a tenth of a small model's step).
+        if not torch.is_grad_enabled():
+            return self._step(loss)
+        torch._C._set_grad_enabled(False)
+        try:
+            return self._step(loss)
+        finally:
+            torch._C._set_grad_enabled(True)
+
+    def _step(self, loss):
         link = self._link
         m = link.momentum() if link is not None else 0.0  # capturable: a device tensor
         group_fused: list[frozenset] = []
