@@ -39,6 +39,7 @@ import operator
 import torch
 
 from . import _backends
+from ._grad_mode import call_without_grad
 from .schedules import Constant, Schedule
 from .teacher import EMATeacher
 
@@ -278,9 +279,9 @@ class _FusedStep:
             return [], flags, {}
         bufs = _backends._C.state_lookup(self.state, params, ("momentum_buffer",))[0]
         new = {}
-        # the params without a buffer, found in C (a loop over the params in Python costs as
-        # much as the kernel call of a small model)
-        missing = list(itertools.compress(itertools.count(), map(operator.is_, bufs, itertools.repeat(None, len(bufs)))))
+        # the params without a buffer (none after the first step), found by a scan in C
+        no_buffer = map(operator.is_, bufs, itertools.repeat(None, len(bufs)))
+        missing = list(itertools.compress(itertools.count(), no_buffer))
         if missing:
             first_flag = _layout()["flag_first"]
             for i in missing:
@@ -326,15 +327,7 @@ class _FusedStep:
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        # Grad mode off for the step, as torch.no_grad() would, without its context object
-        # (the decorator costs as much as a tenth of a small model's step).
-        if not torch.is_grad_enabled():
-            return self._step(loss)
-        torch._C._set_grad_enabled(False)
-        try:
-            return self._step(loss)
-        finally:
-            torch._C._set_grad_enabled(True)
+        return call_without_grad(self._step, loss)
 
     def _step(self, loss):
         link = self._link
