@@ -37,6 +37,7 @@ import itertools
 import operator
 
 import torch
+from torch.optim import optimizer as _optimizer_hooks
 
 from . import _backends
 from ._grad_mode import call_without_grad
@@ -322,7 +323,44 @@ class _FusedStep:
             grads.append(g)
         return params, grads
 
-    def step(self, closure=None):
+    def step(self, *args, **kwargs):
+        """step(closure=None): one step of every param group (and of the teacher), as the torch
+        optimizer's step; its step hooks (global and this optimizer's) run around it.
+
+        torch.optim wraps each optimizer class's step in a function that runs those hooks inside
+        a profiler range (torch.autograd.profiler.record_function); the range is opened whether or
+        not a profiler listens, and on the CI CPU the wrapper cost 29 µs of a 95 µs SGD step at
+        161 params. This step runs the same hooks in the same order, with the same arguments, and
+        opens the same range ("Optimizer.step#<class>.step") only while a profiler is active."""
+        if torch.compiler.is_compiling() or torch._C._autograd._profiler_enabled():
+            with torch.autograd.profiler.record_function(f"Optimizer.step#{type(self).__name__}.step"):
+                return self._hooked_step(args, kwargs)
+        return self._hooked_step(args, kwargs)
+
+    # torch.optim.Optimizer wraps a class's step unless it says it is wrapped already.
+    step.hooked = True
+
+    def _hooked_step(self, args, kwargs):
+        full = (self, *args)  # the hooks see the step's arguments as torch's wrapper gives them
+        pre = _optimizer_hooks._global_optimizer_pre_hooks
+        if pre or self._optimizer_step_pre_hooks:
+            for hook in (*pre.values(), *self._optimizer_step_pre_hooks.values()):
+                result = hook(self, full, kwargs)
+                if result is None:
+                    continue
+                if not (isinstance(result, tuple) and len(result) == 2):
+                    raise RuntimeError(f"{type(self).__name__}.step: a step pre-hook must return None "
+                                       f"or a tuple of (new_args, new_kwargs), but got {result}.")
+                full, kwargs = result
+        out = self._closure_step(*full[1:], **kwargs)
+        self._optimizer_step_code()  # where torch's profiler with Python tracing looks
+        post = _optimizer_hooks._global_optimizer_post_hooks
+        if post or self._optimizer_step_post_hooks:
+            for hook in (*self._optimizer_step_post_hooks.values(), *post.values()):
+                hook(self, full, kwargs)
+        return out
+
+    def _closure_step(self, closure=None):
         loss = None
         if closure is not None:
             with torch.enable_grad():

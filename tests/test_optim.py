@@ -1,9 +1,11 @@
 """Fused optimizers (SGD, AdamW + EMA teacher) against torch.optim + the official EMAN update."""
 import copy
+import warnings
 
 import pytest
 import torch
 from torch import nn
+from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
 
 import eman_fused
 from eman_fused import EMATeacher, optim, schedules
@@ -139,6 +141,82 @@ def test_lr_scheduler_drives_the_fused_step():
     train(b, ob, data, scheduler=torch.optim.lr_scheduler.CosineAnnealingLR(ob, T_max=30))
     assert oa.param_groups[0]["lr"] == ob.param_groups[0]["lr"]
     assert_close_states(a.state_dict(), b.state_dict())
+
+
+def test_step_hooks_run_as_around_torchs_step_and_the_scheduler_sees_the_step():
+    # The step runs the hooks itself (torch's class wrapper is skipped): the same hooks, order,
+    # arguments and replaced arguments as around torch.optim.SGD's step.
+    log = []
+
+    def hooks_on(opt, tag):
+        def pre(o, args, kwargs):
+            log.append((tag, "pre", o is opt, len(args), dict(kwargs)))
+            if len(args) == 1:  # a pre-hook may replace the arguments: here it adds a closure
+                return (args[0], lambda: torch.tensor(7.0)), kwargs
+        opt.register_step_pre_hook(pre)
+        opt.register_step_post_hook(lambda o, args, kwargs: log.append((tag, "post", len(args), callable(args[1]))))
+
+    results = {}
+    for name, make in (("ours", optim.SGD), ("torch", torch.optim.SGD)):
+        model = make_model()
+        opt = make(model.parameters(), lr=0.1, momentum=0.9)
+        hooks_on(opt, "own")
+        g_pre = register_optimizer_step_pre_hook(
+            lambda o, a, k: log.append(("global", "pre", len(a))))
+        g_post = register_optimizer_step_post_hook(
+            lambda o, a, k: log.append(("global", "post", len(a))))
+        try:
+            log.clear()
+            x, y = batches(1)[0]
+            nn.functional.mse_loss(model(x), y).backward()
+            results[name] = (opt.step(), list(log))
+        finally:
+            g_pre.remove()
+            g_post.remove()
+    assert results["ours"][1] == results["torch"][1]
+    assert results["ours"][1][0][0] == "global" and results["ours"][1][-1] == ("global", "post", 2)
+    assert results["ours"][0].item() == results["torch"][0].item() == 7.0  # the hook's closure ran
+    optim.SGD([nn.Parameter(torch.zeros(1))])  # a new instance does not wrap the class step again
+    assert optim.SGD.step is optim.AdamW.step is optim.LARS.step and optim.SGD.step.__name__ == "step"
+
+    # a bad pre-hook result is refused before anything is written
+    model = make_model()
+    opt = optim.SGD(model.parameters(), lr=0.1)
+    opt.register_step_pre_hook(lambda o, a, k: "not args")
+    x, y = batches(1)[0]
+    nn.functional.mse_loss(model(x), y).backward()
+    before = bits(model[0].weight)
+    with pytest.raises(RuntimeError, match="must return None or a tuple"):
+        opt.step()
+    assert torch.equal(bits(model[0].weight), before)
+
+    # LRScheduler wraps the instance's step to see that it ran: no "before optimizer.step()" warning
+    model = make_model()
+    opt = optim.SGD(model.parameters(), lr=0.1)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1)
+    nn.functional.mse_loss(model(x), y).backward()
+    opt.step()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        sched.step()
+
+
+@pytest.mark.parametrize("cls", [optim.SGD, optim.AdamW, optim.LARS])
+def test_the_steps_profiler_range_is_recorded_only_under_a_profiler(cls, monkeypatch):
+    model = make_model()
+    opt = cls(model.parameters(), lr=0.01)
+    x, y = batches(1)[0]
+    nn.functional.mse_loss(model(x), y).backward()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        opt.step()
+    assert f"Optimizer.step#{cls.__name__}.step" in {e.name for e in prof.events()}
+
+    def no_range(name):
+        raise AssertionError(f"a profiler range ({name}) opened without a profiler")
+    monkeypatch.setattr(torch.autograd.profiler, "record_function", no_range)
+    before = bits(model[0].weight)
+    opt.step()
+    assert not torch.equal(bits(model[0].weight), before)
 
 
 def test_params_without_grad_are_still_averaged_into_the_teacher():
