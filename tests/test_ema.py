@@ -194,6 +194,35 @@ def test_random_lists_match_reference(case):
     check_against_reference(teacher, student, momentum)
 
 
+@pytest.mark.parametrize("momentum", [0.0, 0.3, 0.7, 1.0])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_runs_of_one_kind_interleaved_with_others_and_copies(momentum, threads):
+    # The CPU loop dispatches once per run of consecutive chunks of one kind (dtype pair or
+    # byte copy): runs of one and several tensors, multi-chunk tensors, a kind coming back after
+    # others, and (2 threads) runs cut where the chunks are split between threads.
+    f32, bf16, f16, f64, i64 = torch.float32, torch.bfloat16, torch.float16, torch.float64, torch.int64
+    kinds = [(f32, f32)] * 3 + [(bf16, f32), (i64, i64), (i64, i64), (f16, f16), (f32, f32),
+                                (f64, f32), (f32, bf16), (f32, bf16), (torch.uint8, torch.uint8), (f32, f32)]
+    shapes = [(1,), (3,), (70_001,), (5,), (2,), (40_000,), (33_000,), (1,), (7,), (32_769,), (1,), (9,), (2, 3)]
+    teacher, student = make_lists(shapes, [k[0] for k in kinds], [k[1] for k in kinds], "cpu", seed=5)
+    before = [t.clone() for t in teacher]
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        expected = [t.clone() for t in teacher]
+        reference.ema_update_(expected, student, momentum)
+        eman_fused.FusedEMA(teacher, student).step(momentum)
+    finally:
+        torch.set_num_threads(old)
+    for t, e, b, s in zip(teacher, expected, before, student):
+        if momentum == 1.0 or not t.is_floating_point():
+            assert torch.equal(bits(t), bits(b if momentum == 1.0 and t.is_floating_point() else s.to(t.dtype)))
+        elif momentum == 0.0:
+            assert torch.equal(bits(t), bits(s.to(t.dtype)))
+        else:
+            assert_close_to(t, e)
+
+
 @BACKENDS
 def test_fused_ema_steps_match_reference(backend, device):
     teacher, student = make_lists([(300, 7), (64,), ()], [torch.float32, torch.float32, torch.int64],
