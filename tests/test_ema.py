@@ -223,6 +223,33 @@ def test_runs_of_one_kind_interleaved_with_others_and_copies(momentum, threads):
             assert_close_to(t, e)
 
 
+@pytest.mark.skipif(not hasattr(torch, "_lazy_clone"), reason="this torch has no copy-on-write clones")
+@pytest.mark.parametrize("api", ["functional", "functional_cached", "fused_ema", "teacher"])
+def test_a_copy_on_write_teacher_is_written_alone(api):
+    # torch._lazy_clone makes both tensors share one copy-on-write storage at the same address:
+    # an update must give the teacher its own memory first (as an in-place torch op does), never
+    # write through the shared address into the clone.
+    student = nn_student = None
+    if api == "teacher":
+        nn_student = torch.nn.Linear(3, 2)
+        ema = eman_fused.EMATeacher(nn_student, momentum=0.5)
+        teacher_t = ema.module.weight
+        update = ema.update
+    else:
+        teacher, student = [torch.zeros(4), torch.zeros(3)], [torch.ones(4), torch.ones(3)]
+        teacher_t = teacher[0]
+        fused = eman_fused.FusedEMA(teacher, student) if api == "fused_ema" else None
+        update = (lambda: fused.step(0.5)) if fused else (lambda: eman_fused.ema_update_(teacher, student, 0.5))
+    if api != "functional":
+        update()  # planned (and, for the handles, checked) before the clone exists
+    clone = torch._lazy_clone(teacher_t)
+    kept = bits(clone.detach().clone())
+    update()
+    assert torch.equal(bits(clone), kept)  # the clone still holds the values it was made with
+    source = nn_student.weight.detach() if api == "teacher" else student[0]
+    torch.testing.assert_close(teacher_t.detach(), 0.5 * clone + 0.5 * source)
+
+
 @BACKENDS
 def test_fused_ema_steps_match_reference(backend, device):
     teacher, student = make_lists([(300, 7), (64,), ()], [torch.float32, torch.float32, torch.int64],

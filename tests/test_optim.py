@@ -219,6 +219,33 @@ def test_the_steps_profiler_range_is_recorded_only_under_a_profiler(cls, monkeyp
     assert not torch.equal(bits(model[0].weight), before)
 
 
+@pytest.mark.skipif(not hasattr(torch, "_lazy_clone"), reason="this torch has no copy-on-write clones")
+@pytest.mark.parametrize("cls,kwargs,state_key", [(optim.SGD, dict(lr=0.1, momentum=0.9), "momentum_buffer"),
+                                                  (optim.AdamW, dict(lr=0.1), "exp_avg"),
+                                                  (optim.LARS, dict(lr=0.1), "momentum_buffer")])
+def test_copy_on_write_params_state_and_teacher_are_written_alone(cls, kwargs, state_key):
+    # A param, its state and its teacher tensor made copy-on-write (torch._lazy_clone) after a
+    # step: the next step gives each its own memory before writing, the clones keep their values.
+    model = make_model()
+    teacher = EMATeacher(model, momentum=0.5)
+    opt = cls(model.parameters(), teacher=teacher, **kwargs)
+    x, y = batches(1)[0]
+    for _ in range(2):
+        opt.zero_grad()
+        nn.functional.mse_loss(model(x), y).backward()
+        if _ == 0:
+            opt.step()
+    p = model[0].weight
+    written = [p, opt.state[p][state_key], teacher.module[0].weight]
+    clones = [torch._lazy_clone(t.detach()) for t in written]
+    kept = [bits(c.clone()) for c in clones]
+    before = [t.detach().clone() for t in written]
+    opt.step()
+    for c, k, t, b in zip(clones, kept, written, before):
+        assert torch.equal(bits(c), k)
+        assert not torch.equal(t.detach(), b)  # the step wrote the tensor itself
+
+
 def test_params_without_grad_are_still_averaged_into_the_teacher():
     student = make_model()
     student[0].weight.requires_grad_(False)  # frozen: no grad, but the teacher follows it

@@ -19,6 +19,13 @@ int64_t dtype_device(const c10::TensorImpl* impl) {
          (static_cast<int64_t>(d.type()) << 8) | (static_cast<int64_t>(d.index() + 1) << 16);
 }
 
+// A tensor's data address; a teacher's as a write sees it: a storage made copy-on-write since
+// the plan (torch._lazy_clone) is materialized, and its new address shows as a change, so no
+// step writes into memory another tensor shares.
+const void* address(const c10::TensorImpl* impl, bool written) {
+  return written ? const_cast<c10::TensorImpl*>(impl)->mutable_data() : impl->data();
+}
+
 // Whether a call made now would reach the backend kernel directly: no Python dispatch mode,
 // no functorch transform, autocast or inference mode (each changes the thread's key sets).
 bool dispatcher_would_go_straight_to_kernel() {
@@ -87,7 +94,8 @@ void EmaHandle::remember(at::TensorList teacher, at::TensorList student) {
   for (size_t i = 0; i < size_; ++i) {
     for (const at::Tensor* x : {&teacher[i], &student[i]}) {
       const c10::TensorImpl* impl = x->unsafeGetTensorImpl();
-      seen_.push_back({impl, impl->key_set().raw_repr(), impl->data(), dtype_device(impl)});
+      seen_.push_back({impl, impl->key_set().raw_repr(), address(impl, x == &teacher[i]),
+                       dtype_device(impl)});
       geometry_start_.push_back(static_cast<int64_t>(geometry_.size()));
       geometry_.push_back(impl->dim());
       geometry_.insert(geometry_.end(), impl->sizes().begin(), impl->sizes().end());
@@ -124,7 +132,9 @@ bool EmaHandle::unchanged_range(const c10::TensorImpl* const* impls, size_t firs
     // The TensorImpl first: a new one (swap_tensors, a replaced object) may be of any kind,
     // and only a known plain one may be asked for its data and geometry.
     if (impl != seen->impl || impl->key_set().raw_repr() != seen->keys) return false;
-    if (impl->data() != seen->data || dtype_device(impl) != seen->dtype_device) return false;
+    if (address(impl, (k & 1) == 0) != seen->data || dtype_device(impl) != seen->dtype_device) {
+      return false;
+    }
     const int64_t dim = impl->dim();
     if (*g++ != dim) return false;
     const c10::IntArrayRef sizes = impl->sizes(), strides = impl->strides();

@@ -90,7 +90,7 @@ std::shared_ptr<EmaPlan> build_plan(at::TensorList teacher, at::TensorList stude
     const at::Tensor& s = student[i];
     if (t.numel() == 0) continue;
     EmaTensorEntry e;
-    e.teacher = reinterpret_cast<int64_t>(t.const_data_ptr());
+    e.teacher = reinterpret_cast<int64_t>(t.mutable_data_ptr());  // written (see append_key)
     e.student = reinterpret_cast<int64_t>(s.const_data_ptr());
     if (t.is_floating_point()) {
       e.numel = t.numel();
@@ -142,7 +142,10 @@ void append_key(at::TensorList teacher, at::TensorList student, std::vector<int6
                         "; only dense strided tensors are supported");
       const c10::TensorImpl* impl = x.unsafeGetTensorImpl();
       const c10::IntArrayRef sizes = impl->sizes(), strides = impl->strides();
-      key.push_back(reinterpret_cast<int64_t>(impl->data()));
+      // The teacher's address as a write sees it: a copy-on-write storage (torch._lazy_clone)
+      // is materialized here, so the plan never writes into memory another tensor shares.
+      key.push_back(reinterpret_cast<int64_t>(side == 0 ? x.unsafeGetTensorImpl()->mutable_data()
+                                                        : impl->data()));
       key.push_back((static_cast<int64_t>(impl->device_type()) << 32) ^
                     (static_cast<int64_t>(impl->device().index()) << 8) ^
                     static_cast<int64_t>(x.scalar_type()));

@@ -107,6 +107,12 @@ int64_t ptr_of(at::TensorList list, size_t i) {
   return list.empty() ? 0 : reinterpret_cast<int64_t>(list[i].const_data_ptr());
 }
 
+// The address of a tensor the step writes: a copy-on-write storage (torch._lazy_clone) is
+// materialized first, so the kernels never write into memory another tensor shares.
+int64_t written_ptr_of(at::TensorList list, size_t i) {
+  return list.empty() ? 0 : reinterpret_cast<int64_t>(list[i].mutable_data_ptr());
+}
+
 template <typename Tag>
 void check_and_build(OptimCall& call, const OptimLists& l, c10::ArrayRef<double> hyper,
                      const c10::List<std::optional<at::Tensor>>& hyper_tensors, bool pinned) {
@@ -235,10 +241,11 @@ void check_and_build(OptimCall& call, const OptimLists& l, c10::ArrayRef<double>
   std::vector<TensorChunk> chunks;
   for (size_t i = 0; i < n; ++i) {
     OptimEntry& e = entries[i];
-    e.param = ptr_of(l.params, i), e.grad = ptr_of(l.grads, i), e.teacher = ptr_of(l.teacher, i);
-    e.first_moment = ptr_of(l.first_moments, i);
-    e.second_moment = ptr_of(l.second_moments, i);
-    e.max_second_moment = ptr_of(l.max_second_moments, i);
+    e.param = written_ptr_of(l.params, i), e.grad = ptr_of(l.grads, i);
+    e.teacher = written_ptr_of(l.teacher, i);
+    e.first_moment = written_ptr_of(l.first_moments, i);
+    e.second_moment = written_ptr_of(l.second_moments, i);
+    e.max_second_moment = written_ptr_of(l.max_second_moments, i);
     e.numel = l.params[i].numel();
     e.first_chunk = static_cast<int64_t>(chunks.size());
     for (int64_t s = 0; s < e.numel; s += kOptimChunkElems) chunks.push_back({static_cast<int64_t>(i), s});
@@ -251,7 +258,7 @@ void check_and_build(OptimCall& call, const OptimLists& l, c10::ArrayRef<double>
         adamw_bias_corrections(h.beta1, h.beta2, host_steps[i] + 1.0, &e.bias_correction1,
                                &e.bias_correction2_sqrt);
       } else {
-        e.step = reinterpret_cast<int64_t>(l.steps[i].const_data_ptr());
+        e.step = written_ptr_of(l.steps, i);
       }
     }
   }
