@@ -346,3 +346,22 @@ def test_load_state_dict_refuses_other_profiles():
     with pytest.raises(ValueError, match="gammas"):
         b.load_state_dict(a.state_dict())
 
+
+
+@pytest.mark.skipif(not hasattr(torch, "_lazy_clone"), reason="this torch has no copy-on-write clones")
+def test_a_copy_on_write_profile_is_written_alone():
+    # A profile made copy-on-write (torch._lazy_clone) after its plan was cached: the next update
+    # gives it its own memory before writing; the clone keeps its values.
+    student = [torch.ones(5), torch.full((2, 3), 2.0)]
+    profiles = [[torch.zeros(5), torch.zeros(2, 3)] for _ in range(2)]
+    step = torch.zeros((), dtype=torch.int64)
+    posthoc_ema_update_(profiles, student, step, [6.94, 16.97])
+    clone = torch._lazy_clone(profiles[1][0])
+    kept = bits(clone.clone())
+    expected = [[t.clone() for t in p] for p in profiles]
+    R.posthoc_ema_update_(expected, student, step.clone(), [6.94, 16.97])
+    posthoc_ema_update_(profiles, student, step, [6.94, 16.97])
+    assert torch.equal(bits(clone), kept)
+    for p, e in zip(profiles, expected):
+        for t, x in zip(p, e):
+            torch.testing.assert_close(t, x)
