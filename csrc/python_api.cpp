@@ -4,6 +4,7 @@
 // costs a type check and a refcount, and the op is still called through the dispatcher, so
 // fake/dispatch modes and every backend see it as usual.
 #include <ATen/core/dispatch/Dispatcher.h>
+#include <ATen/record_function.h>
 #include <torch/csrc/Exceptions.h>
 #include <torch/csrc/autograd/python_variable.h>
 #include <torch/csrc/utils/pybind.h>
@@ -610,7 +611,18 @@ PyObject* watch_changed(PyObject* /*self*/, PyObject* args) {
   END_HANDLE_TH_ERRORS
 }
 
+// recording_functions(): whether a torch.autograd.profiler.record_function range opened now
+// would be recorded: any RecordFunction callback, this thread's (a profiler started here) or
+// global (all-threads or on-demand profiling, the execution-trace observer).
+PyObject* recording_functions(PyObject* /*self*/, PyObject* /*args*/) {
+  if (at::hasCallbacks()) Py_RETURN_TRUE;
+  Py_RETURN_FALSE;
+}
+
 PyMethodDef methods[] = {
+    {"recording_functions", recording_functions, METH_NOARGS,
+     "recording_functions() -> bool: whether a record_function range opened now would be "
+     "recorded (any thread-local or global RecordFunction callback)."},
     {"watch_changed", watch_changed, METH_VARARGS,
      "watch_changed(tensor_dicts, other_dicts, state) -> bool: whether the watched dicts' entries "
      "(objects, tensor storages) differ from the key in `state`; updates `state`."},

@@ -233,6 +233,8 @@ def test_a_copy_on_write_teacher_is_written_alone(api):
     if api == "teacher":
         nn_student = torch.nn.Linear(3, 2)
         ema = eman_fused.EMATeacher(nn_student, momentum=0.5)
+        with torch.no_grad():
+            nn_student.weight.add_(1.0)  # so that an update changes the teacher
         teacher_t = ema.module.weight
         update = ema.update
     else:

@@ -358,10 +358,13 @@ def test_a_copy_on_write_profile_is_written_alone():
     posthoc_ema_update_(profiles, student, step, [6.94, 16.97])
     clone = torch._lazy_clone(profiles[1][0])
     kept = bits(clone.clone())
+    for s in student:
+        s.mul_(3.0)  # a new student: the second update changes every profile
     expected = [[t.clone() for t in p] for p in profiles]
-    R.posthoc_ema_update_(expected, student, step.clone(), [6.94, 16.97])
+    R.posthoc_ema_update_(expected, student, int(step) + 1, [6.94, 16.97])  # update number t
     posthoc_ema_update_(profiles, student, step, [6.94, 16.97])
     assert torch.equal(bits(clone), kept)
+    assert not torch.equal(profiles[1][0], clone)
     for p, e in zip(profiles, expected):
         for t, x in zip(p, e):
             torch.testing.assert_close(t, x)

@@ -12,7 +12,10 @@ void add_memory_ranges(std::vector<MemoryRange>& ranges, at::TensorList list, co
   for (size_t i = 0; i < list.size(); ++i) {
     const at::Tensor& x = list[i];
     if (x.numel() == 0) continue;  // no storage touched (and null data pointers may repeat)
-    const auto b = reinterpret_cast<uintptr_t>(x.const_data_ptr());
+    // A written tensor's address as the write will see it: a copy-on-write storage (shared
+    // with another tensor until written) is materialized first, so the sweep compares the
+    // memory the kernels really write.
+    const auto b = reinterpret_cast<uintptr_t>(written ? x.mutable_data_ptr() : x.const_data_ptr());
     ranges.push_back({b, b + static_cast<uintptr_t>(x.numel()) * x.element_size(), written, name, i});
   }
 }

@@ -3,6 +3,7 @@
 #include <ATen/Parallel.h>
 #include <ATen/core/grad_mode.h>
 #include <c10/core/DispatchKey.h>
+#include <c10/core/impl/COW.h>
 #include <c10/core/impl/LocalDispatchKeySet.h>
 #include <c10/core/impl/TorchDispatchModeTLS.h>
 
@@ -19,11 +20,12 @@ int64_t dtype_device(const c10::TensorImpl* impl) {
          (static_cast<int64_t>(d.type()) << 8) | (static_cast<int64_t>(d.index() + 1) << 16);
 }
 
-// A tensor's data address; a teacher's as a write sees it: a storage made copy-on-write since
-// the plan (torch._lazy_clone) is materialized, and its new address shows as a change, so no
-// step writes into memory another tensor shares.
-const void* address(const c10::TensorImpl* impl, bool written) {
-  return written ? const_cast<c10::TensorImpl*>(impl)->mutable_data() : impl->data();
+// Whether a teacher's storage is copy-on-write (torch._lazy_clone), shared with another tensor
+// until one of them is written: the plan's address must not be written then. Checked without
+// materializing (the checks write nothing and may run on several threads); a re-plan
+// materializes it (ema/plan.cpp) and gets the teacher its own address.
+bool copy_on_write(const c10::TensorImpl* impl) {
+  return c10::impl::cow::is_cow_data_ptr(impl->unsafe_storage().data_ptr());
 }
 
 // Whether a call made now would reach the backend kernel directly: no Python dispatch mode,
@@ -94,8 +96,10 @@ void EmaHandle::remember(at::TensorList teacher, at::TensorList student) {
   for (size_t i = 0; i < size_; ++i) {
     for (const at::Tensor* x : {&teacher[i], &student[i]}) {
       const c10::TensorImpl* impl = x->unsafeGetTensorImpl();
-      seen_.push_back({impl, impl->key_set().raw_repr(), address(impl, x == &teacher[i]),
-                       dtype_device(impl)});
+      // A copy-on-write teacher gets its own memory now (the handle is built to write it), so
+      // the address remembered is the one its steps will write.
+      if (x == &teacher[i] && copy_on_write(impl)) x->unsafeGetTensorImpl()->mutable_data();
+      seen_.push_back({impl, impl->key_set().raw_repr(), impl->data(), dtype_device(impl)});
       geometry_start_.push_back(static_cast<int64_t>(geometry_.size()));
       geometry_.push_back(impl->dim());
       geometry_.insert(geometry_.end(), impl->sizes().begin(), impl->sizes().end());
@@ -132,9 +136,8 @@ bool EmaHandle::unchanged_range(const c10::TensorImpl* const* impls, size_t firs
     // The TensorImpl first: a new one (swap_tensors, a replaced object) may be of any kind,
     // and only a known plain one may be asked for its data and geometry.
     if (impl != seen->impl || impl->key_set().raw_repr() != seen->keys) return false;
-    if (address(impl, (k & 1) == 0) != seen->data || dtype_device(impl) != seen->dtype_device) {
-      return false;
-    }
+    if (impl->data() != seen->data || dtype_device(impl) != seen->dtype_device) return false;
+    if ((k & 1) == 0 && copy_on_write(impl)) return false;  // a teacher (at 2i) now shared
     const int64_t dim = impl->dim();
     if (*g++ != dim) return false;
     const c10::IntArrayRef sizes = impl->sizes(), strides = impl->strides();
