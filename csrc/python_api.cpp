@@ -23,6 +23,7 @@
 #include "optim/hyper.h"
 #include "optim/layout.h"
 #include "optim/math.h"
+#include "optim/step_plan.h"
 #include "posthoc/layout.h"
 
 namespace {
@@ -325,6 +326,240 @@ PyObject* state_lookup(PyObject* /*self*/, PyObject* args) {
   return out;
   END_HANDLE_TH_ERRORS
 }
+
+// eman_fused._C.OptimStepPlan: an optim/step_plan.h plan of a fused optimizer's step, with the
+// Python objects the step's lists came from: the param groups (each dict, its params list and
+// their order, which params had no grad, the values of the keys given as `same`) and the
+// optimizer's state dict (every entry and every entry of its per-param dicts). A step compares
+// those by identity, reads each call's hyper-parameters from its group, reads the current
+// TensorImpl of every tensor object of the plan, and runs the plan; anything else different
+// makes it return False, having written nothing (the caller then takes the checked path).
+// The plan holds references to the objects it compares (so an identical address is the same
+// object): a state tensor dropped from the state dict stays alive until the next step, which
+// finds the state changed and the caller drops the plan.
+class PyOptimStepPlan {
+ public:
+  // calls: per kernel call (optimizer, params, grads, first, second, max_second, teacher, flags,
+  // steps, hyper, group index, sources), sources giving each hyper-parameter's (group key, index
+  // into its value or -1), or None for the teacher momentum the step is given; same: per group,
+  // the keys whose values must stay the same objects.
+  PyOptimStepPlan(pybind11::list calls, pybind11::list groups, pybind11::dict state,
+                  pybind11::list same)
+      : groups_(pybind11::tuple(groups)), state_(state) {
+    namespace py = pybind11;
+    constexpr const char* op = "OptimStepPlan";
+    TORCH_CHECK_VALUE(same.size() == groups.size(), op, ": one `same` tuple per group");
+    std::vector<std::unique_ptr<BorrowedTensors>> borrowed;
+    std::vector<eman_fused::StepCallLists> lists;
+    std::vector<std::vector<int64_t>> flags(calls.size());
+    for (size_t c = 0; c < calls.size(); ++c) {
+      const py::tuple call = calls[c].cast<py::tuple>();
+      TORCH_CHECK_VALUE(call.size() == 12, op, ": a call is 12 items");
+      auto list = [&](size_t k, const char* name) {
+        borrowed.push_back(std::make_unique<BorrowedTensors>(call[k].ptr(), name, op));
+        return borrowed.back()->list();
+      };
+      eman_fused::StepCallLists l;
+      l.optimizer = call[0].cast<int64_t>();
+      l.lists.params = list(1, "params");
+      l.lists.grads = list(2, "grads");
+      l.lists.first_moments = list(3, "first_moments");
+      l.lists.second_moments = list(4, "second_moments");
+      l.lists.max_second_moments = list(5, "max_second_moments");
+      l.lists.teacher = list(6, "teacher");
+      flags[c] = number_list<int64_t>(call[7].ptr(), "flags must be ints", PyLong_AsLongLong);
+      l.lists.flags = flags[c];
+      l.lists.steps = list(8, "steps");
+      l.hyper = number_list<double>(call[9].ptr(), "hyper must be floats", PyFloat_AsDouble);
+      lists.push_back(std::move(l));
+
+      Call mine;
+      mine.group = call[10].cast<size_t>();
+      TORCH_CHECK_VALUE(mine.group < groups.size(), op, ": no group ", mine.group);
+      py::list objects;
+      for (size_t k : {1, 3, 4, 5, 6, 8}) {
+        for (py::handle t : call[k]) objects.append(t);
+      }
+      mine.tensors = py::tuple(objects);
+      for (py::handle source : call[11]) {
+        if (source.is_none()) {
+          mine.sources.push_back({py::object(), -1});
+        } else {
+          const py::tuple pair = source.cast<py::tuple>();
+          mine.sources.push_back({pair[0], pair[1].cast<int64_t>()});
+        }
+      }
+      TORCH_CHECK_VALUE(mine.sources.size() == lists.back().hyper.size(), op,
+                        ": one source per hyper-parameter");
+      calls_.push_back(std::move(mine));
+    }
+    plan_ = std::make_unique<eman_fused::OptimStepPlan>(lists);
+
+    for (size_t g = 0; g < groups.size(); ++g) {
+      Group mine;
+      PyObject* group = PyTuple_GET_ITEM(groups_.ptr(), g);
+      TORCH_CHECK_VALUE(PyDict_Check(group), op, ": param group ", g, " is not a dict");
+      PyObject* params = PyDict_GetItemWithError(group, params_key());
+      TORCH_CHECK_VALUE(params != nullptr && PyList_Check(params), op, ": group ", g,
+                        "['params'] is not a list");
+      mine.params = py::reinterpret_borrow<py::object>(params);
+      mine.items = py::tuple(mine.params);
+      for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(mine.items.ptr()); ++i) {
+        PyObject* p = PyTuple_GET_ITEM(mine.items.ptr(), i);
+        if (is_tensor(p) && !THPVariable_Unpack(p).grad().defined()) mine.without_grad.push_back(i);
+      }
+      for (py::handle key : same[g]) {
+        PyObject* value = PyDict_GetItemWithError(group, key.ptr());
+        if (value == nullptr && PyErr_Occurred()) throw py::error_already_set();
+        mine.same.emplace_back(py::reinterpret_borrow<py::object>(key),
+                               py::reinterpret_borrow<py::object>(value ? value : Py_None));
+      }
+      groups_seen_.push_back(std::move(mine));
+    }
+    walk_state(
+        [&](PyObject* obj) {
+          state_items_.push_back(py::reinterpret_borrow<py::object>(obj));
+          return true;
+        },
+        [&](Py_ssize_t size) {
+          state_sizes_.push_back(size);
+          return true;
+        });
+  }
+
+  bool step(pybind11::handle groups, pybind11::handle state, double teacher_momentum) {
+    PyObject* gl = groups.ptr();
+    if (state.ptr() != state_.ptr() || !PyList_Check(gl) ||
+        PyList_GET_SIZE(gl) != PyTuple_GET_SIZE(groups_.ptr())) {
+      return false;
+    }
+    for (size_t g = 0; g < groups_seen_.size(); ++g) {
+      PyObject* group = PyList_GET_ITEM(gl, g);
+      if (group != PyTuple_GET_ITEM(groups_.ptr(), g)) return false;
+      const Group& seen = groups_seen_[g];
+      PyObject* params = PyDict_GetItemWithError(group, params_key());
+      if (params != seen.params.ptr()) return false;  // (an error: the checked path raises it)
+      const Py_ssize_t n = PyTuple_GET_SIZE(seen.items.ptr());
+      if (PyList_GET_SIZE(params) != n) return false;
+      PyObject* const* now = &PyList_GET_ITEM(params, 0);
+      PyObject* const* then = &PyTuple_GET_ITEM(seen.items.ptr(), 0);
+      for (Py_ssize_t i = 0; i < n; ++i) {
+        if (now[i] != then[i]) return false;
+      }
+      for (const Py_ssize_t i : seen.without_grad) {
+        if (THPVariable_Unpack(then[i]).grad().defined()) return false;
+      }
+      for (const auto& [key, value] : seen.same) {
+        if (PyDict_GetItemWithError(group, key.ptr()) != value.ptr()) return false;
+      }
+    }
+    size_t k = 0, d = 0;
+    const bool same_state = walk_state(
+        [&](PyObject* obj) { return k < state_items_.size() && state_items_[k++].ptr() == obj; },
+        [&](Py_ssize_t size) { return d < state_sizes_.size() && state_sizes_[d++] == size; });
+    if (!same_state || k != state_items_.size() || d != state_sizes_.size()) return false;
+
+    thread_local std::vector<const c10::TensorImpl*> impls;
+    thread_local std::vector<double> hyper;
+    impls.clear();
+    hyper.clear();
+    for (const Call& c : calls_) {
+      PyObject* group = PyList_GET_ITEM(gl, c.group);
+      for (const auto& [key, index] : c.sources) {
+        double v = teacher_momentum;
+        if (key.ptr() != nullptr && !read_value(group, key.ptr(), index, &v)) return false;
+        hyper.push_back(v);
+      }
+      const Py_ssize_t n = PyTuple_GET_SIZE(c.tensors.ptr());
+      for (Py_ssize_t i = 0; i < n; ++i) {
+        impls.push_back(THPVariable_Unpack(PyTuple_GET_ITEM(c.tensors.ptr(), i)).unsafeGetTensorImpl());
+      }
+    }
+    pybind11::gil_scoped_release no_gil;
+    return plan_->step(impls.data(), hyper.data());
+  }
+
+ private:
+  struct Group {
+    pybind11::object params;  // the group's params list
+    pybind11::tuple items;    // its params then
+    std::vector<Py_ssize_t> without_grad;
+    std::vector<std::pair<pybind11::object, pybind11::object>> same;
+  };
+  struct Call {
+    size_t group = 0;
+    pybind11::tuple tensors;  // in the plan's order
+    std::vector<std::pair<pybind11::object, int64_t>> sources;  // null key: teacher momentum
+  };
+
+  static PyObject* params_key() {
+    static PyObject* key = PyUnicode_InternFromString("params");
+    return key;
+  }
+
+  // Calls size(n) with the state dict's size, then f on every key and value of it, and for
+  // each value that is a dict, size(its size) and f on its keys and values; stops at the first
+  // call that returns false.
+  template <typename F, typename S>
+  bool walk_state(F&& f, S&& size) const {
+    PyObject* state = state_.ptr();
+    if (!size(PyDict_GET_SIZE(state))) return false;
+    Py_ssize_t pos = 0;
+    PyObject *key, *value;
+    while (PyDict_Next(state, &pos, &key, &value)) {
+      if (!f(key) || !f(value)) return false;
+      if (!PyDict_Check(value)) continue;
+      if (!size(PyDict_GET_SIZE(value))) return false;
+      Py_ssize_t inner = 0;
+      PyObject *k2, *v2;
+      while (PyDict_Next(value, &inner, &k2, &v2)) {
+        if (!f(k2) || !f(v2)) return false;
+      }
+    }
+    return true;
+  }
+
+  // group[key] (or its item `index`) as a float, as the checked path's float(v) takes it: a
+  // Python number, or a 0-dim CPU tensor. False for anything else (the checked path handles it).
+  static bool read_value(PyObject* group, PyObject* key, int64_t index, double* out) {
+    PyObject* v = PyDict_GetItemWithError(group, key);
+    if (v == nullptr) return false;
+    if (index >= 0) {
+      if (!PyTuple_Check(v) || index >= PyTuple_GET_SIZE(v)) return false;
+      v = PyTuple_GET_ITEM(v, index);
+    }
+    if (PyFloat_CheckExact(v)) {
+      *out = PyFloat_AS_DOUBLE(v);
+      return true;
+    }
+    if (PyLong_Check(v)) {  // int and bool
+      *out = PyLong_AsDouble(v);
+      if (*out == -1.0 && PyErr_Occurred()) {
+        PyErr_Clear();
+        return false;
+      }
+      return true;
+    }
+    if (is_tensor(v)) {
+      const at::Tensor& t = THPVariable_Unpack(v);
+      if (t.dim() != 0 || !t.device().is_cpu() || needs_dispatcher_keys(t)) return false;
+      *out = t.item<double>();
+      return true;
+    }
+    return false;
+  }
+  static bool needs_dispatcher_keys(const at::Tensor& t) {
+    return eman_fused::needs_dispatcher(t.key_set()) || t.layout() != at::kStrided;
+  }
+
+  pybind11::tuple groups_;
+  pybind11::object state_;
+  std::vector<Group> groups_seen_;
+  std::vector<pybind11::object> state_items_;
+  std::vector<Py_ssize_t> state_sizes_;
+  std::vector<Call> calls_;
+  std::unique_ptr<eman_fused::OptimStepPlan> plan_;
+};
 
 // eman_fused._C.EmaHandle(teacher, student): an ema/handle.h handle over the tensor objects of
 // two sequences, held (as tuples) for the handle's life. Each step re-reads every object's
@@ -681,6 +916,15 @@ extern "C" PyObject* PyInit__C(void) {
         .def_property_readonly("plans_built", &PyEmaHandle::plans_built)
         .def_property_readonly("table", &PyEmaHandle::table)
         .def("__len__", &PyEmaHandle::size);
+    py::class_<PyOptimStepPlan>(m, "OptimStepPlan",
+                                "OptimStepPlan(calls, groups, state, same): a persistent, checked "
+                                "plan of a fused optimizer's step (eman_fused/csrc/optim/step_plan.h).")
+        .def(py::init<py::list, py::list, py::dict, py::list>(), py::arg("calls"),
+             py::arg("groups"), py::arg("state"), py::arg("same"))
+        .def("step", &PyOptimStepPlan::step, py::arg("groups"), py::arg("state"),
+             py::arg("teacher_momentum"),
+             "One step if nothing changed beyond what the plan takes (True), else False, with "
+             "nothing written.");
     using eman_fused::EmaStep;
     handle_class.attr("UPDATED") = static_cast<int>(EmaStep::kUpdated);
     handle_class.attr("USE_OP") = static_cast<int>(EmaStep::kUseOp);

@@ -205,6 +205,30 @@ class _Call:
             state[p] = entries
 
 
+class _StepPlan:
+    """A step plan (csrc/optim/step_plan.h) and what it was made with: the teacher's pairing
+    generation and the ids of the params whose teacher tensors the kernels update."""
+
+    def __init__(self, native, generation, fused_ids):
+        self.native, self.generation, self.fused_ids = native, generation, fused_ids
+        self.steps = 0  # steps it ran
+
+    def run(self, opt, link) -> bool:
+        """One step through the plan (True), or False with nothing written."""
+        if link is None:
+            ran = self.native.step(opt.param_groups, opt.state, 0.0)
+        else:
+            m = link.momentum()  # refreshes the pairing first
+            if link._generation != self.generation:
+                return False
+            link.validate(self.fused_ids)  # the teacher's own updates' checks, before any write
+            ran = self.native.step(opt.param_groups, opt.state, m)
+            if ran:
+                link.finish(self.fused_ids, m)
+        self.steps += ran
+        return ran
+
+
 class _FusedStep:
     _capturable = False
     _kind = ""  # its hyper-parameter list in the op's layout: 'sgd', 'adamw' or 'lars'
@@ -216,6 +240,7 @@ class _FusedStep:
         reported at construction, with its reason."""
         _backends.require("cpu")  # the planner and the layouts live in the C++ extension
         self._backend, self._resolved = backend, {}
+        self._plan, self._plan_wait, self._plan_misses = None, 0, 0  # the step plan (see _step)
         self._resolve_params(self.param_groups)
 
     def _resolve_params(self, groups) -> None:
@@ -374,9 +399,15 @@ class _FusedStep:
 
     def _step(self, loss):
         link = self._link
+        plan = getattr(self, "_plan", None)
+        if plan is not None:
+            if plan.run(self, link):
+                return loss
+            self._drop_plan()
         m = link.momentum() if link is not None else 0.0  # capturable: a device tensor
         group_fused: list[frozenset] = []
         calls: list[_Call] = []
+        call_groups: list[int] = []
         for gi, group in enumerate(self.param_groups):
             params, grads, uniform = self._grads(group)
             if not params:
@@ -393,6 +424,7 @@ class _FusedStep:
                     calls.append(self._call(group, params, grads, ts, m))
                 else:
                     calls.append(self._call(group, [params[i] for i in idx], [grads[i] for i in idx], ts, m))
+                call_groups.append(gi)
         fused_ids = link.union(group_fused) if link is not None and group_fused else frozenset()
         # All or nothing: every call is checked before the first one writes (each checks itself
         # first too, so the first needs no separate check), and so are the teacher's own updates.
@@ -410,7 +442,58 @@ class _FusedStep:
             call.run(self.state)
         if link is not None:
             link.finish(fused_ids, m)
+        self._plan_next_steps(calls, call_groups, fused_ids)
         return loss
+
+    # -- the persistent plan ---------------------------------------------------------------
+    # After a checked step, the next steps usually meet the same tensors: a plan of them
+    # (csrc/optim/step_plan.h) checks in C++ that nothing changed but what may change between
+    # steps (grads, scheduled hyper-parameters, step counts) and runs the kernels, with no
+    # per-param Python. A step that finds anything else changed takes the checked path above,
+    # which plans again. Plans that never run a step (something changes at every step) are
+    # made less and less often: after the k-th in a row, only every 2^k checked steps.
+
+    def _drop_plan(self) -> None:
+        plan, self._plan = self._plan, None
+        self._plan_misses = 0 if plan.steps else getattr(self, "_plan_misses", 0) + 1
+        self._plan_wait = 2 ** min(self._plan_misses, 10) - 1
+
+    def _plan_next_steps(self, calls, call_groups, fused_ids) -> None:
+        wait = getattr(self, "_plan_wait", 0)
+        if wait:
+            self._plan_wait = wait - 1
+            return
+        if self._capturable or torch.compiler.is_compiling() or not calls:
+            return  # device hyper-parameters and step counts: the checked path each step
+        same = [self._plan_same_keys(group) for group in self.param_groups]
+        if any(keys is None for keys in same):
+            return
+        first = ~_layout()["flag_first"]
+        sources = [self._hyper_source(name) for name in _layout()["hyper"][self._kind]]
+        native_calls = []
+        for call, gi in zip(calls, call_groups):
+            args = call.args
+            params, grads = args[1], args[2]
+            # The C++ kernels of a CPU call (a CUDA step copies its table to the device at each
+            # step and has no plan), host values only, each grad the param's own (not a copy
+            # in the param's strides).
+            if (call.op is not _STEP_OP or len(args) != 11 or args[10] or params[0].device.type != "cpu"
+                    or not all(map(operator.is_, grads, (p.grad for p in params)))):
+                return
+            native_calls.append((*args[:7], [f & first for f in args[7]], *args[8:10], gi, sources))
+        native = _backends._C.OptimStepPlan(native_calls, self.param_groups, self.state, same)
+        link = self._link
+        self._plan = _StepPlan(native, link._generation if link is not None else None, fused_ids)
+
+    def _plan_same_keys(self, group):
+        """The keys of `group` (besides the hyper-parameters) that the kernel calls depend on, as
+        a tuple: a plan holds while their values are the same objects; None: no plan."""
+        return ()
+
+    def _hyper_source(self, name):
+        """Where a plan reads hyper-parameter `name` each step: (group key, index into its value
+        or -1), or None for the teacher's momentum (as _hyper_value)."""
+        return None if name == "teacher_momentum" else (name, -1)
 
     def _op_call(self, optimizer_id, group, params, grads, moments, teacher, flags, steps, m, new_state):
         device = params[0].device
@@ -511,6 +594,11 @@ class AdamW(_FusedStep, torch.optim.AdamW):
             return group["betas"][name == "beta2"]
         return super()._hyper_value(group, name, m)
 
+    def _hyper_source(self, name):
+        if name in ("beta1", "beta2"):
+            return ("betas", int(name == "beta2"))
+        return super()._hyper_source(name)
+
     def _call(self, group, params, grads, teacher, m):
         triton = self._backend_for(params[0].device) == "triton"
         if not triton:
@@ -601,6 +689,14 @@ class LARS(_FusedStep, torch.optim.Optimizer):
             group.setdefault("lars_exclude", False)
             group.setdefault("dampening", 0.0)
             group.setdefault("nesterov", False)
+
+    def _plan_same_keys(self, group):
+        # The formula picks the kernel; lars_exclude and exclude(p) give each param's flag,
+        # and only the default exclude functions are known to depend on nothing but p.ndim
+        # (which the plan's checks cover).
+        if group.get("exclude") not in (_one_dim, _nothing):
+            return None
+        return ("formula", "lars_exclude", "exclude")
 
     def _call(self, group, params, grads, teacher, m):
         you2017 = group["formula"] == "you2017"

@@ -2,10 +2,6 @@
 
 #include <ATen/Parallel.h>
 #include <ATen/core/grad_mode.h>
-#include <c10/core/DispatchKey.h>
-#include <c10/core/impl/COW.h>
-#include <c10/core/impl/LocalDispatchKeySet.h>
-#include <c10/core/impl/TorchDispatchModeTLS.h>
 
 #include <atomic>
 
@@ -14,37 +10,11 @@
 namespace eman_fused {
 namespace {
 
-int64_t dtype_device(const c10::TensorImpl* impl) {
-  const c10::Device d = impl->device();
-  return static_cast<int64_t>(impl->dtype().toScalarType()) |
-         (static_cast<int64_t>(d.type()) << 8) | (static_cast<int64_t>(d.index() + 1) << 16);
-}
-
-// Whether a teacher's storage is copy-on-write (torch._lazy_clone), shared with another tensor
-// until one of them is written: the plan's address must not be written then. Checked without
-// materializing (the checks write nothing and may run on several threads); a re-plan
-// materializes it (ema/plan.cpp) and gets the teacher its own address.
-bool copy_on_write(const c10::TensorImpl* impl) {
-  return c10::impl::cow::is_cow_data_ptr(impl->unsafe_storage().data_ptr());
-}
-
-// Whether a call made now would reach the backend kernel directly: no Python dispatch mode,
-// no functorch transform, autocast or inference mode (each changes the thread's key sets).
-bool dispatcher_would_go_straight_to_kernel() {
-  const c10::impl::LocalDispatchKeySet local = c10::impl::tls_local_dispatch_key_set();
-  return local.included_ == c10::default_included_set &&
-         local.excluded_ == c10::default_excluded_set &&
-         !c10::impl::TorchDispatchModeTLS::any_modes_set();
-}
-
 // Plain dense tensors only: a subclass (Python key) or a functional/fake wrapper needs the op.
 bool plain(at::TensorList tensors) {
-  constexpr auto kNeedDispatcher = c10::DispatchKeySet({c10::DispatchKey::Python,
-                                                        c10::DispatchKey::PythonTLSSnapshot,
-                                                        c10::DispatchKey::Functionalize});
   for (const at::Tensor& t : tensors) {
     if (!t.defined() || t.layout() != at::kStrided) return false;
-    if (t.key_set().has_any(kNeedDispatcher)) return false;
+    if (needs_dispatcher(t.key_set())) return false;
   }
   return true;
 }
@@ -87,8 +57,7 @@ EmaHandle::EmaHandle(at::TensorList teacher, at::TensorList student, bool replan
 
 void EmaHandle::remember(at::TensorList teacher, at::TensorList student) {
   seen_.clear();
-  geometry_.clear();
-  geometry_start_.clear();
+  seen_.reserve(2 * size_);
   // Only plain tensors can be asked for their data and geometry without the dispatcher; a
   // handle of others (subclasses) leaves every step to the op.
   opaque_ = !(plain(teacher) && plain(student));
@@ -99,11 +68,7 @@ void EmaHandle::remember(at::TensorList teacher, at::TensorList student) {
       // A copy-on-write teacher gets its own memory now (the handle is built to write it), so
       // the address remembered is the one its steps will write.
       if (x == &teacher[i] && copy_on_write(impl)) x->unsafeGetTensorImpl()->mutable_data();
-      seen_.push_back({impl, impl->key_set().raw_repr(), impl->data(), dtype_device(impl)});
-      geometry_start_.push_back(static_cast<int64_t>(geometry_.size()));
-      geometry_.push_back(impl->dim());
-      geometry_.insert(geometry_.end(), impl->sizes().begin(), impl->sizes().end());
-      geometry_.insert(geometry_.end(), impl->strides().begin(), impl->strides().end());
+      seen_.add(impl, /*written=*/x == &teacher[i]);
     }
   }
 }
@@ -127,28 +92,6 @@ void EmaHandle::replan(at::TensorList teacher, at::TensorList student, const cha
   launcher_ = size_ > 0 && !opaque_ ? ema_launcher(plan_device_.type()) : nullptr;
 }
 
-bool EmaHandle::unchanged_range(const c10::TensorImpl* const* impls, size_t first,
-                                size_t last) const {
-  const Seen* seen = seen_.data() + first;
-  const int64_t* g = geometry_.data() + geometry_start_[first];
-  for (size_t k = first; k < last; ++k, ++seen) {
-    const c10::TensorImpl* impl = impls[k];
-    // The TensorImpl first: a new one (swap_tensors, a replaced object) may be of any kind,
-    // and only a known plain one may be asked for its data and geometry.
-    if (impl != seen->impl || impl->key_set().raw_repr() != seen->keys) return false;
-    if (impl->data() != seen->data || dtype_device(impl) != seen->dtype_device) return false;
-    if ((k & 1) == 0 && copy_on_write(impl)) return false;  // a teacher (at 2i) now shared
-    const int64_t dim = impl->dim();
-    if (*g++ != dim) return false;
-    const c10::IntArrayRef sizes = impl->sizes(), strides = impl->strides();
-    for (int64_t d = 0; d < dim; ++d) {
-      if (g[d] != sizes[d] || g[dim + d] != strides[d]) return false;
-    }
-    g += 2 * dim;
-  }
-  return true;
-}
-
 bool EmaHandle::unchanged(const c10::TensorImpl* const* impls) const {
   if (opaque_) return false;
   const size_t n = 2 * size_;
@@ -156,12 +99,12 @@ bool EmaHandle::unchanged(const c10::TensorImpl* const* impls) const {
   // are scattered, and the update's own data stream evicts them between steps): in a plan that
   // runs on several threads anyway, the checks are split between them too.
   if (!parallel_ || at::get_num_threads() == 1 || at::in_parallel_region()) {
-    return unchanged_range(impls, 0, n);
+    return seen_.unchanged_range(impls, 0, n);
   }
   std::atomic<bool> same{true};
   at::parallel_for(0, static_cast<int64_t>(n), static_cast<int64_t>(n) / at::get_num_threads() + 1,
                    [&](int64_t begin, int64_t end) {
-                     if (!unchanged_range(impls, static_cast<size_t>(begin), static_cast<size_t>(end))) {
+                     if (!seen_.unchanged_range(impls, static_cast<size_t>(begin), static_cast<size_t>(end))) {
                        same.store(false, std::memory_order_relaxed);
                      }
                    });
@@ -170,7 +113,7 @@ bool EmaHandle::unchanged(const c10::TensorImpl* const* impls) const {
 
 bool EmaHandle::a_teacher_requires_grad() const {
   for (size_t i = 0; i < size_; ++i) {
-    if (seen_[2 * i].impl->requires_grad()) return true;
+    if (seen_.impl(2 * i)->requires_grad()) return true;
   }
   return false;
 }
@@ -180,7 +123,7 @@ void EmaHandle::launch(double momentum, const at::Tensor* momentum_tensor) {
     keep_ema_plan_for_graphs(plan_);
     kept_for_graphs_ = true;
   }
-  for (size_t i = 0; i < size_; ++i) const_cast<c10::TensorImpl*>(seen_[2 * i].impl)->bump_version();
+  for (size_t i = 0; i < size_; ++i) const_cast<c10::TensorImpl*>(seen_.impl(2 * i))->bump_version();
   launcher_->launch(*plan_, plan_device_, momentum, momentum_tensor);
 }
 

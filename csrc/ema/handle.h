@@ -10,6 +10,7 @@
 #include <mutex>
 #include <vector>
 
+#include "common/tensor_snapshot.h"
 #include "ema/plan.h"
 
 namespace eman_fused {
@@ -63,15 +64,7 @@ class EmaHandle {
   at::Tensor table() const { return plan_ ? plan_->table : at::Tensor(); }
 
  private:
-  // What a plan depends on, per tensor: if all of it is unchanged the plan still holds.
-  struct Seen {
-    const c10::TensorImpl* impl;
-    uint64_t keys;  // the dispatch key set: a plain tensor's, checked before asking for data
-    const void* data;
-    int64_t dtype_device;
-  };
   bool unchanged(const c10::TensorImpl* const* impls) const;
-  bool unchanged_range(const c10::TensorImpl* const* impls, size_t first, size_t last) const;
   bool a_teacher_requires_grad() const;
   void launch(double momentum, const at::Tensor* momentum_tensor);
   void replan(at::TensorList teacher, at::TensorList student, const char* build_refused);
@@ -88,9 +81,7 @@ class EmaHandle {
   bool replan_on_change_ = true;
   bool opaque_ = false;  // a tensor is not plain: every step goes through the op
   const EmaLauncher* launcher_ = nullptr;  // null: these tensors need the dispatcher
-  std::vector<Seen> seen_;                 // teacher[i] at 2i, student[i] at 2i + 1
-  std::vector<int64_t> geometry_;          // per tensor: dim, sizes, strides
-  std::vector<int64_t> geometry_start_;    // where each tensor's geometry starts
+  TensorSnapshots seen_;                   // teacher[i] at 2i, student[i] at 2i + 1
   bool parallel_ = false;                  // split the checks across threads
   int64_t plans_built_ = 0;
 };

@@ -189,6 +189,14 @@ void run_adamw(const OptimCall& call) {
   });
 }
 
+void run_call(const OptimCall& call) {
+  if (call.optimizer == Optimizer::kAdamW) {
+    run_adamw(call);
+  } else {
+    run_momentum(call);
+  }
+}
+
 void optim_ema_step_cpu(int64_t optimizer, at::TensorList params, at::TensorList grads,
                         at::TensorList first_moments, at::TensorList second_moments,
                         at::TensorList max_second_moments, at::TensorList teacher,
@@ -200,12 +208,15 @@ void optim_ema_step_cpu(int64_t optimizer, at::TensorList params, at::TensorList
   const OptimCall call = check_optim_call(optimizer, lists, hyper, hyper_tensors, false);
   bump_step_versions(lists);
   advance_host_steps(steps);
-  if (call.optimizer == Optimizer::kAdamW) {
-    run_adamw(call);
-  } else {
-    run_momentum(call);
-  }
+  run_call(call);
 }
+
+const bool registered = [] {
+  OptimLauncher launcher;
+  launcher.run = &run_call;
+  register_optim_launcher(c10::DeviceType::CPU, launcher);
+  return true;
+}();
 
 }  // namespace
 

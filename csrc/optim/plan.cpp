@@ -6,6 +6,7 @@
 #include <cmath>
 #include <cstddef>
 #include <cstring>
+#include <mutex>
 #include <string>
 #include <vector>
 
@@ -73,7 +74,9 @@ void check_like_param(const std::string& op, const char* name, at::TensorList li
   }
 }
 
-void check_value(const std::string& op, const HyperInfo& info, double v) {
+}  // namespace
+
+void check_hyper_value(const std::string& op, const HyperInfo& info, double v) {
   TORCH_CHECK_VALUE(std::isfinite(v), op, ": ", info.name, " must be finite, got ", v);
   switch (info.check) {
     case HyperCheck::kFinite: return;
@@ -91,6 +94,8 @@ void check_value(const std::string& op, const HyperInfo& info, double v) {
       return;
   }
 }
+
+namespace {
 
 // A 0-dim float32 tensor on `device` (a device hyper-parameter or step count).
 void check_device_scalar(const std::string& op, const std::string& what, const at::Tensor& t,
@@ -112,6 +117,25 @@ int64_t ptr_of(at::TensorList list, size_t i) {
 int64_t written_ptr_of(at::TensorList list, size_t i) {
   return list.empty() ? 0 : reinterpret_cast<int64_t>(list[i].mutable_data_ptr());
 }
+
+// The call's scalar block, from the host values of its hyper-parameters.
+template <typename Tag>
+void form_scalars(const typename Tag::Traits::Hyper& h, double* scalars) {
+  constexpr Optimizer kOpt = Tag::value;
+  if constexpr (kOpt == Optimizer::kSgd) {
+    const SgdScalars s = sgd_scalars(h);
+    std::memcpy(scalars, &s, sizeof s);
+  } else if constexpr (kOpt == Optimizer::kAdamW) {
+    const AdamWScalars s = adamw_scalars(h);
+    std::memcpy(scalars, &s, sizeof s);
+  } else {
+    const LarsScalars s = lars_scalars(h, kOpt == Optimizer::kLarsYou2017);
+    std::memcpy(scalars, &s, sizeof s);
+  }
+}
+
+std::mutex launcher_mutex;
+OptimLauncher launchers[static_cast<size_t>(c10::DeviceType::COMPILE_TIME_MAX_DEVICE_TYPES)];
 
 template <typename Tag>
 void check_and_build(OptimCall& call, const OptimLists& l, c10::ArrayRef<double> hyper,
@@ -153,7 +177,7 @@ void check_and_build(OptimCall& call, const OptimLists& l, c10::ArrayRef<double>
     }
   }
   for (int64_t k = 0; k < kCount; ++k) {
-    if (!on_device[k]) check_value(op, Traits::info[k], call.hyper[k]);
+    if (!on_device[k]) check_hyper_value(op, Traits::info[k], call.hyper[k]);
   }
   Hyper h;
   std::memcpy(&h, call.hyper.data(), sizeof(Hyper));
@@ -263,16 +287,7 @@ void check_and_build(OptimCall& call, const OptimLists& l, c10::ArrayRef<double>
     }
   }
   double scalars[kOptimScalarWords] = {};
-  if constexpr (kOpt == Optimizer::kSgd) {
-    const SgdScalars s = sgd_scalars(h);
-    std::memcpy(scalars, &s, sizeof s);
-  } else if constexpr (kOpt == Optimizer::kAdamW) {
-    const AdamWScalars s = adamw_scalars(h);
-    std::memcpy(scalars, &s, sizeof s);
-  } else {
-    const LarsScalars s = lars_scalars(h, kOpt == Optimizer::kLarsYou2017);
-    std::memcpy(scalars, &s, sizeof s);
-  }
+  form_scalars<Tag>(h, scalars);
   OptimPlan& table = call.table;
   table.num_tensors = static_cast<int64_t>(n);
   table.num_chunks = static_cast<int64_t>(chunks.size());
@@ -299,6 +314,46 @@ OptimCall check_optim_call(int64_t optimizer, const OptimLists& lists, c10::Arra
   TORCH_CHECK_VALUE(known, "fused optimizer step: unknown optimizer ", optimizer, " (0 SGD, 1 AdamW, ",
                     "2 LARS simclr, 3 LARS you2017)");
   return call;
+}
+
+void refresh_optim_scalars(OptimCall& call) {
+  visit_optimizer(static_cast<int64_t>(call.optimizer), [&](auto tag) {
+    using Hyper = typename decltype(tag)::Traits::Hyper;
+    Hyper h;
+    std::memcpy(&h, call.hyper.data(), sizeof(Hyper));
+    double scalars[kOptimScalarWords] = {};
+    form_scalars<decltype(tag)>(h, scalars);
+    std::memcpy(call.table.table.mutable_data_ptr<int64_t>() +
+                    call.table.num_tensors * kOptimEntryWords + call.table.num_chunks * kChunkWords,
+                scalars, sizeof scalars);
+  });
+}
+
+c10::ArrayRef<HyperInfo> optim_hyper_info(int64_t optimizer) {
+  c10::ArrayRef<HyperInfo> out;
+  visit_optimizer(optimizer, [&](auto tag) {
+    using Traits = typename decltype(tag)::Traits;
+    out = c10::ArrayRef<HyperInfo>(Traits::info, Traits::count);
+  });
+  return out;
+}
+
+bool hyper_may_change(int64_t optimizer, int64_t k) {
+  const c10::ArrayRef<HyperInfo> info = optim_hyper_info(optimizer);
+  if (k < 0 || k >= static_cast<int64_t>(info.size())) return false;
+  const std::string name = info[k].name;
+  return info[k].check != HyperCheck::kFlag && name != "momentum" && name != "dampening";
+}
+
+void register_optim_launcher(c10::DeviceType device, OptimLauncher launcher) {
+  std::lock_guard<std::mutex> lock(launcher_mutex);
+  launchers[static_cast<size_t>(device)] = launcher;
+}
+
+// Registration happens in static initializers, before any caller can ask: no lock on reads.
+const OptimLauncher* optim_launcher(c10::DeviceType device) {
+  const OptimLauncher& l = launchers[static_cast<size_t>(device)];
+  return l.run != nullptr ? &l : nullptr;
 }
 
 void check_step_overlap(at::TensorList params, at::TensorList grads, at::TensorList state,

@@ -7,6 +7,7 @@
 
 #include <array>
 #include <optional>
+#include <string>
 
 #include "common/dtype.h"
 #include "common/multi_tensor_plan.h"
@@ -60,6 +61,30 @@ void check_step_overlap(at::TensorList params, at::TensorList grads, at::TensorL
 // After the checks, before the first write: the autograd versions of every list the step
 // writes (params, state, teacher, step counts).
 void bump_step_versions(const OptimLists& lists);
+// The call's scalar block formed again from call.hyper (after a persistent plan took new values
+// of hyper-parameters that may change between steps, e.g. a scheduled lr).
+void refresh_optim_scalars(OptimCall& call);
+
+// The range check of one hyper-parameter value (every value must also be finite).
+void check_hyper_value(const std::string& op, const HyperInfo& info, double value);
+
+// Whether a new value of hyper-parameter k of `optimizer` leaves a checked call's structure
+// as it was: not a flag (flags select code paths and lists) and not momentum or dampening
+// (whether there are momentum buffers, and the nesterov and simclr checks, depend on them).
+bool hyper_may_change(int64_t optimizer, int64_t k);
+// The hyper-parameters of `optimizer`: their number and descriptions.
+c10::ArrayRef<HyperInfo> optim_hyper_info(int64_t optimizer);
+
+// The kernels of a checked call on one kind of device, for callers that checked the call and
+// bumped the versions themselves (a persistent step plan, optim/step_plan.h): the step op of
+// that device is the same checks, then this.
+struct OptimLauncher {
+  void (*run)(const OptimCall& call) = nullptr;
+};
+void register_optim_launcher(c10::DeviceType device, OptimLauncher launcher);
+// The launcher of a device, or null where none is registered (no C++ kernel built for it).
+const OptimLauncher* optim_launcher(c10::DeviceType device);
+
 // Each host (CPU) step count + 1; device ones are advanced by the CUDA host side after its
 // launch, on the launch's stream.
 void advance_host_steps(at::TensorList steps);
