@@ -98,8 +98,9 @@ class _TeacherLink:
             raise NotImplementedError(f"the fused optimizers cannot update this teacher in their step ({why}); "
                                       "call teacher.update() after a torch optimizer instead")
 
-    def _refresh(self) -> None:
-        generation = self.teacher.refresh()  # follows moves / casts / swapped layers of either model
+    def _refresh(self, checked_elsewhere=None) -> None:
+        # follows moves / casts / swapped layers of either model
+        generation = self.teacher.refresh(checked_elsewhere)
         if generation == self._generation:
             return
         self._refuse_unsupported(self.teacher)
@@ -131,8 +132,10 @@ class _TeacherLink:
                                  "teacher's own tensors and has a grad; the teacher is written by "
                                  "its EMA only (its params are frozen: requires_grad=False)")
 
-    def momentum(self):
-        self._refresh()  # first: a re-match may move the teacher (and its step tensor)
+    def momentum(self, checked_elsewhere=None):
+        """The teacher's momentum for this step, after a refresh (checked_elsewhere: as for
+        EMATeacher.refresh)."""
+        self._refresh(checked_elsewhere)  # first: a re-match may move the teacher (and its step tensor)
         m = self.teacher.momentum_for_step(self.schedule)
         # capturable: a float32 device scalar, computed on the device from the step tensor
         return m.to(torch.float32) if self.capturable else m
@@ -218,7 +221,9 @@ class _StepPlan:
         if link is None:
             ran = self.native.step(opt.param_groups, opt.state, 0.0)
         else:
-            m = link.momentum()  # refreshes the pairing first
+            # Refreshes the pairing first; the pairs the kernels update are checked by the
+            # plan (both sides), and a change there brings the checked path's full refresh.
+            m = link.momentum(self.fused_ids)
             if link._generation != self.generation:
                 return False
             link.validate(self.fused_ids)  # the teacher's own updates' checks, before any write

@@ -299,19 +299,30 @@ class EMATeacher(nn.Module):
                     warnings.warn(f"EMATeacher: {what} pattern {label!r} matches no parameter or buffer "
                                   f"name (names look like: {example})", stacklevel=3)
 
-    def refresh(self) -> int:
+    def refresh(self, checked_elsewhere: frozenset | None = None) -> int:
         """Re-match teacher and student if either changed since the last update: a tensor
         replaced, moved, cast or re-laid out (`.to()`, `.half()`, `to_empty()`, ...), a layer
         swapped or added. One C call when nothing changed. Returns the pairing's generation
-        (a number that changes at each re-match), so callers can cache what they derive."""
-        if not torch.compiler.is_compiling() and (self._watch.changed() or self._handles_changed()):
+        (a number that changes at each re-match), so callers can cache what they derive.
+        checked_elsewhere: ids of student tensors whose pairs the caller checks itself (an
+        optimizer's step plan checks the pairs its kernels update, both sides, and comes back
+        here without it when one changed); the tensors of the other pairs are checked here."""
+        if not torch.compiler.is_compiling() and (self._watch.changed() or
+                                                  self._handles_changed(checked_elsewhere)):
             self._rematch()
         return self._generation
 
-    def _handles_changed(self) -> bool:
+    def _handles_changed(self, checked_elsewhere: frozenset | None = None) -> bool:
         # With handles the watch covers the module dicts only; each handle checks its tensors
         # (storage, geometry, dtype, device), which an update learns from the step itself.
-        return self._handles is not None and any(h.changed() for h, *_ in self._handles)
+        if self._handles is None:
+            return False
+        if checked_elsewhere is None:
+            return any(h.changed() for h, *_ in self._handles)
+        # The pairs not checked elsewhere: the rest list's handle, and the copy list's.
+        rest = self._rest_lists(checked_elsewhere)[2]
+        return (rest is not None and rest.changed()) or any(
+            h.changed() for h, _, _, is_copy in self._handles if is_copy)
 
     def _rematch(self) -> None:
         """Pair teacher and student tensors by name; follow the student's device and memory
