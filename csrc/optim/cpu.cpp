@@ -156,16 +156,10 @@ void run_momentum(const OptimCall& call) {
   visit_types(call.param_tag, loop_teacher_tag(call, teacher_momentum), [&](auto ptag, auto ttag) {
     using PT = typename decltype(ptag)::type;
     using TT = typename decltype(ttag)::type;
-    for_chunks(table, [&](const OptimEntry& e, int64_t start, int64_t n, int64_t k) {
-      const int64_t i = table.chunks()[k].tensor;
-      const bool adapt = (e.flags & kOptimAdapt) != 0;
-      MomentumArgs ai = a;
-      ai.factor = factor[i];
-      const bool decay = sgd ? sgd_decay : you2017 || adapt;
-      EMAN_FUSED_ISA_FN(momentum_span<PT, TT>)(
-          at_elem<PT>(e.param, start), at_elem<const PT>(e.grad, start),
-          at_elem<PT>(e.first_moment, start), teacher_elem<TT>(e, start), n, ai, decay, nesterov,
-          (e.flags & kOptimFirst) != 0);
+    const auto run = EMAN_FUSED_ISA_FN(momentum_chunks<PT, TT>);
+    at::parallel_for(0, table.num_chunks, 2, [&](int64_t begin, int64_t end) {
+      run(table.entries(), table.chunks(), begin, end, a, factor.data(), sgd, sgd_decay, you2017,
+          nesterov);
     });
   });
 }
@@ -177,14 +171,11 @@ void run_adamw(const OptimCall& call) {
   visit_types(call.param_tag, loop_teacher_tag(call, h.teacher_momentum), [&](auto ptag, auto ttag) {
     using PT = typename decltype(ptag)::type;
     using TT = typename decltype(ttag)::type;
-    for_chunks(call.table, [&](const OptimEntry& e, int64_t start, int64_t n, int64_t) {
-      // torch forms the step size lr / (1 - beta1^step) in double and rounds it once.
-      const AdamWArgs a{adamw_floats(s), static_cast<float>(s.lr / e.bias_correction1),
-                        static_cast<float>(e.bias_correction2_sqrt), teacher_weights(s), copy};
-      EMAN_FUSED_ISA_FN(adamw_span<PT, TT>)(
-          at_elem<PT>(e.param, start), at_elem<const PT>(e.grad, start),
-          at_elem<PT>(e.first_moment, start), at_elem<PT>(e.second_moment, start),
-          at_elem<PT>(e.max_second_moment, start), teacher_elem<TT>(e, start), n, a);
+    const AdamWArgs a{adamw_floats(s), 0.0f, 0.0f, teacher_weights(s), copy};
+    const auto run = EMAN_FUSED_ISA_FN(adamw_chunks<PT, TT>);
+    const OptimPlan& table = call.table;
+    at::parallel_for(0, table.num_chunks, 2, [&](int64_t begin, int64_t end) {
+      run(table.entries(), table.chunks(), begin, end, a, s.lr);
     });
   });
 }
