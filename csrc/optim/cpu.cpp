@@ -78,16 +78,6 @@ void visit_types(FloatTag param_tag, FloatTag teacher_tag, F&& f) {
   }
 }
 
-// A teacher pointer at element `start`, typed (void: no teacher).
-template <typename TT>
-void* teacher_elem(const OptimEntry& e, int64_t start) {
-  if constexpr (std::is_void_v<TT>) {
-    return nullptr;
-  } else {
-    return at_elem<TT>(e.teacher, start);
-  }
-}
-
 template <typename Hyper>
 Hyper typed_hyper(const OptimCall& call) {
   Hyper h;
