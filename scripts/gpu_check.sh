@@ -15,7 +15,8 @@
 #   memcheck   compute-sanitizer memcheck over the CUDA kernel tests
 #   racecheck  compute-sanitizer racecheck over the kernels with shared memory (norm, LARS)
 #   check      python -m eman_fused check on every backend of the device (ema, norm, optim)
-#   bench-*    the benchmarks, without --compile
+#   bench-*    the benchmarks, without --compile; bench-host: wall-clock µs per call of the EMA
+#              and optimizer steps on one-element CUDA tensors (the host path on a GPU)
 # Every step's log, the results (JSON / Markdown / PNG) and summary.md land in RESULTS_DIR; the
 # summary table is printed last. Exit 0 when every step passed (a sanitizer the machine refuses
 # counts as "refused", with its note), 1 otherwise, 2 on a usage error.
@@ -203,7 +204,7 @@ step build 180 build.log "$PY" setup.py -q build_ext --inplace
 if [ $DRY -eq 0 ] && [ "${STATUS[-1]}" != pass ]; then summary; exit 1; fi
 XDIST=()
 "$PY" -c "import xdist" 2>/dev/null && XDIST=(-n "${TEST_WORKERS:-8}")
-step gpu-tests 120 gpu_tests.log "$PY" -m pytest tests -q -rs -p no:cacheprovider "${XDIST[@]}" \
+step gpu-tests 120 gpu_tests.log "$PY" -m pytest tests -q -rs --durations=25 -p no:cacheprovider "${XDIST[@]}" \
   -m "not emulated" -k "$GPU_TESTS_K"
 if [ -n "$SANITIZER" ] || [ $DRY -eq 1 ]; then
   step memcheck 60 memcheck.log "${SANITIZER:-compute-sanitizer}" --tool memcheck --error-exitcode 86 \
@@ -230,6 +231,10 @@ step bench-optim 35 bench_optim.log "$PY" benchmarks/bench_optim.py --device cud
 T="$RESULTS/teacher_${GPU}_${STAMP}"
 step bench-teacher 25 bench_teacher.log "$PY" benchmarks/bench_teacher.py --device cuda \
   --json "$T.json" --markdown "$T.md"
+
+H="$RESULTS/host_${GPU}_${STAMP}"
+step bench-host 45 bench_host.log "$PY" -m eman_fused bench --device cuda --ops host --host-sizes 320,5000 \
+  --no-compile --quiet --json "$H.json" --markdown "$H.md"
 
 summary
 if [ $DRY -eq 0 ]; then

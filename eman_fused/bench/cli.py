@@ -73,13 +73,6 @@ def selected(args) -> tuple[list[str], list[int]]:
     if unknown:
         raise SystemExit(f"bench: unknown or not yet built op(s) {', '.join(unknown)}; available: "
                          f"{', '.join(OPS)}")
-    if "host" in ops and torch.device(args.device).type != "cpu":
-        # Its timer would be CUDA events (device time), not the host's wall time per call.
-        if args.ops is not None:
-            raise SystemExit("bench: --ops host measures the host path on the CPU only (--device cpu)")
-        ops.remove("host")
-        if not args.quiet:
-            print("bench: the host-overhead table is CPU-only; left out on", args.device, file=sys.stderr)
     if args.host_sizes:
         sizes = [int(n) for n in args.host_sizes.split(",")]
     else:

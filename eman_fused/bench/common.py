@@ -40,12 +40,40 @@ def timer(device):
     return run
 
 
-def measure(fn, device, min_time=0.5, warmup=3):
+CALLS_PER_SYNC = 8
+
+
+def wall_timer(device):
+    """Wall-clock seconds per call. On a CPU that is `timer`'s. On CUDA each sample is
+    CALLS_PER_SYNC calls back to back, then a synchronize, over CALLS_PER_SYNC: what a loop of
+    such calls costs per call, max(the host path, the device's work) plus a share of one
+    synchronize. CUDA events would give neither: on an idle GPU they span the host's work
+    between the two records too, on a busy one only the device's."""
+    if device.type != "cuda":
+        return timer(device)
+
+    def run(fn, repeats):
+        times = []
+        for _ in range(repeats):
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            for _ in range(CALLS_PER_SYNC):
+                fn()
+            torch.cuda.synchronize()
+            times.append((time.perf_counter() - t0) / CALLS_PER_SYNC)
+        return times
+    return run
+
+
+def measure(fn, device, min_time=0.5, warmup=3, wall_clock=False):
+    """The median seconds per call of `fn` after `warmup` calls, over enough calls to fill about
+    `min_time` (at least 5, at most 200 samples): CUDA events per call on a GPU (`timer`), or
+    wall-clock time per call with `wall_clock` (`wall_timer`)."""
     for _ in range(warmup):
         fn()
     if device.type == "cuda":
         torch.cuda.synchronize()
-    run = timer(device)
+    run = (wall_timer if wall_clock else timer)(device)
     first = run(fn, 3)
     repeats = max(5, min(200, math.ceil(min_time / max(statistics.median(first), 1e-6))))
     return statistics.median(run(fn, repeats))
@@ -250,7 +278,7 @@ def error_text(exc: Exception) -> str:
     return f"{type(exc).__name__}: {str(exc).splitlines()[0][:120] if str(exc) else ''}"
 
 
-def measure_rounds(methods: dict, device, rounds: int = 1) -> tuple[dict, dict]:
+def measure_rounds(methods: dict, device, rounds: int = 1, wall_clock: bool = False) -> tuple[dict, dict]:
     """Times every method (a callable, or None for one that failed before) `rounds` times,
     round-robin: each round times each method once (`measure`) before the next round starts,
     so a burst of load from other work on the machine lands on every method alike instead of
@@ -261,7 +289,7 @@ def measure_rounds(methods: dict, device, rounds: int = 1) -> tuple[dict, dict]:
     for _ in range(max(1, rounds)):
         for name in list(runs):
             try:
-                runs[name].append(measure(methods[name], device))
+                runs[name].append(measure(methods[name], device, wall_clock=wall_clock))
             except Exception as exc:  # an alternative that cannot run this case says why
                 errors[name] = error_text(exc)
                 del runs[name]

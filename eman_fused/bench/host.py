@@ -1,7 +1,9 @@
 """Host overhead per call ('host'): every tensor holds one element, so the kernels move a few
 bytes and what is timed is the host path a call pays on any device (Python, argument checks,
 plan lookup, dispatch, the launch itself). The metric is microseconds per call, the median of
-the timed calls (common.measure); GB/s would be meaningless here and is not reported.
+the timed calls (common.measure); GB/s would be meaningless here and is not reported. On CUDA
+(--device cuda) the tensors live on the GPU and each sample is wall-clock time over a few calls
+and a synchronize (common.wall_timer): per call, the larger of the host path and the GPU's work.
 
 For each tensor count N (--host-sizes; default 320, 1,000, 5,000, 20,000):
 
@@ -41,7 +43,7 @@ import torch
 from torch import nn
 
 import eman_fused
-from eman_fused.bench.common import (compile_note, compile_skip_reason, compile_time_cell, error_text,
+from eman_fused.bench.common import (CALLS_PER_SYNC, compile_note, compile_skip_reason, compile_time_cell, error_text,
                                      measure_rounds, noise_lines)
 from eman_fused.bench.optim import timm_style_update  # the state's lists collected once
 
@@ -80,7 +82,7 @@ def goal_us(kind: str | None, tensors: int, params: int) -> float | None:
     return None
 
 
-def host_model(n: int) -> nn.Module:
+def host_model(n: int, device=None) -> nn.Module:
     """A model of exactly `n` one-element tensors (parameters + buffers), mostly Linear(1, 1) +
     BatchNorm1d(1) pairs: real BatchNorm modules, so EMATeacher's EMAN path, timm and
     AveragedModel each walk them as they would a ResNet's."""
@@ -97,30 +99,33 @@ def host_model(n: int) -> nn.Module:
         for name, b in model.named_buffers():
             if name.endswith("num_batches_tracked"):
                 b.fill_(1000)
-    return model
+    return model.to(device) if device is not None else model
 
 
-def student_with_grads(n: int) -> nn.Module:
-    model = host_model(n)
+def student_with_grads(n: int, device=None) -> nn.Module:
+    model = host_model(n, device)
     g = torch.Generator().manual_seed(1)
     for p in model.parameters():
-        p.grad = torch.randn(p.shape, generator=g) * 1e-3
+        p.grad = (torch.randn(p.shape, generator=g) * 1e-3).to(p.device)
     return model
 
 
-def plain_lists(n: int):
+def plain_lists(n: int, device=None):
     g = torch.Generator().manual_seed(0)
-    return [torch.randn(1, generator=g) for _ in range(n)], [torch.randn(1, generator=g) for _ in range(n)]
+    t, s = [torch.randn(1, generator=g) for _ in range(n)], [torch.randn(1, generator=g) for _ in range(n)]
+    if device is not None:
+        t, s = [x.to(device) for x in t], [x.to(device) for x in s]
+    return t, s
 
 
-def _optim_methods(n: int, add) -> None:
+def _optim_methods(n: int, add, device) -> None:
     from eman_fused.bench.optim import CONFIGS, EagerLARS, _kwargs
 
     for o in OPTIMS:
         torch_cls, ours_cls, kw, _ = CONFIGS[o.lower()]
 
         def ours(teacher, cls=ours_cls, kw=kw):
-            s = student_with_grads(n)
+            s = student_with_grads(n, device)
             t = eman_fused.EMATeacher(s, momentum=M, eman=False) if teacher else None
             return cls(s.parameters(), **({"teacher": t} if t is not None else {}), **_kwargs(kw)).step
 
@@ -130,11 +135,11 @@ def _optim_methods(n: int, add) -> None:
                                                         f"torch {o}(fused)": {"fused": True}}
         for name, flag in impls.items():
             def theirs(teacher, cls=EagerLARS if o == "LARS" else torch_cls, flag=flag, kw=kw):
-                s = student_with_grads(n)
+                s = student_with_grads(n, device)
                 opt = cls(s.parameters(), **flag, **_kwargs(kw))
                 if not teacher:
                     return opt.step
-                ema = timm_style_update(host_model(n), s)  # a fresh model: cheaper than a deepcopy
+                ema = timm_style_update(host_model(n, device), s)  # a fresh model: cheaper than a deepcopy
                 return lambda: (opt.step(), ema())
 
             add(name, lambda theirs=theirs: theirs(False))
@@ -146,8 +151,6 @@ def build_methods(n: int, device, use_compile: bool = True, compile_max_tensors:
     one size. A method that cannot be built is recorded with its error instead of failing the run."""
     from eman_fused.bench.ema import compiled_peer
 
-    if device.type != "cpu":  # common.measure times CUDA work with events: device time, not host time
-        raise SystemExit("bench --ops host: CPU only (--device cpu)")
     methods, skipped, errors = {}, {}, {}
 
     def add(name, build):
@@ -157,15 +160,15 @@ def build_methods(n: int, device, use_compile: bool = True, compile_max_tensors:
             methods[name], errors[name] = None, error_text(exc)
 
     def functional():
-        t, s = plain_lists(n)
+        t, s = plain_lists(n, device)
         return lambda: eman_fused.ema_update_(t, s, M)
 
     def fused_ema():
-        fused = eman_fused.FusedEMA(*plain_lists(n))
+        fused = eman_fused.FusedEMA(*plain_lists(n, device))
         return lambda: fused.step(M)
 
     def foreach():
-        t, s = plain_lists(n)
+        t, s = plain_lists(n, device)
         return lambda: torch._foreach_lerp_(t, s, 1.0 - M)
 
     add("ema_update_", functional)
@@ -178,12 +181,12 @@ def build_methods(n: int, device, use_compile: bool = True, compile_max_tensors:
         skipped["foreach_compile"] = why
     else:
         try:
-            peer, methods["foreach_compile"] = compiled_peer(*plain_lists(n), device)
+            peer, methods["foreach_compile"] = compiled_peer(*plain_lists(n, device), device)
             info = peer.info()
         except Exception as exc:  # a peer that cannot compile this case says why
             methods["foreach_compile"], errors["foreach_compile"] = None, error_text(exc)
 
-    student = host_model(n)  # the EMA rows only read it: one student for all of them
+    student = host_model(n, device)  # the EMA rows only read it: one student for all of them
 
     def teacher():
         return eman_fused.EMATeacher(student, momentum=M).update
@@ -201,8 +204,8 @@ def build_methods(n: int, device, use_compile: bool = True, compile_max_tensors:
     add("EMATeacher.update", teacher)
     add("timm ModelEmaV3.update", timm_v3)
     add("AveragedModel.update_parameters", averaged)
-    add("state foreach_lerp", lambda: timm_style_update(host_model(n), student))
-    _optim_methods(n, add)
+    add("state foreach_lerp", lambda: timm_style_update(host_model(n, device), student))
+    _optim_methods(n, add, device)
     return methods, skipped, errors, info
 
 
@@ -210,7 +213,8 @@ def run_case(n: int, device, use_compile: bool = True, compile_max_tensors: int 
     """Every method at one tensor count, timed in `rounds` round-robin rounds (common.measure_rounds);
     each row's us is its median round."""
     methods, skipped, errors, info = build_methods(n, device, use_compile, compile_max_tensors)
-    runs, failed = measure_rounds({k: v for k, v in methods.items() if v is not None}, device, rounds)
+    runs, failed = measure_rounds({k: v for k, v in methods.items() if v is not None}, device, rounds,
+                                  wall_clock=True)
     errors.update(failed)
     rows = {name: {"skipped": why} for name, why in skipped.items()}
     for name in methods:
@@ -244,11 +248,17 @@ def _spread(row: dict) -> str:
 
 def markdown(result: dict) -> str:
     env = result["environment"]
+    if env["device"] == "cpu":
+        what = ("The metric is µs per call (median): the kernels move a few bytes, so this is the host "
+                "path (Python, checks, plan lookup, dispatch) every call pays on any device; no GB/s. "
+                "CPU numbers are CPU numbers.")
+    else:
+        what = (f"The metric is wall-clock µs per call (median of samples of {CALLS_PER_SYNC} calls then "
+                "a synchronize): with one-element tensors that is the larger of the host path (Python, "
+                "checks, plan lookup, launches) and the GPU's launch-bound work; no GB/s.")
     lines = [f"Host overhead per call, one-element tensors, {env['device_name']} ({env['device']}, "
              f"{env['threads']} threads), torch {env['torch']}, {env['date']}, commit {env.get('commit', '?')}. "
-             "The metric is µs per call (median): the kernels move a few bytes, so this is the host "
-             "path (Python, checks, plan lookup, dispatch) every call pays on any device; no GB/s. "
-             "CPU numbers are CPU numbers.", "",
+             + what, "",
              "| tensors | eman_fused | µs per call | ns per tensor | goal | met | alternatives: µs per call "
              "(their time / eman_fused's) |", "|---:|---|---:|---:|---:|:---:|---|"]
     for case in result["cases"]:
