@@ -10,7 +10,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "gpu_check.sh"
 STEPS = ["env", "select-gpu-tests", "select-memcheck", "select-racecheck", "build", "gpu-tests",
-         "memcheck", "racecheck", "check", "bench-ema", "bench-optim", "bench-teacher"]
+         "memcheck", "racecheck", "check", "bench-ema", "bench-optim", "bench-teacher", "bench-host"]
 
 
 def run(*args, python=sys.executable):

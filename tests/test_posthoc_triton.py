@@ -166,7 +166,6 @@ def test_empty_lists_do_nothing():
     assert int(step) == 3  # as the C++ op: no tensors, no update
 
 
-@pytest.mark.skipif(INTERPRETED, reason="wrap_triton does not trace interpreted kernels (TRITON_INTERPRET=1)")
 def test_opcheck_triton_op():
     profiles, student = _lists((torch.float32, torch.bfloat16), 2)
     flat = [t.to(DEVICE) for p in profiles for t in p]

@@ -1,26 +1,22 @@
 """Helpers shared by the Triton kernels."""
-import torch.library
 import triton
 import triton.language as tl
 
-try:
-    from triton.runtime.interpreter import InterpretedFunction
-except ImportError:  # a Triton without the interpreter: no kernel is ever interpreted
-    InterpretedFunction = ()
+# Every kernel is compiled without fused multiply-adds. Triton contracts a*b + c into one FMA by
+# default (one rounding instead of two), and whether it does depends on the code around the
+# expression: the SGD kernel with a teacher rounded its params differently from the one without,
+# and both differed from the C++ kernels (CPU and CUDA), which round each operation once. The
+# interpreter (TRITON_INTERPRET=1) ignores the option: it never contracts.
+LAUNCH_OPTIONS = {"enable_fp_fusion": False}
 
 
-def wrap_triton(kernel):
-    """torch.library.wrap_triton, for compiled and interpreted kernels alike.
-
-    Under TRITON_INTERPRET=1, @triton.jit returns an InterpretedFunction, which launches
-    eagerly but cannot be traced. torch >= 2.13 hands such a kernel back as it is; torch 2.11
-    and 2.12 refuse it ("wrap_triton only works on functions annotated with triton.jit or
-    triton.autotune"). Handing it back here gives every supported torch the >= 2.13 behaviour
-    (tests/test_triton_compat.py checks both sides of this).
-    """
-    if isinstance(kernel, InterpretedFunction):
-        return kernel
-    return torch.library.wrap_triton(kernel)
+def launch(kernel, grid, *args, **kwargs):
+    """kernel[grid](*args, **kwargs) with LAUNCH_OPTIONS. The kernels run inside opaque custom
+    ops (torch.library.custom_op): torch.compile calls the op, it does not trace the kernels. The
+    table-driven kernels write through addresses read from their plan table, writes torch's
+    kernel analysis could not see; declared on the op (mutates_args), they are functionalized
+    correctly."""
+    return kernel[grid](*args, **LAUNCH_OPTIONS, **kwargs)
 
 
 @triton.jit

@@ -16,10 +16,10 @@ import struct
 import torch
 import triton
 import triton.language as tl
-from torch.library import triton_op
 
+from ..ops.ema import _check_devices
 from ..ops.layout import EMA, plan_counts
-from ._common import ema_lerp, round_to, wrap_triton
+from ._common import ema_lerp, launch, round_to
 
 BLOCK = 2048
 NUM_WARPS = 4
@@ -112,7 +112,7 @@ def _launch(teacher, student, momentum: float, m_tensor):
     entries, chunks = plan_counts(teacher)
     if chunks == 0:
         return
-    wrap_triton(_ema_update_kernel)[(chunks,)](
+    launch(_ema_update_kernel, (chunks,),
         table, entries, *_split(momentum), *_split(1.0 - momentum),
         table if m_tensor is None else m_tensor,
         MOMENTUM_FROM_PTR=m_tensor is not None, BLOCK=BLOCK, CHUNK=EMA["chunk_elems"],
@@ -120,15 +120,27 @@ def _launch(teacher, student, momentum: float, m_tensor):
         num_warps=NUM_WARPS)
 
 
-@triton_op("eman_fused::ema_update_triton_", mutates_args={"teacher"})
+@torch.library.custom_op("eman_fused::ema_update_triton_", mutates_args={"teacher"})
 def ema_update_triton_(teacher: list[torch.Tensor], student: list[torch.Tensor],
                        momentum: float) -> None:
     torch.ops.eman_fused._ema_check_call(teacher, momentum)
     _launch(teacher, student, momentum, None)
 
 
-@triton_op("eman_fused::ema_update_triton_tensor_", mutates_args={"teacher"})
+@torch.library.custom_op("eman_fused::ema_update_triton_tensor_", mutates_args={"teacher"})
 def ema_update_triton_tensor_(teacher: list[torch.Tensor], student: list[torch.Tensor],
                               momentum: torch.Tensor) -> None:
     torch.ops.eman_fused._ema_check_call.tensor(teacher, momentum)
     _launch(teacher, student, 0.0, momentum)
+
+
+# Fake kernels: the ops write their teachers in place and return nothing. They serve the Meta
+# key too, where a call mixing meta and real tensors lands: it must fail as the real op does.
+@ema_update_triton_.register_fake
+def _(teacher, student, momentum):
+    _check_devices(teacher, student)
+
+
+@ema_update_triton_tensor_.register_fake
+def _(teacher, student, momentum):
+    _check_devices(teacher, student)

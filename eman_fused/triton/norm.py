@@ -18,11 +18,11 @@ import math
 import torch
 import triton
 import triton.language as tl
-from torch.library import triton_op
 
 from ..ops.layout import norm_memory_format
+from ..ops.norm import _check_devices, _eman_norm_fake
 from ..ops.norm import _double_backward, _setup_backward_context
-from ._common import round_to, wrap_triton
+from ._common import launch, round_to
 
 ROW_BLOCK = 1024  # elements of one row segment (inner > 1)
 TILE_ROWS, TILE_CHANNELS = 32, 64  # tile for inner == 1
@@ -119,7 +119,7 @@ def _acc(x):
     return tl.float64 if x.dtype == torch.float64 else tl.float32
 
 
-@triton_op("eman_fused::eman_norm_triton", mutates_args={})
+@torch.library.custom_op("eman_fused::eman_norm_triton", mutates_args={})
 def eman_norm_triton(x: torch.Tensor, running_mean: torch.Tensor, running_var: torch.Tensor,
                      weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float,
                      residual: torch.Tensor | None, relu: bool) -> torch.Tensor:
@@ -133,7 +133,7 @@ def eman_norm_triton(x: torch.Tensor, running_mean: torch.Tensor, running_var: t
     y = torch.empty_like(xc, memory_format=fmt)
     if y.numel():
         grid, rows, cols = _grid(outer, C, inner)
-        wrap_triton(_norm_fwd)[grid](
+        launch(_norm_fwd, grid,
             xc, xc if rc is None else rc, y, running_mean, running_var,
             running_mean if weight is None else weight, running_mean if bias is None else bias,
             eps, outer, C, inner, HAS_W=weight is not None, HAS_B=bias is not None,
@@ -141,7 +141,7 @@ def eman_norm_triton(x: torch.Tensor, running_mean: torch.Tensor, running_var: t
     return y
 
 
-@triton_op("eman_fused::eman_norm_backward_triton", mutates_args={})
+@torch.library.custom_op("eman_fused::eman_norm_backward_triton", mutates_args={})
 def eman_norm_backward_triton(grad: torch.Tensor, x: torch.Tensor, out: torch.Tensor | None,
                               running_mean: torch.Tensor, running_var: torch.Tensor,
                               weight: torch.Tensor | None, eps: float, relu: bool,
@@ -157,7 +157,7 @@ def eman_norm_backward_triton(grad: torch.Tensor, x: torch.Tensor, out: torch.Te
     sums = torch.zeros(2 * C, dtype=running_mean.dtype, device=x.device)
     if x.numel():
         grid, rows, cols = _grid(outer, C, inner)
-        wrap_triton(_norm_bwd)[grid](
+        launch(_norm_bwd, grid,
             gc, xc, oc, gx, gr, sums, running_mean, running_var,
             running_mean if weight is None else weight, eps, outer, C, inner,
             HAS_W=weight is not None, RELU=relu, NEED_GX=True, NEED_GR=bool(output_mask[1]),
@@ -182,6 +182,24 @@ def _backward(ctx, grad):
     need = ctx.needs_input_grad
     return (gx if need[0] else None, None, None, gw if has_w and need[3] else None,
             gb if has_b and need[4] else None, None, gr if has_r and need[6] else None, None)
+
+
+# Fake kernels (they serve the Meta key too: a call mixing meta and real tensors must fail as
+# the real op does): the C++ op's checks, this op's outputs.
+@eman_norm_triton.register_fake
+def _(x, running_mean, running_var, weight, bias, eps, residual, relu):
+    return _eman_norm_fake(x, running_mean, running_var, weight, bias, eps, residual, relu)
+
+
+@eman_norm_backward_triton.register_fake
+def _(grad, x, out, running_mean, running_var, weight, eps, relu, output_mask):
+    _check_devices(x, grad=grad, out=out, running_mean=running_mean, running_var=running_var, weight=weight)
+    fmt = norm_memory_format(x)
+    gx = torch.empty_like(x, memory_format=fmt)
+    gr = torch.empty_like(x, memory_format=fmt) if output_mask[1] else gx.new_empty(0)
+    C = running_mean.shape[0]
+    gw = running_var.new_empty((C,), dtype=torch.promote_types(running_mean.dtype, running_var.dtype))
+    return gx, gr, gw, running_mean.new_empty((C,))
 
 
 eman_norm_triton.register_autograd(_backward, setup_context=_setup_context)

@@ -26,10 +26,9 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from torch.library import triton_op
 
 from ..ops.layout import OPTIM, optim_counts
-from ._common import ema_lerp, round_to, wrap_triton
+from ._common import ema_lerp, launch, round_to
 
 BLOCK = 1024
 NUM_WARPS = 4
@@ -275,7 +274,7 @@ def stage_table(table: torch.Tensor, device: torch.device) -> torch.Tensor:
     return table.to(device, non_blocking=True)
 
 
-@triton_op("eman_fused::optim_ema_step_triton_",
+@torch.library.custom_op("eman_fused::optim_ema_step_triton_",
            mutates_args={"params", "first_moments", "second_moments", "max_second_moments",
                          "teacher", "steps"})
 def optim_ema_step_triton_(optimizer: int, params: list[torch.Tensor], grads: list[torch.Tensor],
@@ -309,7 +308,7 @@ def _launch(optimizer, table, params, first_moments, max_second_moments, teacher
     n = len(params)
     scalars_at = n * OPTIM_ENTRY_WORDS + num_chunks * OPTIM_CHUNK_WORDS
     if optimizer == _IDS["adamw"]:
-        wrap_triton(_adamw_kernel)[grid](
+        launch(_adamw_kernel, grid,
             table, n, scalars_at, PT=pt, TT=tt, TEACHER=mode, AMSGRAD=bool(max_second_moments),
             **_offsets("adamw", ("teacher_w", "teacher_v", "decay", "w1", "w1c", "beta2", "w2", "eps",
                                  "sign", "lr")), **common)
@@ -319,7 +318,7 @@ def _launch(optimizer, table, params, first_moments, max_second_moments, teacher
     partial = table  # unused by SGD (any pointer)
     if lars:
         partial = torch.empty(2 * num_chunks, dtype=torch.float64, device=device)
-        wrap_triton(_lars_sumsq_kernel)[grid](
+        launch(_lars_sumsq_kernel, grid,
             table, n, scalars_at, partial, PT=pt, **_offsets("lars", ("sign", "norm_weight_decay")),
             **common)
     lars_only = ("trust_coefficient", "weight_decay_d", "lr_d")
@@ -327,6 +326,12 @@ def _launch(optimizer, table, params, first_moments, max_second_moments, teacher
                               "weight_decay", "sign") + (lars_only if lars else ()))
     offsets.update({f"S_{name.upper()}": 0 for name in lars_only if not lars})  # not read by SGD
     decay = (1 if h["weight_decay"] != 0.0 else 0) if lars == 0 else 2 if lars == 1 else 1
-    wrap_triton(_momentum_kernel)[grid](
+    launch(_momentum_kernel, grid,
         table, n, scalars_at, partial, PT=pt, TT=tt, TEACHER=mode, DECAY=decay, LARS=lars,
         HAS_BUF=bool(first_moments), NESTEROV=h["nesterov"] != 0.0, **offsets, **common)
+
+
+@optim_ema_step_triton_.register_fake
+def _(optimizer, params, grads, first_moments, second_moments, max_second_moments, teacher, flags,
+      steps, hyper):
+    return None  # params, state, teacher and step counts are written in place

@@ -16,10 +16,10 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from torch.library import triton_op, wrap_triton
 
 from ..ops.layout import POSTHOC, posthoc_counts
-from ._common import round_to
+from ..ops.posthoc import _posthoc_fake
+from ._common import launch, round_to
 from .ema import _typed_ptr
 
 BLOCK = 2048
@@ -87,7 +87,7 @@ def power_betas(step: torch.Tensor, gammas: list[float]) -> torch.Tensor:
     return torch.stack([torch.pow(base, g + 1.0) for g in gammas])
 
 
-@triton_op("eman_fused::posthoc_ema_update_triton_", mutates_args={"profiles", "step"})
+@torch.library.custom_op("eman_fused::posthoc_ema_update_triton_", mutates_args={"profiles", "step"})
 def posthoc_ema_update_triton_(profiles: list[torch.Tensor], student: list[torch.Tensor],
                                step: torch.Tensor, gammas: list[float]) -> None:
     if not profiles:  # as the C++ op: nothing to update, the step stays
@@ -96,10 +96,15 @@ def posthoc_ema_update_triton_(profiles: list[torch.Tensor], student: list[torch
     entries, chunks = posthoc_counts(student)
     if chunks:
         f = POSTHOC["fields"]
-        wrap_triton(_posthoc_kernel)[(chunks,)](
+        launch(_posthoc_kernel, (chunks,),
             table, entries, power_betas(step, gammas), K=len(gammas), BLOCK=BLOCK,
             CHUNK=POSTHOC["chunk_elems"], ENTRY_WORDS=POSTHOC["entry_words"],
             CHUNK_WORDS=POSTHOC["chunk_words"], KIND_COPY=POSTHOC["kind_copy_bytes"],
             F_STUDENT=f["student"], F_NUMEL=f["numel"], F_KIND=f["kind"], F_PROFILES=f["profiles"],
             num_warps=NUM_WARPS)
     step.add_(1)
+
+
+@posthoc_ema_update_triton_.register_fake
+def _(profiles, student, step, gammas):
+    _posthoc_fake(profiles, student, step, gammas)  # the C++ op's checks; it writes in place
