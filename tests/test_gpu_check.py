@@ -10,7 +10,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "gpu_check.sh"
 STEPS = ["env", "select-gpu-tests", "select-memcheck", "select-racecheck", "build", "gpu-tests",
-         "memcheck", "racecheck", "check", "bench-ema", "bench-optim", "bench-teacher", "bench-host"]
+         "crash-trace", "memcheck", "racecheck", "check", "bench-ema", "bench-optim", "bench-teacher", "bench-host"]
 
 
 def run(*args, python=sys.executable):
@@ -36,7 +36,7 @@ def test_dry_run_plans_every_step(tmp_path):
     assert (tmp_path / "results" / "summary.md").read_text().strip() == table.strip()
     assert "torch" in (tmp_path / "results" / "env.txt").read_text()
     plan = r.stdout
-    assert "TORCH_CUDA_ARCH_LIST=9.0" in plan and "480 s budget" in plan
+    assert "TORCH_CUDA_ARCH_LIST=9.0" in plan and "500 s budget" in plan
     assert "--tool memcheck" in plan and "--tool racecheck" in plan
     assert "eman_fused check --device cuda --ops ema,norm,optim" in plan
     assert "--compile" not in plan  # the budget has no room for torch.compile

@@ -113,6 +113,7 @@ std::shared_ptr<EmaPlan> build_plan(at::TensorList teacher, at::TensorList stude
   std::copy_n(reinterpret_cast<const int64_t*>(chunks.data()), plan->num_chunks * kChunkWords,
               out + plan->num_tensors * kEmaEntryWords);
   const at::Device device = teacher[0].device();
+  plan->host_table = host;
   if (device.is_cpu()) {
     plan->table = host;
     plan->work_prefix.resize(chunks.size() + 1, 0);
@@ -273,6 +274,7 @@ std::shared_ptr<const EmaPlan> get_ema_plan(at::TensorList teacher, at::TensorLi
   if (teacher.empty()) {
     auto empty = std::make_shared<EmaPlan>();
     empty->table = at::empty({0}, at::TensorOptions().dtype(at::kLong));
+    empty->host_table = empty->table;
     return empty;
   }
   validate_pairs(teacher, student);

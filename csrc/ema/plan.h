@@ -17,6 +17,13 @@ struct EmaPlan : MultiTensorPlan<EmaTensorEntry> {
   // CPU plans: work_prefix[c] = work of chunks [0, c). Threads split the work evenly, not the
   // chunk count: a model's many tiny tensors (BatchNorm vectors) cluster in a few layers.
   std::vector<int64_t> work_prefix;
+  // The table's host copy: `table` itself for a CPU plan; for a device plan, the host table it
+  // was copied from. Host code that reads entries (the post-hoc planner) reads these: a device
+  // plan's `entries()` is a device address.
+  at::Tensor host_table;
+  const EmaTensorEntry* host_entries() const {
+    return reinterpret_cast<const EmaTensorEntry*>(host_table.const_data_ptr<int64_t>());
+  }
 };
 
 // Checks that do not depend on the lists' storage and so run on every call.

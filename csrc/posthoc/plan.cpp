@@ -28,7 +28,7 @@ std::vector<at::Tensor> repeated(at::TensorList student, int64_t k) {
 std::shared_ptr<PosthocPlan> build_plan(const EmaPlan& pairs, int64_t k, const at::Device& device) {
   TORCH_INTERNAL_ASSERT(pairs.num_tensors % k == 0);
   const int64_t m = pairs.num_tensors / k;  // non-empty tensors per profile
-  const EmaTensorEntry* e = pairs.entries();
+  const EmaTensorEntry* e = pairs.host_entries();  // entries() is on the device for a CUDA plan
   std::vector<PosthocTensorEntry> entries(m);
   std::vector<TensorChunk> chunks;
   for (int64_t i = 0; i < m; ++i) {

@@ -117,11 +117,16 @@ def environment(device):
     env = {"date": datetime.date.today().isoformat(), "torch": torch.__version__,
            "python": platform.python_version(), "device": str(device),
            "threads": torch.get_num_threads()}
-    try:
-        env["commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                                       text=True, cwd=Path(__file__).parent).stdout.strip()
-    except OSError:
-        pass
+    # EMAN_FUSED_COMMIT names the tree's commit where the checkout's git does not know it: a
+    # copy of a working tree sent to a GPU machine kept an older HEAD there.
+    if os.environ.get("EMAN_FUSED_COMMIT"):
+        env["commit"] = os.environ["EMAN_FUSED_COMMIT"]
+    else:
+        try:
+            env["commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                                           text=True, cwd=Path(__file__).parent).stdout.strip()
+        except OSError:
+            pass
     env["device_name"] = device_name(device)
     if device.type == "cuda":
         env["cuda"] = torch.version.cuda
