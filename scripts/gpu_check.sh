@@ -209,6 +209,8 @@ if [ $DRY -eq 0 ] && [ "${STATUS[-1]}" != pass ]; then summary; exit 1; fi
 if [ $DRY -eq 0 ]; then  # what a crash in the extension would be read against
   { echo "== compiler"; "${CXX:-c++}" --version | head -1; g++ --version 2>/dev/null | head -1
     echo "== ldd"; ldd eman_fused/_C*.so
+    echo "== std:: symbols the extension defines (a statically linked libstdc++ defines thousands)"
+    nm -DC --defined-only eman_fused/_C*.so | grep -c " std::"
     "$PY" -c "import torch; print('torch CXX11 ABI', torch._C._GLIBCXX_USE_CXX11_ABI); print(torch.__config__.show())"
   } >> "$RESULTS/build.log" 2>&1
 fi

@@ -72,7 +72,7 @@ def _check_teacher_autograd(teacher) -> None:
 
 
 def _triton_update_(teacher, student, momentum) -> None:
-    # The per-call checks run here, outside the op: a triton_op's body runs below autograd
+    # The per-call checks run here, outside the op: the Triton op's body runs below autograd
     # with grad mode off, where the leaf-requires-grad check could not fire.
     if isinstance(momentum, torch.Tensor):
         _ops._ema_check_call.tensor(teacher, momentum)

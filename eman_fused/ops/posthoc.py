@@ -48,7 +48,7 @@ def posthoc_ema_update_(profiles: Sequence[Sequence[torch.Tensor]], student: Seq
         step.fill_(t)
         return
     if name == "triton":
-        # every check here, outside the op: a triton_op's body runs below autograd with grad
+        # every check here, outside the op: the Triton op's body runs below autograd with grad
         # mode off, where the leaf-requires-grad check could not fire
         _ops.posthoc_plan(flat, student, step, gammas)
         torch.ops.eman_fused.posthoc_ema_update_triton_(flat, student, step, gammas)
