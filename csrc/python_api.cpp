@@ -461,9 +461,18 @@ class PyOptimStepPlan {
 
     thread_local std::vector<const c10::TensorImpl*> impls;
     thread_local std::vector<double> hyper;
+    // The params' grads, read here under the GIL and held until the kernels are done: without
+    // the GIL another thread may set `p.grad = None` (or zero_grad()) during the step, and the
+    // kernels must not read a grad that was freed. Released below with the GIL held again.
+    thread_local std::vector<at::Tensor> grads;
+    struct Release {
+      ~Release() { grads.clear(); }
+    } release;
     impls.clear();
     hyper.clear();
-    for (const Call& c : calls_) {
+    grads.clear();
+    for (size_t ci = 0; ci < calls_.size(); ++ci) {
+      const Call& c = calls_[ci];
       PyObject* group = PyList_GET_ITEM(gl, c.group);
       for (const auto& [key, index] : c.sources) {
         double v = teacher_momentum;
@@ -471,12 +480,19 @@ class PyOptimStepPlan {
         hyper.push_back(v);
       }
       const Py_ssize_t n = PyTuple_GET_SIZE(c.tensors.ptr());
+      const auto num_params = static_cast<Py_ssize_t>(plan_->params_of_call(ci));
       for (Py_ssize_t i = 0; i < n; ++i) {
-        impls.push_back(THPVariable_Unpack(PyTuple_GET_ITEM(c.tensors.ptr(), i)).unsafeGetTensorImpl());
+        const at::Tensor& t = THPVariable_Unpack(PyTuple_GET_ITEM(c.tensors.ptr(), i));
+        impls.push_back(t.unsafeGetTensorImpl());
+        if (i < num_params) grads.push_back(t.grad());
       }
     }
-    pybind11::gil_scoped_release no_gil;
-    return plan_->step(impls.data(), hyper.data());
+    bool stepped;
+    {
+      pybind11::gil_scoped_release no_gil;
+      stepped = plan_->step(impls.data(), grads.data(), hyper.data());
+    }
+    return stepped;
   }
 
  private:

@@ -486,7 +486,16 @@ class _FusedStep:
                     or not all(map(operator.is_, grads, (p.grad for p in params)))):
                 return
             native_calls.append((*args[:7], [f & first for f in args[7]], *args[8:10], gi, sources))
-        native = _backends._C.OptimStepPlan(native_calls, self.param_groups, self.state, same)
+        try:
+            native = _backends._C.OptimStepPlan(native_calls, self.param_groups, self.state, same)
+        except (TypeError, ValueError, RuntimeError):
+            # This step has written already, so nothing may raise now: what a plan cannot hold
+            # (a group's params in a tuple, a tensor subclass) keeps the checked path, which is
+            # the full step; planning is tried again less and less often, as for a plan that
+            # never runs.
+            self._plan_misses = getattr(self, "_plan_misses", 0) + 1
+            self._plan_wait = 2 ** min(self._plan_misses, 10) - 1
+            return
         link = self._link
         self._plan = _StepPlan(native, link._generation if link is not None else None, fused_ids)
 

@@ -278,3 +278,29 @@ def test_teacher_updates_through_the_plan_match_checked_steps():
             if isinstance(a, torch.Tensor):
                 assert bits(a) == bits(b)
     assert oa._plan is not None and oa._plan.steps == 1  # planned again after the change
+
+
+def test_lists_a_plan_cannot_hold_keep_the_checked_path_and_the_step_raises_nothing():
+    """The plan is made after the step has written: a group it cannot hold (params in a tuple)
+    must not make that step raise (a retried step would be applied twice); the steps go on
+    checked, with the same bits as an optimizer that never plans."""
+    t = Twins("sgd")
+    for opt in (t.a, t.b):
+        opt.param_groups[0]["params"] = tuple(opt.param_groups[0]["params"])
+    for _ in range(4):
+        t.step()  # raises nothing
+    assert t.plan is None
+    assert t.a._plan_misses >= 1  # tried, and backs off
+
+
+def test_a_zero_lr_changing_sign_takes_the_new_bits():
+    """0.0 and -0.0 compare equal but form other scalars: the plan compares the values' bits."""
+    t = Twins("sgd_plain", n=2)
+    for ps in (t.pa, t.pb):
+        with torch.no_grad():
+            for p in ps:
+                p.fill_(-0.0)
+    for lr in (0.0, 0.0, -0.0, -0.0, 0.0):
+        t.both(lambda opt, _, lr=lr: opt.param_groups[0].__setitem__("lr", lr))
+        t.step()
+

@@ -99,7 +99,8 @@ bool OptimStepPlan::written_overlaps(uintptr_t begin, uintptr_t end) const {
   return it != written_.end() && it->first < end;
 }
 
-bool OptimStepPlan::step(const c10::TensorImpl* const* impls, const double* hyper) {
+bool OptimStepPlan::step(const c10::TensorImpl* const* impls, const at::Tensor* grads,
+                         const double* hyper) {
   std::lock_guard<std::mutex> lock(mutex_);
   // Under grad mode (or a mode, transform or autocast) the op's own dispatch decides.
   if (at::GradMode::is_enabled() || !dispatcher_would_go_straight_to_kernel()) return false;
@@ -115,13 +116,14 @@ bool OptimStepPlan::step(const c10::TensorImpl* const* impls, const double* hype
 
   // Every check of every call before anything is written.
   const c10::TensorImpl* const* at = impls;
+  const at::Tensor* gv = grads;
   const double* hv = hyper;
   for (size_t ci = 0; ci < calls_.size(); ++ci) {
     Call& c = calls_[ci];
     if (!c.seen.unchanged_range(at, 0, c.seen.size())) return false;
     for (size_t i = 0; i < c.num_params; ++i) {
       const c10::TensorImpl* p = at[i];
-      const at::Tensor& grad = p->grad();
+      const at::Tensor& grad = gv[i];
       if (!grad.defined()) return false;  // which params step changed: the checked path plans
       const c10::TensorImpl* g = grad.unsafeGetTensorImpl();
       const SeenGrad& seen = c.grads[i];
@@ -140,7 +142,8 @@ bool OptimStepPlan::step(const c10::TensorImpl* const* impls, const double* hype
     }
     for (size_t k = 0; k < c.num_hyper; ++k) {
       const double v = hv[k];
-      if (v == c.call.hyper[k]) continue;
+      // The same bits (not ==: 0.0 and -0.0 are equal but form other scalars).
+      if (std::memcmp(&v, &c.call.hyper[k], sizeof v) == 0) continue;
       const auto opt = static_cast<int64_t>(c.call.optimizer);
       if (!hyper_may_change(opt, static_cast<int64_t>(k)) || !value_ok(opt, static_cast<int64_t>(k), v)) {
         return false;
@@ -152,6 +155,7 @@ bool OptimStepPlan::step(const c10::TensorImpl* const* impls, const double* hype
       if (!(std::isfinite(s) && s >= 0.0)) return false;
     }
     at += c.seen.size();
+    gv += c.num_params;
     hv += c.num_hyper;
   }
 

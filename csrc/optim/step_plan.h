@@ -42,12 +42,15 @@ class OptimStepPlan {
   size_t num_calls() const { return calls_.size(); }
   size_t tensors_of_call(size_t c) const { return calls_[c].seen.size(); }
   size_t hyper_of_call(size_t c) const { return calls_[c].num_hyper; }
+  size_t params_of_call(size_t c) const { return calls_[c].num_params; }
 
   // One step: `impls` holds the current TensorImpls of every call's tensors (as above, one call
-  // after the other), `hyper` every call's values in the op's order. Returns false, having
-  // written nothing, if anything changed beyond what a plan takes, a new grad or value fails
-  // its check, or the call must go through the dispatcher now.
-  bool step(const c10::TensorImpl* const* impls, const double* hyper);
+  // after the other), `grads` every call's params' grads, one call after the other (read by the
+  // caller under the GIL and held until this returns: another thread may set `p.grad = None`
+  // meanwhile), `hyper` every call's values in the op's order. Returns false, having written
+  // nothing, if anything changed beyond what a plan takes, a new grad or value fails its check,
+  // or the call must go through the dispatcher now.
+  bool step(const c10::TensorImpl* const* impls, const at::Tensor* grads, const double* hyper);
 
  private:
   struct SeenGrad {
