@@ -17,7 +17,9 @@ CUDA-only (compiled only with the CUDA kernels, see _cuda_only): .cu files, anyt
 folder named cuda/, files named cuda_host.cpp or *_bindings.cpp (host code that includes
 CUDA headers and registers CUDA kernels).
 """
+import importlib.util
 import os
+import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent
@@ -99,15 +101,32 @@ def _extension():
 EXT, CUDA_BUILT, NOT_BUILT_REASON, ARCH = _extension()
 
 
+def _build_checks():
+    # eman_fused/_build_checks.py by path: importing the package would need the extension.
+    spec = importlib.util.spec_from_file_location("_eman_fused_build_checks",
+                                                  ROOT / "eman_fused" / "_build_checks.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 class _BuildExt(BuildExtension.with_options(use_ninja=True)):
     """torch's build_ext, then _build_info.py beside the built extension (in the source tree
     for --inplace, in the build directory, and so in the wheel, otherwise)."""
 
     def run(self):
         super().run()
-        target = Path(self.get_ext_fullpath(EXT.name)).parent / "_build_info.py"
+        built = self.get_ext_fullpath(EXT.name)
+        private_runtime = _build_checks().private_cxx_runtime(built)
+        if private_runtime:
+            print("\n*** eman_fused: the extension carries its own copy of the C++ runtime (it defines "
+                  "std::locale: a statically linked libstdc++). Error messages that format numbers break "
+                  "with it (cut short, or a crash instead of the error). Build with a compiler that links "
+                  "libstdc++ dynamically (CXX=...). eman_fused.backends() reports it. ***\n", file=sys.stderr)
+        target = Path(built).parent / "_build_info.py"
         target.write_text(
             "# Written by setup.py when this extension was built; not tracked.\n"
+            f"CXX_RUNTIME_PRIVATE = {private_runtime!r}\n"
             f"CUDA_BUILT = {CUDA_BUILT!r}\n"
             f"CUDA_NOT_BUILT_REASON = {NOT_BUILT_REASON!r}\n"
             f"CUDA_ARCH_LIST = {ARCH!r}\n"

@@ -32,6 +32,14 @@ except ImportError as exc:  # not built, or built against another torch
                 "(`pip install --no-build-isolation .`, or in a source tree `python setup.py build_ext --inplace`)")
 
 
+PRIVATE_RUNTIME = ("WARNING: this build of the extension carries its own C++ runtime (a statically "
+                   "linked libstdc++): its error messages that format numbers are cut short or crash "
+                   "the process; rebuild with a compiler that links libstdc++ dynamically")
+if _C is not None and getattr(_build_info, "CXX_RUNTIME_PRIVATE", False):
+    import warnings
+    warnings.warn(f"eman_fused: {PRIVATE_RUNTIME}", RuntimeWarning, stacklevel=2)
+
+
 def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
@@ -98,7 +106,8 @@ def _cuda_backend() -> Backend:
 def backends() -> dict[str, Backend]:
     """Report every backend: available or not, and why not."""
     cpu = Backend("cpu", _C_ERROR is None, _C_ERROR or
-                  f"C++ kernels ({torch.ops.eman_fused._cpu_isa()}), {torch.get_num_threads()} threads")
+                  f"C++ kernels ({torch.ops.eman_fused._cpu_isa()}), {torch.get_num_threads()} threads"
+                  + (f"; {PRIVATE_RUNTIME}" if getattr(_build_info, "CXX_RUNTIME_PRIVATE", False) else ""))
     ref = Backend("reference", True, "eager per-tensor PyTorch (eman_fused.reference)")
     return {b.name: b for b in (cpu, _cuda_backend(), _triton_backend(), ref)}
 

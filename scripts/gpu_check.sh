@@ -211,6 +211,7 @@ if [ $DRY -eq 0 ]; then  # what a crash in the extension would be read against
     echo "== ldd"; ldd eman_fused/_C*.so
     echo "== std:: symbols the extension defines (a statically linked libstdc++ defines thousands)"
     nm -DC --defined-only eman_fused/_C*.so | grep -c " std::"
+    grep CXX_RUNTIME_PRIVATE eman_fused/_build_info.py  # setup.py's verdict (eman_fused/_build_checks.py)
     "$PY" -c "import torch; print('torch CXX11 ABI', torch._C._GLIBCXX_USE_CXX11_ABI); print(torch.__config__.show())"
   } >> "$RESULTS/build.log" 2>&1
 fi
