@@ -319,3 +319,14 @@ def test_the_triton_table_is_pinned_on_the_gpu(monkeypatch):
     p, g, (b,), t = lists([(33,)], torch.float32, torch.float32, 1)
     step("sgd", "triton", p, g, [b], t, [FIRST], **SGD_HYPER)
     assert staged and staged[0].is_pinned()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_GPU or "triton" not in AVAILABLE, reason="needs a GPU and Triton")
+def test_triton_step_refuses_cuda_graph_capture():
+    """Its table is copied from the host at each step: a graph would replay a stale copy."""
+    p, g, (b,), t = lists([(33,), (4, 5)], torch.float32, torch.float32, 1)
+    graph = torch.cuda.CUDAGraph()
+    with pytest.raises(RuntimeError, match="cannot be captured"):
+        with torch.cuda.graph(graph):
+            step("sgd", "triton", p, g, [b], t, [0] * len(p), **{**SGD_HYPER, "teacher_momentum": 0.9})

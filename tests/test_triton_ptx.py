@@ -2,8 +2,8 @@
 compiled for sm_90 (Triton's own ptxas; no GPU needed) with the launch options every eman_fused
 launch passes (eman_fused/triton/_common.py LAUNCH_OPTIONS), and their PTX holds no fused
 multiply-add, while the same kernels with Triton's default options do (Triton contracts
-a*b + c; the C++ kernels round each operation once). And every launch of every Triton op passes
-those options. Run as a script, this file prints the FMA counts (it compiles in a process
+a*b + c; the C++ kernels round each operation once), and the norm's 1/sqrt is IEEE-rounded (no
+sqrt.approx / div.full). And every launch of every Triton op passes those options. Run as a script, this file prints the FMA counts (it compiles in a process
 without TRITON_INTERPRET, which turns @triton.jit into the interpreter)."""
 import json
 import os
@@ -27,14 +27,14 @@ def _fma_counts() -> dict:
     from triton.compiler import ASTSource
 
     from eman_fused.ops.layout import EMA
-    from eman_fused.triton import _common, ema, optim
+    from eman_fused.triton import _common, ema, norm, optim
 
-    def ptx(fn, sig, consts, options):
+    def ptx(fn, sig, consts, options, pattern=r"\bfma\.rn\.f(32|64)\b"):
         names = fn.arg_names
         full = {n: sig.get(n, "constexpr") for n in names}
         src = ASTSource(fn=fn, signature=full, constexprs={(names.index(k),): v for k, v in consts.items()})
         kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4, **options})
-        return len(re.findall(r"\bfma\.rn\.f(32|64)\b", kernel.asm["ptx"]))
+        return len(re.findall(pattern, kernel.asm["ptx"]))
 
     sgd_sig = {"table": "*i64", "num_entries": "i32", "scalars_at": "i32", "partial": "*i64"}
     offsets = optim._offsets("sgd", ("teacher_w", "teacher_v", "lr", "momentum", "dampening_weight",
@@ -53,6 +53,14 @@ def _fma_counts() -> dict:
                           CHUNK_WORDS=optim.OPTIM_CHUNK_WORDS, **offsets)
             out[f"{label} sgd teacher={teacher}"] = ptx(optim._momentum_kernel, sgd_sig, consts, options)
         out[f"{label} ema"] = ptx(ema._ema_update_kernel, ema_sig, ema_consts, options)
+    # The norm's 1/sqrt(var + eps): IEEE-rounded (sqrt.rn, div.rn), as the C++ kernels; plain
+    # fp32 sqrt and division compile to approximations (sqrt.approx, div.full).
+    norm_sig = {**{k: "*fp32" for k in ("x", "r", "y", "mean", "var", "w", "b")}, "eps": "fp32",
+                "outer": "i32", "C": "i32", "inner": "i32"}
+    norm_consts = dict(HAS_W=True, HAS_B=True, HAS_R=False, RELU=True, ROWS=1, COLS=norm.ROW_BLOCK,
+                       INNER_ONE=False, ACC=tl.float32)
+    out["approx norm"] = ptx(norm._norm_fwd, norm_sig, norm_consts, _common.LAUNCH_OPTIONS,
+                             r"\b(sqrt\.approx|div\.full|div\.approx|rsqrt\.approx)\.")
     return out
 
 
@@ -66,6 +74,7 @@ def test_kernels_compile_without_fused_multiply_adds():
     assert r.returncode == 0, r.stderr[-3000:]
     counts = json.loads(r.stdout.strip().splitlines()[-1])
     assert all(n == 0 for k, n in counts.items() if k.startswith("ours")), counts
+    assert counts["approx norm"] == 0, counts
     # the check can fail: Triton's defaults do contract these kernels
     assert all(n > 0 for k, n in counts.items() if k.startswith("triton_default")), counts
 

@@ -31,7 +31,11 @@ TILE_ROWS, TILE_CHANNELS = 32, 64  # tile for inner == 1
 @triton.jit
 def _channel_params(mean, var, w, b, c, cmask, eps, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
                     ACC: tl.constexpr):
-    invstd = 1.0 / tl.sqrt(tl.load(var + c, mask=cmask, other=1.0).to(ACC) + eps)
+    v = tl.load(var + c, mask=cmask, other=1.0).to(ACC) + eps
+    if ACC == tl.float32:  # IEEE-rounded, as the C++ kernels: compiled fp32 sqrt and division
+        invstd = tl.div_rn(tl.zeros_like(v) + 1.0, tl.sqrt_rn(v))  # are approximate otherwise
+    else:  # float64's are IEEE-rounded (the _rn forms are float32-only)
+        invstd = 1.0 / tl.sqrt(v)
     scale = invstd
     if HAS_W:
         scale = tl.load(w + c, mask=cmask, other=0.0).to(ACC) * invstd

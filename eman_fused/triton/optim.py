@@ -283,6 +283,12 @@ def optim_ema_step_triton_(optimizer: int, params: list[torch.Tensor], grads: li
                            flags: list[int], steps: list[torch.Tensor], hyper: list[float]) -> None:
     """torch.ops.eman_fused.optim_ema_step_ (without device hyper-parameters) in Triton."""
     device = params[0].device if params else torch.device("cpu")
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        # As the CUDA C++ step: its table is copied from the host at each step, and a graph
+        # would replay the captured copy of a buffer that no longer holds this step's values.
+        raise RuntimeError("optim_ema_step_triton_: a fused optimizer step on the Triton kernels cannot "
+                           "be captured in a CUDA graph (its table is copied from the host at each step); "
+                           "use the CUDA C++ kernels with capturable=True")
     table = torch.ops.eman_fused._optim_ema_table(
         optimizer, params, grads, first_moments, second_moments, max_second_moments, teacher, flags,
         steps, hyper, [], pinned=device.type == "cuda")
@@ -334,4 +340,12 @@ def _launch(optimizer, table, params, first_moments, max_second_moments, teacher
 @optim_ema_step_triton_.register_fake
 def _(optimizer, params, grads, first_moments, second_moments, max_second_moments, teacher, flags,
       steps, hyper):
-    return None  # params, state, teacher and step counts are written in place
+    # Written in place; the fake serves the Meta key too: a call mixing meta and real tensors
+    # must fail, not pass silently.
+    for name, tensors in (("grads", grads), ("first_moments", first_moments), ("second_moments", second_moments),
+                          ("max_second_moments", max_second_moments), ("teacher", teacher)):
+        for i, t in enumerate(tensors):
+            if params and t.device != params[0].device:
+                raise ValueError(f"optim_ema_step_: {name}[{i}] is on {t.device} but params[0] is on "
+                                 f"{params[0].device}")
+    return None

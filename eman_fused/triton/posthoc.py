@@ -90,7 +90,7 @@ def power_betas(step: torch.Tensor, gammas: list[float]) -> torch.Tensor:
 @torch.library.custom_op("eman_fused::posthoc_ema_update_triton_", mutates_args={"profiles", "step"})
 def posthoc_ema_update_triton_(profiles: list[torch.Tensor], student: list[torch.Tensor],
                                step: torch.Tensor, gammas: list[float]) -> None:
-    if not profiles:  # as the C++ op: nothing to update, the step stays
+    if not profiles and not student:  # as the C++ op: nothing to update, the step stays
         return
     table = torch.ops.eman_fused.posthoc_plan(profiles, student, step, gammas)  # cached plan
     entries, chunks = posthoc_counts(student)
