@@ -35,7 +35,8 @@ except ImportError as exc:  # not built, or built against another torch
 PRIVATE_RUNTIME = ("WARNING: this build of the extension carries its own C++ runtime (a statically "
                    "linked libstdc++): its error messages that format numbers are cut short or crash "
                    "the process; rebuild with a compiler that links libstdc++ dynamically")
-if _C is not None and getattr(_build_info, "CXX_RUNTIME_PRIVATE", False):
+_PRIVATE_RUNTIME_BUILD = bool(getattr(_build_info, "CXX_RUNTIME_PRIVATE", False))  # setup.py's verdict
+if _C is not None and _PRIVATE_RUNTIME_BUILD:
     import warnings
     warnings.warn(f"eman_fused: {PRIVATE_RUNTIME}", RuntimeWarning, stacklevel=2)
 
@@ -107,7 +108,7 @@ def backends() -> dict[str, Backend]:
     """Report every backend: available or not, and why not."""
     cpu = Backend("cpu", _C_ERROR is None, _C_ERROR or
                   f"C++ kernels ({torch.ops.eman_fused._cpu_isa()}), {torch.get_num_threads()} threads"
-                  + (f"; {PRIVATE_RUNTIME}" if getattr(_build_info, "CXX_RUNTIME_PRIVATE", False) else ""))
+                  + (f"; {PRIVATE_RUNTIME}" if _PRIVATE_RUNTIME_BUILD else ""))
     ref = Backend("reference", True, "eager per-tensor PyTorch (eman_fused.reference)")
     return {b.name: b for b in (cpu, _cuda_backend(), _triton_backend(), ref)}
 

@@ -460,7 +460,12 @@ class _FusedStep:
 
     def _drop_plan(self) -> None:
         plan, self._plan = self._plan, None
-        self._plan_misses = 0 if plan.steps else getattr(self, "_plan_misses", 0) + 1
+        self._plan_missed(reset=plan.steps > 0)
+
+    def _plan_missed(self, reset: bool = False) -> None:
+        # After the k-th plan in a row that never ran (or could not be made), wait 2^k - 1
+        # checked steps before the next; a plan that ran resets the count.
+        self._plan_misses = 0 if reset else getattr(self, "_plan_misses", 0) + 1
         self._plan_wait = 2 ** min(self._plan_misses, 10) - 1
 
     def _plan_next_steps(self, calls, call_groups, fused_ids) -> None:
@@ -493,8 +498,7 @@ class _FusedStep:
             # (a group's params in a tuple, a tensor subclass) keeps the checked path, which is
             # the full step; planning is tried again less and less often, as for a plan that
             # never runs.
-            self._plan_misses = getattr(self, "_plan_misses", 0) + 1
-            self._plan_wait = 2 ** min(self._plan_misses, 10) - 1
+            self._plan_missed()
             return
         link = self._link
         self._plan = _StepPlan(native, link._generation if link is not None else None, fused_ids)
